@@ -1,0 +1,181 @@
+"""Triton kernel: quantize full tiles (rotate + normalize + round + pack) straight into a paged cache.
+
+All tiles of a step go in one launch, grid (tiles, kv_heads); no host synchronization. The oracle is
+`reference.quantize_into_cache_ref`.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from .format import KVarNFormat
+from .reference import LOG_SCALE_MAX, LOG_SCALE_MIN, NORMALIZE_ITERS, RTN_MIN_SCALE, STD_MAX, STD_MIN
+
+
+@triton.jit
+def hadamard_signs(D: tl.constexpr):
+    """Unnormalized Sylvester Hadamard matrix [D, D] of ±1 (float32), built in registers (D ≤ 256)."""
+    x = tl.arange(0, D)[:, None] & tl.arange(0, D)[None, :]
+    x = x ^ (x >> 4)
+    x = x ^ (x >> 2)
+    x = x ^ (x >> 1)
+    return 1.0 - 2.0 * (x & 1).to(tl.float32)
+
+
+@triton.jit
+def _std(x, AXIS: tl.constexpr, N: tl.constexpr):
+    mean = tl.sum(x, axis=AXIS) / N
+    if AXIS == 0:
+        dev = x - mean[None, :]
+    else:
+        dev = x - mean[:, None]
+    var = tl.sum(dev * dev, axis=AXIS) / (N - 1)
+    return tl.minimum(tl.maximum(tl.sqrt(var), STD_MIN), STD_MAX)
+
+
+@triton.jit
+def _balance(x, log_r, log_c):
+    return x * tl.exp(-log_r)[:, None] * tl.exp(-log_c)[None, :]
+
+
+@triton.jit
+def _imbalance(x, R: tl.constexpr, C: tl.constexpr):
+    cs = _std(x, 0, R)
+    rs = _std(x, 1, C)
+    return tl.max(cs, axis=0) / tl.min(cs, axis=0) + tl.max(rs, axis=0) / tl.min(rs, axis=0)
+
+
+@triton.jit
+def _round_to(x, ty: tl.constexpr):
+    """float32 → ty with round-to-nearest-even, also where a backend's bfloat16 cast truncates."""
+    if ty == tl.bfloat16:
+        bits = x.to(tl.uint32, bitcast=True)
+        bits = (bits + 0x7FFF + ((bits >> 16) & 1)) & 0xFFFF0000
+        x = bits.to(tl.float32, bitcast=True)
+    return x.to(ty)
+
+
+@triton.jit
+def _quantize_store(x, codes_ptr, scales_ptr, R: tl.constexpr, C: tl.constexpr, BITS: tl.constexpr,
+                    ITERS: tl.constexpr):
+    """Normalize, round and pack matrix x [R, C] (float32); write codes and (row_scale, row_zero, col_scale)."""
+    log_r = tl.zeros([R], dtype=tl.float32)
+    log_c = tl.zeros([C], dtype=tl.float32)
+    best_r = log_r
+    best_c = log_c
+    best = _imbalance(x, R, C)
+    for _ in range(ITERS):
+        log_c = log_c + tl.log(_std(_balance(x, log_r, log_c), 0, R))
+        log_c = tl.minimum(tl.maximum(log_c, LOG_SCALE_MIN), LOG_SCALE_MAX)
+        log_r = log_r + tl.log(_std(_balance(x, log_r, log_c), 1, C))
+        log_r = tl.minimum(tl.maximum(log_r, LOG_SCALE_MIN), LOG_SCALE_MAX)
+        imb = _imbalance(_balance(x, log_r, log_c), R, C)
+        better = imb <= best
+        best_r = tl.where(better, log_r, best_r)
+        best_c = tl.where(better, log_c, best_c)
+        best = tl.where(better, imb, best)
+
+    bal = _balance(x, best_r, best_c)
+    lo = tl.min(bal, axis=1)
+    hi = tl.max(bal, axis=1)
+    step = tl.maximum((hi - lo) / (2**BITS - 1), RTN_MIN_SCALE)
+    q = tl.floor((bal - lo[:, None]) / step[:, None] + 0.5)
+    q = tl.minimum(tl.maximum(q, 0.0), 2**BITS - 1).to(tl.int32)
+
+    PER_BYTE: tl.constexpr = 8 // BITS
+    W: tl.constexpr = C // PER_BYTE
+    grouped = tl.reshape(q, [R, W, PER_BYTE])
+    shifts = (tl.arange(0, PER_BYTE) * BITS)[None, None, :]
+    packed = tl.sum(grouped << shifts, axis=2)
+    r = tl.arange(0, R)
+    tl.store(codes_ptr + r[:, None] * W + tl.arange(0, W)[None, :], packed.to(tl.uint8))
+
+    s_row = tl.exp(best_r)
+    ty: tl.constexpr = scales_ptr.dtype.element_ty
+    tl.store(scales_ptr + r, _round_to(s_row * step, ty))
+    tl.store(scales_ptr + R + r, _round_to(s_row * lo, ty))
+    tl.store(scales_ptr + 2 * R + tl.arange(0, C), _round_to(tl.exp(best_c), ty))
+
+
+@triton.jit
+def _quantize_tiles_kernel(
+    k_src, v_src, stride_t, stride_h,
+    tile_starts, block_ids,
+    codes, scales, codes_stride_b, codes_stride_h, scales_stride_b, scales_stride_h,
+    G: tl.constexpr, D: tl.constexpr, KBITS: tl.constexpr, VBITS: tl.constexpr, ITERS: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
+):
+    n = tl.program_id(0)
+    h = tl.program_id(1)
+    start = tl.load(tile_starts + n).to(tl.int64)
+    block = tl.load(block_ids + n).to(tl.int64)
+    t = tl.arange(0, G)
+    d = tl.arange(0, D)
+    src = (start + t)[:, None] * stride_t + h * stride_h + d[None, :]
+    signs = hadamard_signs(D)
+    inv_sqrt_d = 1.0 / tl.sqrt(D * 1.0)
+
+    codes_base = codes + block * codes_stride_b + h * codes_stride_h
+    scales_base = scales + block * scales_stride_b + h * scales_stride_h
+    # 16-bit inputs are exact in tf32 (and ±1 is), so a tf32 dot rotates them without rounding;
+    # float32 inputs ask for an IEEE dot.
+    k = tl.load(k_src + src).to(tl.float32)
+    k_rot = tl.dot(k, signs, input_precision=DOT_PRECISION) * inv_sqrt_d  # [G, D]
+    _quantize_store(tl.trans(k_rot), codes_base, scales_base, D, G, KBITS, ITERS)
+    v = tl.load(v_src + src).to(tl.float32)
+    v_rot = tl.dot(v, signs, input_precision=DOT_PRECISION) * inv_sqrt_d
+    K_CODE_BYTES: tl.constexpr = D * G * KBITS // 8
+    _quantize_store(v_rot, codes_base + K_CODE_BYTES, scales_base + 2 * D + G, G, D, VBITS, ITERS)
+
+
+def quantize_into_cache(
+    k_src: torch.Tensor,
+    v_src: torch.Tensor,
+    tile_starts: torch.Tensor,
+    block_ids: torch.Tensor,
+    cache: torch.Tensor,
+    fmt: KVarNFormat,
+) -> None:
+    """Quantize tiles of G tokens from k_src/v_src [T, H, D] into cache blocks, all in one launch.
+
+    Tile i holds tokens tile_starts[i] .. tile_starts[i] + G - 1 of the source and is written to
+    cache[block_ids[i]] (all KV heads). The caller guarantees the tokens exist (no host sync here).
+    """
+    _check_sources(k_src, v_src, tile_starts, block_ids, cache, fmt)
+    n = tile_starts.numel()
+    if n == 0:
+        return
+    codes, scales = fmt.split(cache)
+    precision = "ieee" if k_src.dtype == torch.float32 else "tf32"
+    # D=256 tiles hold 32K floats per matrix: spread them over more warps to avoid spills.
+    num_warps = 8 if fmt.head_dim * fmt.group <= 128 * 128 else 16
+    _quantize_tiles_kernel[(n, k_src.shape[1])](
+        k_src, v_src, k_src.stride(0), k_src.stride(1),
+        tile_starts, block_ids,
+        codes, scales, codes.stride(0), codes.stride(1), scales.stride(0), scales.stride(1),
+        G=fmt.group, D=fmt.head_dim, KBITS=fmt.k_bits, VBITS=fmt.v_bits, ITERS=NORMALIZE_ITERS,
+        DOT_PRECISION=precision, num_warps=num_warps,
+    )
+
+
+def _check_sources(k_src, v_src, tile_starts, block_ids, cache, fmt: KVarNFormat) -> None:
+    if k_src.shape != v_src.shape or k_src.dim() != 3 or k_src.shape[-1] != fmt.head_dim:
+        raise ValueError(
+            f"k_src/v_src must both be [T, H, {fmt.head_dim}], got {tuple(k_src.shape)} and {tuple(v_src.shape)}"
+        )
+    if k_src.dtype != v_src.dtype or k_src.dtype not in (torch.float16, torch.bfloat16, torch.float32):
+        raise ValueError(f"K/V dtype {k_src.dtype}/{v_src.dtype} is not supported: use float16, bfloat16 or float32")
+    if k_src.stride(-1) != 1 or v_src.stride() != k_src.stride():
+        raise ValueError("k_src and v_src need unit stride in head_dim and identical strides")
+    if k_src.shape[1] != cache.shape[1]:
+        raise ValueError(f"k_src has {k_src.shape[1]} KV heads but the cache has {cache.shape[1]}")
+    for name, t in (("tile_starts", tile_starts), ("block_ids", block_ids)):
+        if t.dtype != torch.int32 or t.dim() != 1:
+            raise ValueError(f"{name} must be a 1-D int32 tensor, got {t.dtype} {tuple(t.shape)}")
+    if tile_starts.shape != block_ids.shape:
+        raise ValueError(f"tile_starts {tuple(tile_starts.shape)} and block_ids {tuple(block_ids.shape)} differ")
+    for t in (k_src, v_src, tile_starts, block_ids):
+        if t.device != cache.device:
+            raise ValueError(f"all inputs must be on the cache's device {cache.device}, found {t.device}")

@@ -1,0 +1,234 @@
+"""Plain-PyTorch reference of every KVarN operation: the readable, slow oracle the Triton kernels must match.
+
+All math is float32 on whatever device the inputs live on. See `format.py` for the record layout.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from .format import KVarNFormat
+from .state import PagedKV
+
+NORMALIZE_ITERS = 8
+STD_MIN, STD_MAX = 1e-3, 1e3
+LOG_SCALE_MIN, LOG_SCALE_MAX = -0.3, 10.0
+RTN_MIN_SCALE = 1e-10
+
+
+def hadamard(dim: int, dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu") -> torch.Tensor:
+    """Sylvester Hadamard matrix of size `dim` scaled by 1/sqrt(dim): symmetric and its own inverse."""
+    if dim < 1 or dim & (dim - 1):
+        raise ValueError(f"Hadamard size {dim} is not a power of two")
+    idx = torch.arange(dim, device=device)
+    parity = torch.zeros(dim, dim, dtype=torch.int64, device=device)
+    x = idx[:, None] & idx[None, :]
+    while bool(x.any()):
+        parity ^= x & 1
+        x = x >> 1
+    return ((1 - 2 * parity).to(torch.float32) / math.sqrt(dim)).to(dtype)
+
+
+def rotate(x: torch.Tensor) -> torch.Tensor:
+    """x · H along the last dimension, in float32 (H = Hᵀ = H⁻¹, so this also un-rotates)."""
+    return x.float() @ hadamard(x.shape[-1], device=x.device)
+
+
+def _std(x: torch.Tensor, dim: int) -> torch.Tensor:
+    return x.std(dim=dim, unbiased=True).clamp(STD_MIN, STD_MAX)
+
+
+def _imbalance(col_std: torch.Tensor, row_std: torch.Tensor) -> torch.Tensor:
+    return col_std.amax(-1) / col_std.amin(-1) + row_std.amax(-1) / row_std.amin(-1)
+
+
+def normalize_scales(tiles: torch.Tensor, iters: int = NORMALIZE_ITERS) -> tuple[torch.Tensor, torch.Tensor]:
+    """Log-domain Sinkhorn-like variance balancing of tiles [N, R, C].
+
+    Returns (log_row [N, R], log_col [N, C]) of the lowest-imbalance state seen, the untouched tile
+    included; ties go to the later state. The balanced tile is tiles / exp(log_row)[:, None] / exp(log_col).
+    """
+    x = tiles.float()
+    n, r, c = x.shape
+    log_row = x.new_zeros(n, r)
+    log_col = x.new_zeros(n, c)
+    best_row, best_col = log_row.clone(), log_col.clone()
+    best = _imbalance(_std(x, 1), _std(x, 2))
+    for _ in range(iters):
+        log_col = (log_col + _std(_balanced(x, log_row, log_col), 1).log()).clamp(LOG_SCALE_MIN, LOG_SCALE_MAX)
+        log_row = (log_row + _std(_balanced(x, log_row, log_col), 2).log()).clamp(LOG_SCALE_MIN, LOG_SCALE_MAX)
+        cur = _balanced(x, log_row, log_col)
+        imb = _imbalance(_std(cur, 1), _std(cur, 2))
+        better = imb <= best
+        best = torch.where(better, imb, best)
+        best_row = torch.where(better[:, None], log_row, best_row)
+        best_col = torch.where(better[:, None], log_col, best_col)
+    return best_row, best_col
+
+
+def _balanced(x: torch.Tensor, log_row: torch.Tensor, log_col: torch.Tensor) -> torch.Tensor:
+    return x * torch.exp(-log_row)[:, :, None] * torch.exp(-log_col)[:, None, :]
+
+
+def quantize_matrices(
+    x: torch.Tensor, bits: int, iters: int = NORMALIZE_ITERS
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Normalize, round and absorb scales for matrices x [N, R, C] (rows quantized).
+
+    Returns (codes uint8 [N, R, C], row_scale [N, R], row_zero [N, R], col_scale [N, C]) in float32 with
+    x ≈ (codes * row_scale[:, :, None] + row_zero[:, :, None]) * col_scale[:, None, :].
+    """
+    log_row, log_col = normalize_scales(x, iters)
+    bal = _balanced(x.float(), log_row, log_col)
+    lo = bal.amin(-1)
+    hi = bal.amax(-1)
+    step = ((hi - lo) / (2**bits - 1)).clamp_min(RTN_MIN_SCALE)
+    # Round half up (not half to even): the same rule the Triton kernels use.
+    codes = torch.floor((bal - lo[..., None]) / step[..., None] + 0.5).clamp(0, 2**bits - 1)
+    s_row = log_row.exp()
+    return codes.to(torch.uint8), s_row * step, s_row * lo, log_col.exp()
+
+
+def pack(codes: torch.Tensor, bits: int) -> torch.Tensor:
+    """Pack codes [..., C] (values < 2**bits) LSB-first along the last dim into uint8 [..., C*bits/8]."""
+    per_byte = 8 // bits
+    if codes.shape[-1] % per_byte:
+        raise ValueError(f"last dim {codes.shape[-1]} is not a multiple of {per_byte}")
+    grouped = codes.to(torch.int32).reshape(*codes.shape[:-1], -1, per_byte)
+    shifts = torch.arange(per_byte, device=codes.device, dtype=torch.int32) * bits
+    return (grouped << shifts).sum(-1).to(torch.uint8)
+
+
+def unpack(packed: torch.Tensor, bits: int) -> torch.Tensor:
+    """Inverse of `pack`: uint8 [..., C*bits/8] → uint8 codes [..., C]."""
+    per_byte = 8 // bits
+    shifts = torch.arange(per_byte, device=packed.device, dtype=torch.int32) * bits
+    codes = (packed.to(torch.int32)[..., None] >> shifts) & (2**bits - 1)
+    return codes.reshape(*packed.shape[:-1], -1).to(torch.uint8)
+
+
+def quantize_tile_records(k: torch.Tensor, v: torch.Tensor, fmt: KVarNFormat) -> torch.Tensor:
+    """Quantize tiles k, v [N, H, G, D] (original frame) into records uint8 [N, H, record_bytes]."""
+    _check_tiles(k, v, fmt)
+    n, h, g, d = k.shape
+    k_rot = rotate(k).reshape(n * h, g, d).transpose(1, 2)  # K matrix: rows = channels
+    v_rot = rotate(v).reshape(n * h, g, d)  # V matrix: rows = tokens
+    kc, krs, krz, kcs = quantize_matrices(k_rot, fmt.k_bits)
+    vc, vrs, vrz, vcs = quantize_matrices(v_rot, fmt.v_bits)
+    codes = torch.cat([pack(kc, fmt.k_bits).flatten(1), pack(vc, fmt.v_bits).flatten(1)], dim=1)
+    scales = torch.cat([krs, krz, kcs, vrs, vrz, vcs], dim=1).to(fmt.scale_dtype)
+    records = torch.cat([codes, scales.view(torch.uint8)], dim=1)
+    return records.reshape(n, h, fmt.record_bytes)
+
+
+def dequantize_records(records: torch.Tensor, fmt: KVarNFormat) -> tuple[torch.Tensor, torch.Tensor]:
+    """Records uint8 [N, H, record_bytes] → (k_rot, v_rot) float32 [N, H, G, D] in the rotated frame."""
+    n, h, _ = records.shape
+    d, g = fmt.head_dim, fmt.group
+    flat = records.reshape(n * h, -1)
+    kc = unpack(flat[:, : fmt.k_code_bytes].reshape(-1, d, g * fmt.k_bits // 8), fmt.k_bits).float()
+    vc = unpack(flat[:, fmt.k_code_bytes : fmt.code_bytes].reshape(-1, g, d * fmt.v_bits // 8), fmt.v_bits)
+    s = flat[:, fmt.code_bytes :].contiguous().view(fmt.scale_dtype).float()
+    krs, krz, kcs, vrs, vrz, vcs = s.split([d, d, g, g, g, d], dim=1)  # the order of format.scale_offsets
+    k_mat = (kc * krs[:, :, None] + krz[:, :, None]) * kcs[:, None, :]
+    v_mat = (vc.float() * vrs[:, :, None] + vrz[:, :, None]) * vcs[:, None, :]
+    return k_mat.transpose(1, 2).reshape(n, h, g, d), v_mat.reshape(n, h, g, d)
+
+
+def dequantize_tiles(records: torch.Tensor, fmt: KVarNFormat) -> tuple[torch.Tensor, torch.Tensor]:
+    """Records → (k, v) float32 [N, H, G, D] in the original (un-rotated) frame."""
+    k_rot, v_rot = dequantize_records(records, fmt)
+    return rotate(k_rot), rotate(v_rot)
+
+
+def _check_tiles(k: torch.Tensor, v: torch.Tensor, fmt: KVarNFormat) -> None:
+    expected = (fmt.group, fmt.head_dim)
+    if k.dim() != 4 or tuple(k.shape[2:]) != expected or k.shape != v.shape:
+        raise ValueError(
+            f"tiles must be [N, H, {fmt.group}, {fmt.head_dim}] with equal K and V shapes, "
+            f"got K {tuple(k.shape)} and V {tuple(v.shape)}"
+        )
+
+
+# --- paged cache operations -----------------------------------------------------------------------
+def quantize_into_cache_ref(
+    k_src: torch.Tensor,
+    v_src: torch.Tensor,
+    tile_starts: torch.Tensor,
+    block_ids: torch.Tensor,
+    cache: torch.Tensor,
+    fmt: KVarNFormat,
+) -> None:
+    """Quantize the G tokens of k_src/v_src [T, H, D] starting at each tile_starts[i] into cache[block_ids[i]]."""
+    if tile_starts.numel() == 0:
+        return
+    offs = tile_starts.long()[:, None] + torch.arange(fmt.group, device=k_src.device)
+    k = k_src[offs].transpose(1, 2)  # [N, H, G, D]
+    v = v_src[offs].transpose(1, 2)
+    cache[block_ids.long()] = quantize_tile_records(k, v, fmt)
+
+
+def gather_history(state: PagedKV, b: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The history of sequence b as float32 (k, v) [H, L, D] in the original frame."""
+    fmt = state.fmt
+    g = fmt.group
+    length = int(state.seq_lens[b])
+    sink_len, n_quant, tail_len = state.split_length(length)
+    sink_block, tail_block = (int(x) for x in state.dense_table[b])
+    ks = [state.sink_k[sink_block, :, :sink_len].float()]
+    vs = [state.sink_v[sink_block, :, :sink_len].float()]
+    if n_quant:
+        blocks = state.block_table[b, :n_quant].long()
+        k_q, v_q = dequantize_tiles(state.cache[blocks], fmt)  # [n, H, G, D]
+        ks.append(k_q.transpose(0, 1).reshape(k_q.shape[1], n_quant * g, -1))
+        vs.append(v_q.transpose(0, 1).reshape(v_q.shape[1], n_quant * g, -1))
+    ks.append(state.tail_k[tail_block, :, :tail_len].float())
+    vs.append(state.tail_v[tail_block, :, :tail_len].float())
+    return torch.cat(ks, dim=1), torch.cat(vs, dim=1)
+
+
+def paged_attention_ref(
+    q: torch.Tensor,
+    state: PagedKV,
+    cu_seqlens_q: torch.Tensor,
+    k_new: torch.Tensor | None = None,
+    v_new: torch.Tensor | None = None,
+    cu_seqlens_k: torch.Tensor | None = None,
+    sm_scale: float | None = None,
+) -> torch.Tensor:
+    """Attention of varlen queries q [Tq, Hq, D] over each sequence's history plus its new 16-bit tokens.
+
+    Keys are the history (sink + quantized tiles + tail) followed by the new 16-bit tokens k_new/v_new
+    [Tk, H, D]; the mask is causal over that sequence with the last query aligned to the last key
+    (bottom-right). Returns [Tq, Hq, D] in q.dtype.
+    """
+    hq, d = q.shape[1], q.shape[2]
+    scale = sm_scale if sm_scale is not None else d**-0.5
+    out = torch.empty_like(q)
+    for b in range(cu_seqlens_q.numel() - 1):
+        q0, q1 = int(cu_seqlens_q[b]), int(cu_seqlens_q[b + 1])
+        if q1 == q0:
+            continue
+        k_hist, v_hist = gather_history(state, b)
+        n_hist = k_hist.shape[1]
+        if k_new is not None:
+            k0, k1 = int(cu_seqlens_k[b]), int(cu_seqlens_k[b + 1])
+            k_all = torch.cat([k_hist, k_new[k0:k1].transpose(0, 1).float()], dim=1)
+            v_all = torch.cat([v_hist, v_new[k0:k1].transpose(0, 1).float()], dim=1)
+        else:
+            k_all, v_all = k_hist, v_hist
+        n_new = k_all.shape[1] - n_hist
+        rep = hq // k_all.shape[0]
+        k_all = k_all.repeat_interleave(rep, dim=0)
+        v_all = v_all.repeat_interleave(rep, dim=0)
+        qb = q[q0:q1].transpose(0, 1).float()  # [Hq, Lq, D]
+        scores = (qb @ k_all.transpose(1, 2)) * scale
+        lq = q1 - q0
+        q_pos = torch.arange(lq, device=q.device)[:, None] + (n_new - lq)
+        k_pos = torch.arange(k_all.shape[1], device=q.device)[None, :] - n_hist
+        scores = scores.masked_fill(k_pos > q_pos, float("-inf"))
+        probs = torch.softmax(scores, dim=-1)
+        out[q0:q1] = (probs @ v_all).transpose(0, 1).to(q.dtype)
+    return out
