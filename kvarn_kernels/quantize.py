@@ -11,7 +11,7 @@ import triton
 import triton.language as tl
 
 from .format import KVarNFormat
-from .reference import LOG_SCALE_MAX, LOG_SCALE_MIN, NORMALIZE_ITERS, RTN_MIN_SCALE, STD_MAX, STD_MIN
+from .reference import GUARD_FACTOR, LOG_SCALE_MAX, LOG_SCALE_MIN, NORMALIZE_ITERS, RTN_MIN_SCALE, STD_MAX, STD_MIN
 
 
 @triton.jit
@@ -48,6 +48,14 @@ def _imbalance(x, R: tl.constexpr, C: tl.constexpr):
 
 
 @triton.jit
+def _predicted_rtn_error(x, log_r, log_c):
+    bal = _balance(x, log_r, log_c)
+    spread = (tl.max(bal, axis=1) - tl.min(bal, axis=1)) * tl.exp(log_r)
+    energy = tl.sum(x * x, axis=1) + 1e-30
+    return tl.sum(spread * spread / energy, axis=0) * tl.sum(tl.exp(2 * log_c), axis=0)
+
+
+@triton.jit
 def _round_to(x, ty: tl.constexpr):
     """float32 → ty with round-to-nearest-even, also where a backend's bfloat16 cast truncates."""
     if ty == tl.bfloat16:
@@ -76,6 +84,12 @@ def _quantize_store(x, codes_ptr, scales_ptr, R: tl.constexpr, C: tl.constexpr, 
         best_r = tl.where(better, log_r, best_r)
         best_c = tl.where(better, log_c, best_c)
         best = tl.where(better, imb, best)
+    # Guard: fall back to the untouched tile when balancing predicts a larger RTN error (see reference).
+    zero_r = tl.zeros([R], dtype=tl.float32)
+    zero_c = tl.zeros([C], dtype=tl.float32)
+    worse = _predicted_rtn_error(x, best_r, best_c) > GUARD_FACTOR * _predicted_rtn_error(x, zero_r, zero_c)
+    best_r = tl.where(worse, zero_r, best_r)
+    best_c = tl.where(worse, zero_c, best_c)
 
     bal = _balance(x, best_r, best_c)
     lo = tl.min(bal, axis=1)

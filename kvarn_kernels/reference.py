@@ -16,6 +16,9 @@ NORMALIZE_ITERS = 8
 STD_MIN, STD_MAX = 1e-3, 1e3
 LOG_SCALE_MIN, LOG_SCALE_MAX = -0.3, 10.0
 RTN_MIN_SCALE = 1e-10
+# Fall back to the untouched tile only when balancing predicts this many times its error: the guard is
+# for pathological tiles (one huge outlier), not a second optimizer.
+GUARD_FACTOR = 4.0
 
 
 def hadamard(dim: int, dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu") -> torch.Tensor:
@@ -49,6 +52,10 @@ def normalize_scales(tiles: torch.Tensor, iters: int = NORMALIZE_ITERS) -> tuple
 
     Returns (log_row [N, R], log_col [N, C]) of the lowest-imbalance state seen, the untouched tile
     included; ties go to the later state. The balanced tile is tiles / exp(log_row)[:, None] / exp(log_col).
+
+    Guard (this project's addition): when the predicted per-row RTN error of that state exceeds the
+    untouched tile's, the untouched tile is used. Balancing a column that holds one huge outlier shrinks
+    the column's other entries below a quantization step, and scaling back would amplify their error.
     """
     x = tiles.float()
     n, r, c = x.shape
@@ -65,7 +72,21 @@ def normalize_scales(tiles: torch.Tensor, iters: int = NORMALIZE_ITERS) -> tuple
         best = torch.where(better, imb, best)
         best_row = torch.where(better[:, None], log_row, best_row)
         best_col = torch.where(better[:, None], log_col, best_col)
-    return best_row, best_col
+    zero_row, zero_col = torch.zeros_like(best_row), torch.zeros_like(best_col)
+    worse = predicted_rtn_error(x, best_row, best_col) > GUARD_FACTOR * predicted_rtn_error(x, zero_row, zero_col)
+    return torch.where(worse[:, None], zero_row, best_row), torch.where(worse[:, None], zero_col, best_col)
+
+
+def predicted_rtn_error(x: torch.Tensor, log_row: torch.Tensor, log_col: torch.Tensor) -> torch.Tensor:
+    """Predicted per-row RTN error of a balanced state, mapped back: Σ_r (range_r s_r)² Σ_c s_c² / |x_r|².
+
+    Each row's error counts relative to the row's own energy, so one outlier row cannot hide the damage
+    done to all the others (up to a constant factor shared by every state).
+    """
+    bal = _balanced(x, log_row, log_col)
+    spread = (bal.amax(-1) - bal.amin(-1)) * log_row.exp()
+    energy = (x * x).sum(-1) + 1e-30
+    return (spread * spread / energy).sum(-1) * (2 * log_col).exp().sum(-1)
 
 
 def _balanced(x: torch.Tensor, log_row: torch.Tensor, log_col: torch.Tensor) -> torch.Tensor:

@@ -1,0 +1,107 @@
+"""Triton paged attention (decode and chunk) versus the PyTorch reference."""
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from kvarn_kernels import reference as ref
+from kvarn_kernels.attention import chunk_attention, choose_num_splits, decode_attention
+from kvarn_kernels.format import KVarNFormat
+from kvarn_kernels.state import build_paged_kv
+from kvarn_kernels.testing import synthetic_kv
+
+TOL = {torch.float32: 2e-3, torch.float16: 4e-3, torch.bfloat16: 2e-2}
+
+
+def _state(lens, hkv, head_dim, dtype, device, preset="kvarn_k4v2_g64", seed=0):
+    fmt = KVarNFormat.from_preset(preset, head_dim, dtype)
+    kv = [synthetic_kv(n, hkv, head_dim, dtype, seed=seed + i, device=device) for i, n in enumerate(lens)]
+    gen = torch.Generator().manual_seed(seed)
+    return build_paged_kv([k for k, _ in kv], [v for _, v in kv], fmt, ref.quantize_into_cache_ref, 2, gen)
+
+
+def _cu(lens, device):
+    return torch.tensor([0, *torch.tensor(lens).cumsum(0).tolist()], dtype=torch.int32, device=device)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("n_rep,splits", [(1, 1), (3, 2), (4, 4)])
+def test_decode_matches_reference(dtype, n_rep, splits, device):
+    lens = [5, 64, 64 + 3, 128, 4 * 64 + 17]  # sink only, exact tile edges, tails, several tiles
+    state = _state(lens, 2, 64, dtype, device)
+    q = torch.randn(len(lens), 2 * n_rep, 64, device=device).to(dtype)
+    expected = ref.paged_attention_ref(q, state, _cu([1] * len(lens), device))
+    actual = decode_attention(q, state, num_splits=splits)
+    assert actual.dtype == dtype
+    torch.testing.assert_close(actual.float(), expected.float(), atol=TOL[dtype], rtol=0)
+
+
+def test_decode_head_dim_128_k4v4(device):
+    state = _state([200, 300], 1, 128, torch.float16, device, "kvarn_k4v4_g64")
+    q = torch.randn(2, 4, 128, device=device).half()
+    expected = ref.paged_attention_ref(q, state, _cu([1, 1], device))
+    torch.testing.assert_close(decode_attention(q, state, num_splits=2).float(), expected.float(), atol=4e-3, rtol=0)
+
+
+@pytest.mark.parametrize("splits", [1, 2])
+def test_chunk_matches_reference(splits, device):
+    hist = [0, 10, 64 + 7, 3 * 64]
+    n_q = [5, 3, 17, 1]
+    n_k = [5, 4, 17, 1]  # the second sequence re-feeds one already-seen token (prefix-hit style)
+    state = _state(hist, 2, 64, torch.float16, device)
+    q = torch.randn(sum(n_q), 6, 64, device=device).half()
+    k_new = torch.randn(sum(n_k), 2, 64, device=device).half()
+    v_new = torch.randn(sum(n_k), 2, 64, device=device).half()
+    cu_q, cu_k = _cu(n_q, device), _cu(n_k, device)
+    expected = ref.paged_attention_ref(q, state, cu_q, k_new, v_new, cu_k)
+    actual = chunk_attention(q, k_new, v_new, cu_q, cu_k, max(n_q), state, num_splits=splits)
+    torch.testing.assert_close(actual.float(), expected.float(), atol=4e-3, rtol=0)
+
+
+@given(
+    lens=st.lists(st.integers(1, 300), min_size=1, max_size=3),
+    n_rep=st.sampled_from([1, 2, 3]),
+    splits=st.sampled_from([1, 2, 4]),
+    seed=st.integers(0, 1000),
+)
+@settings(max_examples=8, deadline=None)
+def test_decode_random_shapes(lens, n_rep, splits, seed):
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    state = _state(lens, 1, 64, torch.float32, device, seed=seed)
+    q = torch.randn(len(lens), n_rep, 64, generator=torch.Generator().manual_seed(seed)).to(device)
+    expected = ref.paged_attention_ref(q, state, _cu([1] * len(lens), device))
+    torch.testing.assert_close(decode_attention(q, state, num_splits=splits), expected, atol=2e-3, rtol=0)
+
+
+def test_nan_in_one_sequence_does_not_reach_another(device):
+    state = _state([200, 200], 1, 64, torch.float16, device)
+    block = int(state.block_table[0, 0])
+    codes, scales = state.fmt.split(state.cache)
+    scales[block, 0, 0] = float("nan")
+    state.sink_v[1, 0, 3, 5] = float("inf")  # and an Inf in the other sequence's 16-bit sink
+    q = torch.randn(2, 2, 64, device=device).half()
+    expected = ref.paged_attention_ref(q, state, _cu([1, 1], device))
+    actual = decode_attention(q, state, num_splits=2)
+    assert torch.isnan(actual[0]).all() and torch.isnan(expected[0]).all()
+    assert not torch.isfinite(actual[1]).all()
+    state.sink_v[1, 0, 3, 5] = 0.0
+    clean = decode_attention(q, state, num_splits=2)
+    assert torch.isfinite(clean[1]).all()
+
+
+def test_choose_num_splits_is_a_power_of_two_within_limits():
+    assert choose_num_splits(1, 8, 1024, 132) == 32
+    assert choose_num_splits(64, 8, 1024, 132) == 1
+    assert choose_num_splits(1, 8, 3, 132) == 1
+    for args in [(1, 1, 10**6, 132), (3, 5, 77, 132)]:
+        s = choose_num_splits(*args)
+        assert s & (s - 1) == 0 and 1 <= s <= 64
+
+
+def test_wrong_query_shape_is_refused(device):
+    state = _state([10], 2, 64, torch.float16, device)
+    with pytest.raises(ValueError, match=r"q must be \[T, Hq, 64\]"):
+        decode_attention(torch.zeros(1, 4, 128, device=device).half(), state)
+    with pytest.raises(ValueError, match="not a multiple of 2 KV heads"):
+        decode_attention(torch.zeros(1, 3, 64, device=device).half(), state)

@@ -1,0 +1,61 @@
+import pytest
+import torch
+
+from kvarn_kernels.format import PRESETS, KVarNFormat, check_alignment, scale_dtype_for
+
+
+def test_k4v2_g128_d128_record_matches_published_compactness():
+    fmt = KVarNFormat.from_preset("kvarn_k4v2_g128", 128)
+    assert fmt.record_bytes == 13824
+    assert fmt.bytes_per_token_per_head == 108
+    assert fmt.bits_per_element == pytest.approx(3.375)
+    assert fmt.compression_vs_16bit == pytest.approx(512 / 108)
+    info = fmt.describe()
+    assert info["k_bits_per_element"] == pytest.approx(4.375)
+    assert info["v_bits_per_element"] == pytest.approx(2.375)
+
+
+@pytest.mark.parametrize("head_dim,minimum", [(64, 4.4), (128, 4.74), (256, 4.7)])
+def test_k4v2_compression_goals(head_dim, minimum):
+    assert KVarNFormat.from_preset("kvarn_k4v2_g128", head_dim).compression_vs_16bit >= minimum
+
+
+@pytest.mark.parametrize("preset", list(PRESETS))
+@pytest.mark.parametrize("head_dim", [64, 128, 256])
+def test_every_section_is_16_byte_aligned(preset, head_dim):
+    check_alignment(KVarNFormat.from_preset(preset, head_dim))
+
+
+def test_unsupported_head_dim_names_value_and_allowed():
+    with pytest.raises(ValueError, match=r"head_dim 96 is not supported: use one of \(64, 128, 256\)"):
+        KVarNFormat.from_preset("kvarn_k4v2_g128", 96)
+
+
+def test_unknown_preset_lists_presets():
+    with pytest.raises(ValueError, match="kvarn_k3v2.*kvarn_k4v2_g128"):
+        KVarNFormat.from_preset("kvarn_k3v2", 128)
+
+
+def test_scale_dtype_keeps_bf16_range():
+    assert scale_dtype_for(torch.float16) == torch.float16
+    assert scale_dtype_for(torch.bfloat16) == torch.bfloat16
+    assert scale_dtype_for(torch.float32) == torch.bfloat16
+    with pytest.raises(ValueError, match="int8"):
+        scale_dtype_for(torch.int8)
+
+
+def test_split_views_address_the_record_bytes():
+    fmt = KVarNFormat.from_preset("kvarn_k4v2_g64", 64, torch.bfloat16)
+    cache = fmt.allocate(3, 2)
+    codes, scales = fmt.split(cache)
+    assert codes.shape == (3, 2, fmt.code_bytes) and scales.shape == (3, 2, fmt.num_scales)
+    scales[1, 1, 0] = 1.0  # bfloat16 1.0 = 0x3F80, little endian
+    assert cache[1, 1, fmt.code_bytes].item() == 0x80 and cache[1, 1, fmt.code_bytes + 1].item() == 0x3F
+    assert int(cache.sum()) == 0x80 + 0x3F
+
+
+def test_cache_of_another_layout_is_rejected():
+    fmt = KVarNFormat.from_preset("kvarn_k4v2_g128", 128)
+    other = KVarNFormat.from_preset("kvarn_k4v4_g128", 128).allocate(1, 1)
+    with pytest.raises(ValueError, match="does not hold kvarn_k4v2_g128 records"):
+        fmt.split(other)

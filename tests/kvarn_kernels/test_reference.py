@@ -1,0 +1,115 @@
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from kvarn_kernels import reference as ref
+from kvarn_kernels.format import KVarNFormat
+from kvarn_kernels.testing import synthetic_kv
+
+
+@given(bits=st.sampled_from([2, 4]), rows=st.integers(1, 5), width=st.integers(1, 8), seed=st.integers(0, 10**6))
+@settings(max_examples=40, deadline=None)
+def test_pack_unpack_round_trip_is_exact(bits, rows, width, seed):
+    g = torch.Generator().manual_seed(seed)
+    codes = torch.randint(0, 2**bits, (rows, width * 8 // bits), generator=g, dtype=torch.uint8)
+    packed = ref.pack(codes, bits)
+    assert packed.shape == (rows, width)
+    assert torch.equal(ref.unpack(packed, bits), codes)
+
+
+def test_pack_is_lsb_first():
+    codes = torch.tensor([[1, 2, 3, 0]], dtype=torch.uint8)
+    assert ref.pack(codes, 2).tolist() == [[1 | 2 << 2 | 3 << 4]]
+    assert ref.pack(torch.tensor([[0xA, 0x5]], dtype=torch.uint8), 4).tolist() == [[0x5A]]
+
+
+@pytest.mark.parametrize("dim", [64, 128, 256])
+def test_hadamard_is_symmetric_orthonormal(dim):
+    h = ref.hadamard(dim, dtype=torch.float64)
+    assert torch.equal(h, h.T)
+    assert torch.allclose(h @ h, torch.eye(dim, dtype=torch.float64), atol=1e-12)
+
+
+def test_hadamard_rejects_non_power_of_two():
+    with pytest.raises(ValueError, match="96"):
+        ref.hadamard(96)
+
+
+def test_normalization_lowers_imbalance_on_outlier_tiles():
+    k, _ = synthetic_kv(128, 4, 128, torch.float32, outlier_channels=6)
+    tiles = ref.rotate(k).transpose(0, 1).transpose(1, 2)  # [H, D, G]: K matrices
+    log_row, log_col = ref.normalize_scales(tiles)
+    before = ref._imbalance(ref._std(tiles, 1), ref._std(tiles, 2))
+    bal = ref._balanced(tiles, log_row, log_col)
+    after = ref._imbalance(ref._std(bal, 1), ref._std(bal, 2))
+    assert torch.all(after <= before)
+    assert torch.all(after < 0.8 * before)
+
+
+def _tiles(dtype, d=64, g=64, n=2, h=2, seed=0):
+    k, v = synthetic_kv(n * g, h, d, dtype, seed=seed)
+    return k.reshape(n, g, h, d).transpose(1, 2), v.reshape(n, g, h, d).transpose(1, 2)
+
+
+def test_quantization_is_deterministic():
+    fmt = KVarNFormat.from_preset("kvarn_k4v2_g64", 64)
+    k, v = _tiles(torch.float16)
+    assert torch.equal(ref.quantize_tile_records(k, v, fmt), ref.quantize_tile_records(k, v, fmt))
+
+
+@pytest.mark.parametrize("value", [0.0, 3.25, -7.5])
+def test_constant_tiles_reconstruct_exactly(value):
+    fmt = KVarNFormat.from_preset("kvarn_k4v2_g64", 64)
+    k = torch.full((1, 1, 64, 64), value, dtype=torch.float16)
+    records = ref.quantize_tile_records(k, k, fmt)
+    k_hat, v_hat = ref.dequantize_tiles(records, fmt)
+    assert torch.isfinite(records.float()).all()
+    assert torch.allclose(k_hat, k.float(), atol=1e-2 * max(abs(value), 1))
+    assert torch.allclose(v_hat, k.float(), atol=1e-2 * max(abs(value), 1))
+
+
+def test_bf16_activations_beyond_fp16_range_stay_finite():
+    fmt = KVarNFormat.from_preset("kvarn_k4v4_g64", 64, torch.bfloat16)
+    k, v = _tiles(torch.float32)
+    k, v = (k * 1e5).to(torch.bfloat16), (v * 1e5).to(torch.bfloat16)  # |x| up to ~1e7 > 65504
+    k_hat, v_hat = ref.dequantize_tiles(ref.quantize_tile_records(k, v, fmt), fmt)
+    assert torch.isfinite(k_hat).all() and torch.isfinite(v_hat).all()
+    assert (k_hat - k.float()).norm() / k.float().norm() < 0.15
+    assert (v_hat - v.float()).norm() / v.float().norm() < 0.15
+
+
+def test_huge_outlier_token_does_not_destroy_other_tokens():
+    fmt = KVarNFormat.from_preset("kvarn_k4v4_g64", 64, torch.bfloat16)
+    k, v = _tiles(torch.float32, n=1, h=1)
+    v[0, 0, 5] = 3e4
+    k_hat, v_hat = ref.dequantize_tiles(ref.quantize_tile_records(k.bfloat16(), v.bfloat16(), fmt), fmt)
+    others = torch.ones(64, dtype=torch.bool)
+    others[5] = False
+    v_ref = v.bfloat16().float()[0, 0, others]
+    assert (v_hat[0, 0, others] - v_ref).norm() / v_ref.norm() < 0.2
+
+
+def test_nan_tile_is_contained_to_its_own_record():
+    fmt = KVarNFormat.from_preset("kvarn_k4v2_g64", 64)
+    k, v = _tiles(torch.float16)
+    k[0, 0, 3, 7] = float("nan")
+    records = ref.quantize_tile_records(k, v, fmt)
+    k_hat, v_hat = ref.dequantize_tiles(records, fmt)
+    assert not torch.isfinite(k_hat[0, 0]).all()
+    clean = ref.quantize_tile_records(k[1:], v[1:], fmt)
+    assert torch.equal(records[1:], clean)
+    assert torch.isfinite(k_hat[1]).all() and torch.isfinite(k_hat[0, 1]).all()
+
+
+def test_attention_over_16bit_only_history_is_exact_attention():
+    fmt = KVarNFormat.from_preset("kvarn_k4v2_g64", 64, torch.float32)
+    k, v = synthetic_kv(40, 2, 64, torch.float32)
+    from kvarn_kernels.state import build_paged_kv
+
+    state = build_paged_kv([k], [v], fmt, ref.quantize_into_cache_ref)
+    q = torch.randn(1, 4, 64)
+    out = ref.paged_attention_ref(q, state, torch.tensor([0, 1], dtype=torch.int32))
+    kk, vv = k.transpose(0, 1).repeat_interleave(2, 0), v.transpose(0, 1).repeat_interleave(2, 0)
+    exact = torch.softmax(q[0][:, None] @ kk.transpose(1, 2) / 8, -1) @ vv
+    assert torch.allclose(out[0], exact[:, 0], atol=1e-5)
