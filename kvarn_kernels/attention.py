@@ -12,6 +12,7 @@ the output is un-rotated once at the end. The oracle is `reference.paged_attenti
 
 from __future__ import annotations
 
+import functools
 import math
 
 import torch
@@ -295,6 +296,7 @@ def chunk_attention(
     return paged_attention(q, state, cu_seqlens_q, max_q_len, k_new, v_new, cu_seqlens_k, sm_scale, num_splits)
 
 
+@functools.lru_cache(maxsize=8)
 def _num_sms(device: torch.device) -> int:
     if device.type == "cuda":
         return torch.cuda.get_device_properties(device).multi_processor_count

@@ -10,8 +10,17 @@ import torch
 import triton
 import triton.language as tl
 
+from . import reference
 from .format import KVarNFormat
-from .reference import GUARD_FACTOR, LOG_SCALE_MAX, LOG_SCALE_MIN, NORMALIZE_ITERS, RTN_MIN_SCALE, STD_MAX, STD_MIN
+from .reference import NORMALIZE_ITERS
+
+# The reference's constants, as constexprs so that jitted code may read them.
+STD_MIN = tl.constexpr(reference.STD_MIN)
+STD_MAX = tl.constexpr(reference.STD_MAX)
+LOG_SCALE_MIN = tl.constexpr(reference.LOG_SCALE_MIN)
+LOG_SCALE_MAX = tl.constexpr(reference.LOG_SCALE_MAX)
+RTN_MIN_SCALE = tl.constexpr(reference.RTN_MIN_SCALE)
+GUARD_FACTOR = tl.constexpr(reference.GUARD_FACTOR)
 
 
 @triton.jit

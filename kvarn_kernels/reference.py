@@ -5,6 +5,7 @@ All math is float32 on whatever device the inputs live on. See `format.py` for t
 
 from __future__ import annotations
 
+import functools
 import math
 
 import torch
@@ -22,16 +23,21 @@ GUARD_FACTOR = 4.0
 
 
 def hadamard(dim: int, dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu") -> torch.Tensor:
-    """Sylvester Hadamard matrix of size `dim` scaled by 1/sqrt(dim): symmetric and its own inverse."""
+    """Sylvester Hadamard matrix of size `dim` scaled by 1/sqrt(dim): symmetric and its own inverse.
+
+    Cached per (dim, dtype, device): callers on the decode path must not rebuild it (or sync) every step.
+    """
     if dim < 1 or dim & (dim - 1):
         raise ValueError(f"Hadamard size {dim} is not a power of two")
-    idx = torch.arange(dim, device=device)
-    parity = torch.zeros(dim, dim, dtype=torch.int64, device=device)
-    x = idx[:, None] & idx[None, :]
-    while bool(x.any()):
-        parity ^= x & 1
-        x = x >> 1
-    return ((1 - 2 * parity).to(torch.float32) / math.sqrt(dim)).to(dtype)
+    return _hadamard(dim, dtype, str(torch.device(device)))
+
+
+@functools.lru_cache(maxsize=32)
+def _hadamard(dim: int, dtype: torch.dtype, device: str) -> torch.Tensor:
+    h = torch.ones(1, 1, dtype=torch.float64)
+    while h.shape[0] < dim:
+        h = torch.cat([torch.cat([h, h], 1), torch.cat([h, -h], 1)], 0)
+    return (h / math.sqrt(dim)).to(dtype=dtype, device=device)
 
 
 def rotate(x: torch.Tensor) -> torch.Tensor:

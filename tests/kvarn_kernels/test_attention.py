@@ -6,12 +6,13 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from kvarn_kernels import reference as ref
-from kvarn_kernels.attention import chunk_attention, choose_num_splits, decode_attention
+from kvarn_kernels.attention import choose_num_splits, chunk_attention, decode_attention
 from kvarn_kernels.format import KVarNFormat
 from kvarn_kernels.state import build_paged_kv
 from kvarn_kernels.testing import synthetic_kv
 
-TOL = {torch.float32: 2e-3, torch.float16: 4e-3, torch.bfloat16: 2e-2}
+# Kernels use tf32 tensor-core dots on the GPU (exact in the interpreter): tolerances cover tf32 rounding.
+TOL = {torch.float32: 5e-3, torch.float16: 8e-3, torch.bfloat16: 2e-2}
 
 
 def _state(lens, hkv, head_dim, dtype, device, preset="kvarn_k4v2_g64", seed=0):
@@ -41,7 +42,7 @@ def test_decode_head_dim_128_k4v4(device):
     state = _state([200, 300], 1, 128, torch.float16, device, "kvarn_k4v4_g64")
     q = torch.randn(2, 4, 128, device=device).half()
     expected = ref.paged_attention_ref(q, state, _cu([1, 1], device))
-    torch.testing.assert_close(decode_attention(q, state, num_splits=2).float(), expected.float(), atol=4e-3, rtol=0)
+    torch.testing.assert_close(decode_attention(q, state, num_splits=2).float(), expected.float(), atol=8e-3, rtol=0)
 
 
 @pytest.mark.parametrize("splits", [1, 2])
@@ -56,7 +57,7 @@ def test_chunk_matches_reference(splits, device):
     cu_q, cu_k = _cu(n_q, device), _cu(n_k, device)
     expected = ref.paged_attention_ref(q, state, cu_q, k_new, v_new, cu_k)
     actual = chunk_attention(q, k_new, v_new, cu_q, cu_k, max(n_q), state, num_splits=splits)
-    torch.testing.assert_close(actual.float(), expected.float(), atol=4e-3, rtol=0)
+    torch.testing.assert_close(actual.float(), expected.float(), atol=8e-3, rtol=0)
 
 
 @given(
@@ -71,7 +72,7 @@ def test_decode_random_shapes(lens, n_rep, splits, seed):
     state = _state(lens, 1, 64, torch.float32, device, seed=seed)
     q = torch.randn(len(lens), n_rep, 64, generator=torch.Generator().manual_seed(seed)).to(device)
     expected = ref.paged_attention_ref(q, state, _cu([1] * len(lens), device))
-    torch.testing.assert_close(decode_attention(q, state, num_splits=splits), expected, atol=2e-3, rtol=0)
+    torch.testing.assert_close(decode_attention(q, state, num_splits=splits), expected, atol=5e-3, rtol=0)
 
 
 def test_nan_in_one_sequence_does_not_reach_another(device):

@@ -1,0 +1,197 @@
+"""Decode attention over KVarN tiles versus FlashAttention on a 16-bit KV cache, plus prefill quantize cost.
+
+Run on a GPU:  python benchmarks/kernels/bench_decode.py --out benchmarks/kernels/results
+Writes decode.json (every measurement and the setup) and decode.png. Times are CUDA-graph replays
+(median of several), so launch overhead is excluded for both sides alike.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from tqdm import tqdm
+
+from kvarn_kernels.attention import decode_attention, paged_attention
+from kvarn_kernels.format import KVarNFormat
+from kvarn_kernels.quantize import quantize_into_cache
+from kvarn_kernels.state import PagedKV
+
+H100_PEAK_BYTES_PER_S = 3.35e12
+
+
+def graph_time_ms(fn, replays: int = 20) -> float:
+    """Median milliseconds of one call, timed as CUDA-graph replays."""
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        for _ in range(3):
+            fn()
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        fn()
+    times = []
+    for _ in range(5):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        for _ in range(replays):
+            graph.replay()
+        end.record()
+        torch.cuda.synchronize()
+        times.append(start.elapsed_time(end) / replays)
+    return sorted(times)[len(times) // 2]
+
+
+def make_state(batch: int, ctx: int, hkv: int, fmt: KVarNFormat, dtype: torch.dtype) -> PagedKV:
+    """A KVarN state of `batch` sequences of `ctx` tokens with random (quantized) content."""
+    g, d = fmt.group, fmt.head_dim
+    n_tiles = max(ctx - g, 0) // g
+    cache = fmt.allocate(max(batch * n_tiles, 1), hkv, "cuda")
+    if n_tiles:
+        # Quantize real data into a few blocks, then copy them around: content matters little for speed.
+        src = torch.randn(8 * g, hkv, d, device="cuda", dtype=dtype)
+        starts = torch.arange(8, device="cuda", dtype=torch.int32) * g
+        quantize_into_cache(src, src, starts, starts // g, cache, fmt)
+        cache.copy_(cache[torch.arange(cache.shape[0], device="cuda") % 8])
+    perm = torch.randperm(max(batch * n_tiles, 1), device="cuda").to(torch.int32)
+    block_table = perm[: batch * n_tiles].reshape(batch, n_tiles) if n_tiles else perm[:1].repeat(batch, 1)
+    dense = torch.randn(2 * batch, hkv, g, d, device="cuda", dtype=dtype)
+    return PagedKV(
+        fmt=fmt, cache=cache, block_table=block_table.contiguous(),
+        seq_lens=torch.full((batch,), ctx, dtype=torch.int32, device="cuda"),
+        sink_k=dense, sink_v=dense, tail_k=dense, tail_v=dense,
+        dense_table=torch.arange(2 * batch, dtype=torch.int32, device="cuda").reshape(batch, 2),
+    )
+
+
+def bench_decode(batches, contexts, hq, hkv, d, preset, dtype) -> list[dict]:
+    rows = []
+    fmt = KVarNFormat.from_preset(preset, d, dtype)
+    for batch in batches:
+        for ctx in contexts:
+            row = {"batch": batch, "context": ctx}
+            kv_bytes_16 = 2 * batch * ctx * hkv * d * 2
+            if kv_bytes_16 > 40e9:
+                continue
+            q = torch.randn(batch, hq, 1, d, device="cuda", dtype=dtype)
+            k = torch.randn(batch, hkv, ctx, d, device="cuda", dtype=dtype)
+            v = torch.randn_like(k)
+            with torch.nn.attention.sdpa_kernel(torch.nn.attention.SDPBackend.FLASH_ATTENTION):
+                row["sdpa_flash_ms"] = graph_time_ms(lambda: F.scaled_dot_product_attention(q, k, v, enable_gqa=True))
+            k = v = None  # free the 16-bit KV before building the packed one
+            state = make_state(batch, ctx, hkv, fmt, dtype)
+            qd = q[:, :, 0].contiguous()
+            row["kvarn_ms"] = graph_time_ms(lambda: decode_attention(qd, state))
+            row["kvarn_bytes"] = batch * hkv * (fmt.record_bytes * (max(ctx - fmt.group, 0) // fmt.group)
+                                                + 2 * 2 * d * min(ctx, 2 * fmt.group))
+            row["sdpa_bytes"] = kv_bytes_16
+            row["speedup_vs_sdpa_flash"] = row["sdpa_flash_ms"] / row["kvarn_ms"]
+            row["kvarn_bandwidth_frac_of_peak"] = row["kvarn_bytes"] / (row["kvarn_ms"] * 1e-3) / H100_PEAK_BYTES_PER_S
+            row["sdpa_bandwidth_frac_of_peak"] = kv_bytes_16 / (row["sdpa_flash_ms"] * 1e-3) / H100_PEAK_BYTES_PER_S
+            state = None
+            torch.cuda.empty_cache()
+            rows.append(row)
+            tqdm.write(json.dumps({k: round(v, 4) if isinstance(v, float) else v for k, v in row.items()}))
+    return rows
+
+
+def bench_prefill_quantize(contexts, hq, hkv, d, preset, dtype) -> list[dict]:
+    """Cost of quantizing a prefill's KV versus that prefill's causal attention (flash SDPA)."""
+    fmt = KVarNFormat.from_preset(preset, d, dtype)
+    rows = []
+    for ctx in contexts:
+        q = torch.randn(1, hq, ctx, d, device="cuda", dtype=dtype)
+        k = torch.randn(1, hkv, ctx, d, device="cuda", dtype=dtype)
+        with torch.nn.attention.sdpa_kernel(torch.nn.attention.SDPBackend.FLASH_ATTENTION):
+            attn_ms = graph_time_ms(lambda: F.scaled_dot_product_attention(q, k, k, is_causal=True, enable_gqa=True))
+        src = k[0].transpose(0, 1).contiguous()  # [T, H, D]
+        n = ctx // fmt.group
+        starts = torch.arange(n, device="cuda", dtype=torch.int32) * fmt.group
+        cache = fmt.allocate(n, hkv, "cuda")
+        quant_ms = graph_time_ms(lambda: quantize_into_cache(src, src, starts, starts // fmt.group, cache, fmt))
+        rows.append({"context": ctx, "attention_ms": attn_ms, "quantize_ms": quant_ms, "ratio": quant_ms / attn_ms})
+        tqdm.write(json.dumps(rows[-1]))
+    return rows
+
+
+def bench_chunk(hq, hkv, d, preset, dtype) -> list[dict]:
+    """Chunk attention (prefill continuation / verify) over a quantized history versus flash SDPA on 16-bit."""
+    fmt = KVarNFormat.from_preset(preset, d, dtype)
+    rows = []
+    for hist, chunk in [(16384, 4), (16384, 512), (65536, 8)]:
+        state = make_state(1, hist, hkv, fmt, dtype)
+        q = torch.randn(chunk, hq, d, device="cuda", dtype=dtype)
+        kn = torch.randn(chunk, hkv, d, device="cuda", dtype=dtype)
+        cu_q = torch.tensor([0, chunk], device="cuda", dtype=torch.int32)
+        kvarn_ms = graph_time_ms(lambda: paged_attention(q, state, cu_q, chunk, kn, kn, cu_q))
+        qs = q.transpose(0, 1)[None]
+        ks = torch.randn(1, hkv, hist + chunk, d, device="cuda", dtype=dtype)
+        mask = torch.ones(chunk, hist + chunk, device="cuda", dtype=torch.bool).tril(hist)
+        with torch.nn.attention.sdpa_kernel([torch.nn.attention.SDPBackend.FLASH_ATTENTION,
+                                             torch.nn.attention.SDPBackend.EFFICIENT_ATTENTION]):
+            sdpa_ms = graph_time_ms(lambda: F.scaled_dot_product_attention(qs, ks, ks, attn_mask=mask, enable_gqa=True))
+        rows.append({"history": hist, "chunk": chunk, "kvarn_ms": kvarn_ms, "sdpa_ms": sdpa_ms,
+                     "speedup": sdpa_ms / kvarn_ms})
+        tqdm.write(json.dumps(rows[-1]))
+    return rows
+
+
+def plot(rows: list[dict], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(12, 4.5))
+    for batch in sorted({r["batch"] for r in rows}):
+        sel = [r for r in rows if r["batch"] == batch]
+        ctx = [r["context"] for r in sel]
+        axes[0].plot(ctx, [r["speedup_vs_sdpa_flash"] for r in sel], marker="o", label=f"batch {batch}")
+        axes[1].plot(ctx, [100 * r["kvarn_bandwidth_frac_of_peak"] for r in sel], marker="o", label=f"batch {batch}")
+    axes[0].axhline(1.0, color="gray", ls="--")
+    axes[0].set(xscale="log", xlabel="context (tokens)", ylabel="speedup vs flash SDPA (16-bit KV)",
+                title="KVarN k4v2 decode attention")
+    axes[1].set(xscale="log", xlabel="context (tokens)", ylabel="% of H100 peak bandwidth (3.35 TB/s)",
+                title="KVarN bytes moved / time")
+    for ax in axes:
+        ax.legend()
+        ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__)
+    ap.add_argument("--out", default="benchmarks/kernels/results")
+    ap.add_argument("--batches", default="1,8,32,64")
+    ap.add_argument("--contexts", default="1024,2048,4096,16384,65536,131072")
+    ap.add_argument("--preset", default="kvarn_k4v2_g128")
+    args = ap.parse_args()
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    dtype, hq, hkv, d = torch.bfloat16, 32, 8, 128
+    setup = {
+        "device": torch.cuda.get_device_name(), "torch": torch.__version__,
+        "triton": __import__("triton").__version__, "python": platform.python_version(),
+        "preset": args.preset, "dtype": str(dtype), "q_heads": hq, "kv_heads": hkv, "head_dim": d,
+        "timing": "median of 5 x 20 CUDA-graph replays", "date": time.strftime("%Y-%m-%d"),
+        "command": "python benchmarks/kernels/bench_decode.py " + " ".join(f"--{k} {v}" for k, v in vars(args).items()),
+    }
+    batches = [int(x) for x in args.batches.split(",")]
+    contexts = [int(x) for x in args.contexts.split(",")]
+    decode = bench_decode(batches, contexts, hq, hkv, d, args.preset, dtype)
+    prefill = bench_prefill_quantize([4096, 16384, 32768], hq, hkv, d, args.preset, dtype)
+    chunk = bench_chunk(hq, hkv, d, args.preset, dtype)
+    (out / "decode.json").write_text(json.dumps({"setup": setup, "decode": decode, "prefill_quantize": prefill,
+                                                 "chunk": chunk}, indent=1))
+    plot(decode, out / "decode.png")
+
+
+if __name__ == "__main__":
+    main()

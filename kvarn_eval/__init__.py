@@ -1,0 +1,1 @@
+"""KVarN evaluation: real assets, baselines, quality reports, benchmarks and the `kvarn` CLI."""

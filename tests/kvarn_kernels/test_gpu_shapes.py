@@ -1,0 +1,77 @@
+"""Kernels versus the reference at real shapes (GPU only): head_dim 64/128/256, GQA 1/4/8, contexts to 128K."""
+
+import pytest
+import torch
+
+from kvarn_kernels import reference as ref
+from kvarn_kernels.attention import chunk_attention, decode_attention
+from kvarn_kernels.format import KVarNFormat
+from kvarn_kernels.quantize import quantize_into_cache
+from kvarn_kernels.state import build_paged_kv
+from kvarn_kernels.testing import synthetic_kv
+
+pytestmark = pytest.mark.gpu
+
+
+@pytest.mark.parametrize("head_dim", [64, 128, 256])
+@pytest.mark.parametrize("preset", ["kvarn_k4v2_g128", "kvarn_k4v4_g64", "kvarn_k2v2_g128"])
+def test_quantize_matches_reference(head_dim, preset):
+    fmt = KVarNFormat.from_preset(preset, head_dim, torch.bfloat16)
+    n, h = 64, 8
+    k, v = synthetic_kv(n * fmt.group, h, head_dim, torch.bfloat16, device="cuda")
+    starts = torch.arange(n, dtype=torch.int32, device="cuda") * fmt.group
+    blocks = torch.randperm(n, device="cuda").to(torch.int32)
+    expected, actual = fmt.allocate(n, h, "cuda"), fmt.allocate(n, h, "cuda")
+    ref.quantize_into_cache_ref(k, v, starts, blocks, expected, fmt)
+    quantize_into_cache(k, v, starts, blocks, actual, fmt)
+    ce, _ = fmt.split(expected)
+    ca, _ = fmt.split(actual)
+    assert (ce != ca).float().mean().item() <= 5e-3
+    ke, ve = ref.dequantize_tiles(expected, fmt)
+    ka, va = ref.dequantize_tiles(actual, fmt)
+    offs = (starts.long()[blocks.argsort()])[:, None] + torch.arange(fmt.group, device="cuda")
+    kt, vt = k[offs].transpose(1, 2).float(), v[offs].transpose(1, 2).float()
+    for hat_e, hat_a, true in ((ke, ka, kt), (ve, va, vt)):
+        err_e = ((hat_e - true).norm() / true.norm()).item()
+        err_a = ((hat_a - true).norm() / true.norm()).item()
+        assert abs(err_a - err_e) <= 0.01 * err_e
+
+
+@pytest.mark.parametrize("head_dim", [64, 128, 256])
+@pytest.mark.parametrize("n_rep", [1, 4, 8])
+def test_decode_matches_reference(head_dim, n_rep):
+    hkv = 4
+    lens = [1, 128, 129, 1000, 4096 + 77]
+    fmt = KVarNFormat.from_preset("kvarn_k4v2_g128", head_dim, torch.bfloat16)
+    kv = [synthetic_kv(n, hkv, head_dim, torch.bfloat16, seed=i, device="cuda") for i, n in enumerate(lens)]
+    state = build_paged_kv([a for a, _ in kv], [b for _, b in kv], fmt, quantize_into_cache)
+    q = torch.randn(len(lens), hkv * n_rep, head_dim, device="cuda", dtype=torch.bfloat16)
+    expected = ref.paged_attention_ref(q, state, torch.arange(len(lens) + 1, dtype=torch.int32, device="cuda"))
+    torch.testing.assert_close(decode_attention(q, state).float(), expected.float(), atol=2e-2, rtol=2e-2)
+
+
+@pytest.mark.parametrize("context", [32768, 131072])
+def test_long_context_decode_matches_reference(context):
+    fmt = KVarNFormat.from_preset("kvarn_k4v2_g128", 128, torch.bfloat16)
+    k, v = synthetic_kv(context, 8, 128, torch.bfloat16, device="cuda")
+    state = build_paged_kv([k], [v], fmt, quantize_into_cache)
+    q = torch.randn(1, 32, 128, device="cuda", dtype=torch.bfloat16)
+    expected = ref.paged_attention_ref(q, state, torch.tensor([0, 1], dtype=torch.int32, device="cuda"))
+    torch.testing.assert_close(decode_attention(q, state).float(), expected.float(), atol=2e-2, rtol=2e-2)
+
+
+@pytest.mark.parametrize("head_dim", [64, 128, 256])
+def test_chunk_matches_reference(head_dim):
+    hist, n_q = [0, 300, 5000], [700, 64, 5]
+    fmt = KVarNFormat.from_preset("kvarn_k4v2_g128", head_dim, torch.float16)
+    kv = [synthetic_kv(max(n, 1), 2, head_dim, torch.float16, seed=i, device="cuda") for i, n in enumerate(hist)]
+    ks = [a[:n] for (a, _), n in zip(kv, hist, strict=True)]
+    vs = [b[:n] for (_, b), n in zip(kv, hist, strict=True)]
+    state = build_paged_kv(ks, vs, fmt, quantize_into_cache)
+    cu = torch.tensor([0, *torch.tensor(n_q).cumsum(0).tolist()], dtype=torch.int32, device="cuda")
+    q = torch.randn(sum(n_q), 8, head_dim, device="cuda", dtype=torch.float16)
+    kn = torch.randn(sum(n_q), 2, head_dim, device="cuda", dtype=torch.float16)
+    vn = torch.randn_like(kn)
+    expected = ref.paged_attention_ref(q, state, cu, kn, vn, cu)
+    actual = chunk_attention(q, kn, vn, cu, cu, max(n_q), state)
+    torch.testing.assert_close(actual.float(), expected.float(), atol=1e-2, rtol=1e-2)
