@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import functools
 import math
+import os
 
 import torch
 import triton
@@ -24,18 +25,8 @@ from .reference import hadamard
 from .state import PagedKV
 
 MIN_TILES_PER_SPLIT = 4
-
-
-@triton.jit
-def _unpack(ptr, ROWS: tl.constexpr, COLS: tl.constexpr, BITS: tl.constexpr):
-    """Load packed rows [ROWS, COLS*BITS/8] and return their codes as float32 [ROWS, COLS]."""
-    W: tl.constexpr = COLS * BITS // 8
-    b = tl.load(ptr + tl.arange(0, ROWS)[:, None] * W + tl.arange(0, W)[None, :]).to(tl.int32)
-    if BITS == 4:
-        c = tl.join(b & 15, b >> 4)
-    else:
-        c = tl.join(tl.join(b & 3, (b >> 4) & 3), tl.join((b >> 2) & 3, b >> 6))
-    return tl.reshape(c, [ROWS, COLS]).to(tl.float32)
+# Launch options of the attention kernel (benchmarks/kernels/bench_decode.py --tune sweeps them).
+LAUNCH_OPTIONS = {"num_warps": 4, "num_stages": 2}
 
 
 @triton.jit
@@ -51,46 +42,87 @@ def _softmax_step(s, visible, m_i, l_i):
 
 @triton.jit
 def _attend_dense(q, k_ptr, v_ptr, stride_tok, n_valid, key_pos0, q_pos, row_ok, m_i, l_i, acc, acc_rot,
-                  sm_scale, BLOCK_N: tl.constexpr, D: tl.constexpr):
+                  sm_scale, BLOCK_N: tl.constexpr, D: tl.constexpr, DOT: tl.constexpr, PRECISION: tl.constexpr):
     """Attend to up to BLOCK_N 16-bit tokens at k_ptr/v_ptr (token stride stride_tok)."""
     t = tl.arange(0, BLOCK_N)
     d = tl.arange(0, D)
     tok_ok = t < n_valid
     offs = t[:, None] * stride_tok + d[None, :]
-    k = tl.load(k_ptr + offs, mask=tok_ok[:, None], other=0.0).to(tl.float32)
-    v = tl.load(v_ptr + offs, mask=tok_ok[:, None], other=0.0).to(tl.float32)
-    s = tl.dot(q, tl.trans(k)) * sm_scale
+    k = tl.load(k_ptr + offs, mask=tok_ok[:, None], other=0.0).to(DOT)
+    v = tl.load(v_ptr + offs, mask=tok_ok[:, None], other=0.0).to(DOT)
+    s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * sm_scale
     visible = row_ok[:, None] & tok_ok[None, :] & ((key_pos0 + t)[None, :] <= q_pos[:, None])
     p, alpha, m_i, l_i = _softmax_step(s, visible, m_i, l_i)
-    acc = acc * alpha[:, None] + tl.dot(p, v)
+    acc = acc * alpha[:, None] + tl.dot(p.to(DOT), v, input_precision=PRECISION)
     return m_i, l_i, acc, acc_rot * alpha[:, None]
 
 
 @triton.jit
-def _attend_tile(q_rot, codes_ptr, scales_ptr, key_pos0, q_pos, row_ok, m_i, l_i, acc_rot, acc_plain,
-                 sm_scale, G: tl.constexpr, D: tl.constexpr, KBITS: tl.constexpr, VBITS: tl.constexpr):
-    """Attend to one packed tile straight from its codes; the value part accumulates in the rotated frame."""
+def _plane_scores(qs, zero_term, kw, col_scale_ptr, key_pos0, q_pos, row_ok, sm_scale, PLANE: tl.constexpr,
+                  W: tl.constexpr, BITS: tl.constexpr, DOT: tl.constexpr, PRECISION: tl.constexpr):
+    """Scores [ROWS, W] of tokens PLANE*W .. PLANE*W + W-1 of a tile, from K words kw [D, W]."""
+    j = tl.arange(0, W)
+    codes = ((kw >> (PLANE * BITS)) & (2**BITS - 1)).to(DOT)
+    col_scale = tl.load(col_scale_ptr + PLANE * W + j).to(tl.float32)
+    s = (tl.dot(qs, codes, input_precision=PRECISION) + zero_term[:, None]) * (col_scale * sm_scale)[None, :]
+    visible = row_ok[:, None] & ((key_pos0 + PLANE * W + j)[None, :] <= q_pos[:, None])
+    return tl.where(visible, s, float("-inf"))
+
+
+@triton.jit
+def _plane_values(p, vw, row_scale_ptr, row_zero_ptr, PLANE: tl.constexpr, W: tl.constexpr, BITS: tl.constexpr,
+                  DOT: tl.constexpr, PRECISION: tl.constexpr):
+    """Σ_t p[:, t] · (code[t, :] · row_scale[t] + row_zero[t]) over the plane's tokens, from V words vw [D, W]."""
+    j = tl.arange(0, W)
+    codes = ((vw >> (PLANE * BITS)) & (2**BITS - 1)).to(DOT)
+    row_scale = tl.load(row_scale_ptr + PLANE * W + j).to(tl.float32)
+    row_zero = tl.load(row_zero_ptr + PLANE * W + j).to(tl.float32)
+    pv = tl.dot((p * row_scale[None, :]).to(DOT), tl.trans(codes), input_precision=PRECISION)
+    return pv + tl.sum(p * row_zero[None, :], axis=1)[:, None]
+
+
+@triton.jit
+def _attend_tile(q_rot, kw_ptr, vw_ptr, scales_ptr, key_pos0, q_pos, row_ok, m_i, l_i, acc_rot, acc_plain,
+                 sm_scale, G: tl.constexpr, D: tl.constexpr, KBITS: tl.constexpr, VBITS: tl.constexpr,
+                 DOT: tl.constexpr, PRECISION: tl.constexpr):
+    """Attend to one packed tile straight from its codes; the value part accumulates in the rotated frame.
+
+    The tile's four token planes are scored, then one softmax update covers them all.
+    """
+    W: tl.constexpr = G // 4
     d = tl.arange(0, D)
-    t = tl.arange(0, G)
     k_row_scale = tl.load(scales_ptr + d).to(tl.float32)
     k_row_zero = tl.load(scales_ptr + D + d).to(tl.float32)
-    k_col_scale = tl.load(scales_ptr + 2 * D + t).to(tl.float32)
-    v_row_scale = tl.load(scales_ptr + 2 * D + G + t).to(tl.float32)
-    v_row_zero = tl.load(scales_ptr + 2 * D + 2 * G + t).to(tl.float32)
-    v_col_scale = tl.load(scales_ptr + 2 * D + 3 * G + d).to(tl.float32)
-
-    k_codes = _unpack(codes_ptr, D, G, KBITS)  # [D, G]
+    qs = (q_rot * k_row_scale[None, :]).to(DOT)
     zero_term = tl.sum(q_rot * k_row_zero[None, :], axis=1)
-    s = tl.dot(q_rot * k_row_scale[None, :], k_codes) + zero_term[:, None]
-    s = s * (k_col_scale * sm_scale)[None, :]
-    visible = row_ok[:, None] & ((key_pos0 + t)[None, :] <= q_pos[:, None])
-    p, alpha, m_i, l_i = _softmax_step(s, visible, m_i, l_i)
+    w_offs = d[:, None] * W + tl.arange(0, W)[None, :]
+    kw = tl.load(kw_ptr + w_offs).to(tl.int32)
+    vw = tl.load(vw_ptr + w_offs).to(tl.int32)
+    kcs = scales_ptr + 2 * D
+    s0 = _plane_scores(qs, zero_term, kw, kcs, key_pos0, q_pos, row_ok, sm_scale, 0, W, KBITS, DOT, PRECISION)
+    s1 = _plane_scores(qs, zero_term, kw, kcs, key_pos0, q_pos, row_ok, sm_scale, 1, W, KBITS, DOT, PRECISION)
+    s2 = _plane_scores(qs, zero_term, kw, kcs, key_pos0, q_pos, row_ok, sm_scale, 2, W, KBITS, DOT, PRECISION)
+    s3 = _plane_scores(qs, zero_term, kw, kcs, key_pos0, q_pos, row_ok, sm_scale, 3, W, KBITS, DOT, PRECISION)
+    m_new = tl.maximum(tl.maximum(tl.max(s0, axis=1), tl.max(s1, axis=1)),
+                       tl.maximum(tl.max(s2, axis=1), tl.max(s3, axis=1)))
+    m_new = tl.maximum(m_i, m_new)
+    m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+    alpha = tl.exp(m_i - m_safe)
+    p0 = tl.exp(s0 - m_safe[:, None])
+    p1 = tl.exp(s1 - m_safe[:, None])
+    p2 = tl.exp(s2 - m_safe[:, None])
+    p3 = tl.exp(s3 - m_safe[:, None])
+    l_i = l_i * alpha + tl.sum(p0, axis=1) + tl.sum(p1, axis=1) + tl.sum(p2, axis=1) + tl.sum(p3, axis=1)
 
-    K_CODE_BYTES: tl.constexpr = D * G * KBITS // 8
-    v_codes = _unpack(codes_ptr + K_CODE_BYTES, G, D, VBITS)  # [G, D]
-    pv = tl.dot(p * v_row_scale[None, :], v_codes) + tl.sum(p * v_row_zero[None, :], axis=1)[:, None]
+    vrs = scales_ptr + 2 * D + G
+    vrz = scales_ptr + 2 * D + 2 * G
+    pv = _plane_values(p0, vw, vrs, vrz, 0, W, VBITS, DOT, PRECISION)
+    pv += _plane_values(p1, vw, vrs, vrz, 1, W, VBITS, DOT, PRECISION)
+    pv += _plane_values(p2, vw, vrs, vrz, 2, W, VBITS, DOT, PRECISION)
+    pv += _plane_values(p3, vw, vrs, vrz, 3, W, VBITS, DOT, PRECISION)
+    v_col_scale = tl.load(scales_ptr + 2 * D + 3 * G + d).to(tl.float32)
     acc_rot = acc_rot * alpha[:, None] + pv * v_col_scale[None, :]
-    return m_i, l_i, acc_rot, acc_plain * alpha[:, None]
+    return m_new, l_i, acc_rot, acc_plain * alpha[:, None]
 
 
 @triton.jit
@@ -98,12 +130,13 @@ def _paged_attention_kernel(
     q, q_rot, stride_qt, stride_qh,
     k_new, v_new, stride_nt, stride_nh,
     cu_q, cu_k, seq_lens, block_table, stride_bt, dense_table,
-    codes, scales, codes_sb, codes_sh, scales_sb, scales_sh,
+    k_words, v_words, scales, kw_sb, kw_sh, vw_sb, vw_sh, scales_sb, scales_sh,
     sink_k, sink_v, tail_k, tail_v, stride_db, stride_dh,
     part_plain, part_rot, part_m, part_l, stride_ps, stride_pt, stride_ph,
     sm_scale, tiles_per_split,
     N_REP: tl.constexpr, G: tl.constexpr, D: tl.constexpr, KBITS: tl.constexpr, VBITS: tl.constexpr,
     BLOCK_M: tl.constexpr, ROWS: tl.constexpr, HAS_NEW: tl.constexpr, NUM_SPLITS: tl.constexpr,
+    DOT: tl.constexpr, PRECISION: tl.constexpr,
 ):
     b = tl.program_id(0)
     m_block = tl.program_id(1)
@@ -144,21 +177,24 @@ def _paged_attention_kernel(
         for i in range(first_tile, last_tile):
             block = tl.load(block_table + b.to(tl.int64) * stride_bt + i).to(tl.int64)
             m_i, l_i, acc_rot, acc_plain = _attend_tile(
-                qr, codes + block * codes_sb + kvh * codes_sh, scales + block * scales_sb + kvh * scales_sh,
-                G * (1 + i), q_pos, row_ok, m_i, l_i, acc_rot, acc_plain, sm_scale, G, D, KBITS, VBITS)
+                qr, k_words + block * kw_sb + kvh * kw_sh, v_words + block * vw_sb + kvh * vw_sh,
+                scales + block * scales_sb + kvh * scales_sh, G * (1 + i), q_pos, row_ok, m_i, l_i, acc_rot,
+                acc_plain, sm_scale, G, D, KBITS, VBITS, DOT, PRECISION)
 
-    qp = tl.load(q + q_offs, mask=row_ok[:, None], other=0.0).to(tl.float32)
+    qp = tl.load(q + q_offs, mask=row_ok[:, None], other=0.0).to(DOT)
     if split == 0:
         sink_block = tl.load(dense_table + 2 * b).to(tl.int64)
         base = sink_block * stride_db + kvh * stride_dh
         m_i, l_i, acc_plain, acc_rot = _attend_dense(qp, sink_k + base, sink_v + base, D, tl.minimum(hist, G), 0,
-                                            q_pos, row_ok, m_i, l_i, acc_plain, acc_rot, sm_scale, G, D)
+                                                     q_pos, row_ok, m_i, l_i, acc_plain, acc_rot, sm_scale, G, D,
+                                                     DOT, PRECISION)
     if split == NUM_SPLITS - 1:
         tail_block = tl.load(dense_table + 2 * b + 1).to(tl.int64)
         base = tail_block * stride_db + kvh * stride_dh
         tail_pos = G * (1 + n_tiles)
         m_i, l_i, acc_plain, acc_rot = _attend_dense(qp, tail_k + base, tail_v + base, D, hist - tail_pos, tail_pos,
-                                                     q_pos, row_ok, m_i, l_i, acc_plain, acc_rot, sm_scale, G, D)
+                                                     q_pos, row_ok, m_i, l_i, acc_plain, acc_rot, sm_scale, G, D,
+                                                     DOT, PRECISION)
         if HAS_NEW:
             # Causal: this block's last query sees new tokens up to its own position.
             last_q = tl.minimum(m_block * BLOCK_M + BLOCK_M, q_len) - 1
@@ -167,7 +203,8 @@ def _paged_attention_kernel(
             for j in range(0, new_end, G):
                 m_i, l_i, acc_plain, acc_rot = _attend_dense(
                     qp, k_new + new_base + j * stride_nt, v_new + new_base + j * stride_nt, stride_nt,
-                    new_end - j, hist + j, q_pos, row_ok, m_i, l_i, acc_plain, acc_rot, sm_scale, G, D)
+                    new_end - j, hist + j, q_pos, row_ok, m_i, l_i, acc_plain, acc_rot, sm_scale, G, D, DOT,
+                    PRECISION)
 
     t_idx = (q_start + m_idx).to(tl.int64)
     out_offs = split * stride_ps + t_idx[:, None] * stride_pt + head[:, None] * stride_ph + d[None, :]
@@ -248,19 +285,22 @@ def paged_attention(
     has_new = k_new is not None
     kn = k_new if has_new else q
     vn = v_new if has_new else q
-    codes, scales = fmt.split(state.cache)
+    k_words, v_words, scales = fmt.word_views(state.cache)
+    dot = _dot_dtype(q.dtype)
     grid = (batch, triton.cdiv(max_q_len, block_m), hkv * splits)
     _paged_attention_kernel[grid](
         q, q_rot, q.stride(0), q.stride(1),
         kn, vn, kn.stride(0), kn.stride(1),
         cu_seqlens_q, cu_seqlens_k if has_new else cu_seqlens_q, state.seq_lens,
         state.block_table, state.block_table.stride(0), state.dense_table,
-        codes, scales, codes.stride(0), codes.stride(1), scales.stride(0), scales.stride(1),
+        k_words, v_words, scales, k_words.stride(0), k_words.stride(1), v_words.stride(0), v_words.stride(1),
+        scales.stride(0), scales.stride(1),
         state.sink_k, state.sink_v, state.tail_k, state.tail_v, state.sink_k.stride(0), state.sink_k.stride(1),
         part_plain, part_rot, part_m, part_l, part_plain.stride(0), part_plain.stride(1), part_plain.stride(2),
         scale, tiles_per_split,
         N_REP=n_rep, G=fmt.group, D=d, KBITS=fmt.k_bits, VBITS=fmt.v_bits,
-        BLOCK_M=block_m, ROWS=rows, HAS_NEW=has_new, NUM_SPLITS=splits, num_warps=4,
+        BLOCK_M=block_m, ROWS=rows, HAS_NEW=has_new, NUM_SPLITS=splits,
+        DOT=dot, PRECISION="ieee" if dot == tl.float32 else "tf32", **LAUNCH_OPTIONS,
     )
     if splits == 1:
         out_plain, out_rot = part_plain[0], part_rot[0]
@@ -294,6 +334,14 @@ def chunk_attention(
 ) -> torch.Tensor:
     """A chunk of new queries per sequence over its quantized history plus its causal 16-bit new tokens."""
     return paged_attention(q, state, cu_seqlens_q, max_q_len, k_new, v_new, cu_seqlens_k, sm_scale, num_splits)
+
+
+def _dot_dtype(dtype: torch.dtype) -> tl.dtype:
+    """Tensor-core operand dtype: the model's 16-bit dtype (codes are exact in it); float32 for float32
+    models and under the interpreter, whose bfloat16 dots are wrong."""
+    if dtype == torch.float32 or os.environ.get("TRITON_INTERPRET") == "1":
+        return tl.float32
+    return tl.float16 if dtype == torch.float16 else tl.bfloat16
 
 
 @functools.lru_cache(maxsize=8)

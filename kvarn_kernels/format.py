@@ -2,20 +2,25 @@
 
 This module is the single source of truth for the layout; kernels, front-ends and docs read it from here.
 
-Format version 1. A tile is one KV head of G consecutive tokens. Keys and values are each stored as a
-generic quantized matrix X[R, C] (rows are quantized, columns are packed) in the Hadamard-rotated frame:
+Format version 1. A tile is one KV head of G consecutive tokens. Keys and values are each quantized as a
+matrix X[R, C] (each row gets its own range) in the Hadamard-rotated frame:
 
     X[r, c] = (code[r, c] * row_scale[r] + row_zero[r]) * col_scale[c]
 
 - K: R = head_dim channels, C = G tokens (per-channel ranges over the tile, like KIVI keys).
 - V: R = G tokens, C = head_dim channels (per-token ranges).
 
+Codes of both K and V are stored channel-major: code row d holds the tile's G tokens of channel d (for V
+that is the transpose of its quantization matrix). A row is a run of words of 4*b bits (int16 for 4-bit
+codes, one byte for 2-bit codes, little-endian); word j holds the codes of tokens j, j + G/4, j + G/2 and
+j + 3G/4 at bits 0, b, 2b and 3b. This "planar" packing lets a kernel unpack a quarter of the tile's
+tokens with one shift and mask, with no interleaving shuffles.
+
 One record, in this byte order (every section starts on a 16-byte boundary):
 
-    [K codes  R_k x C_k*bk/8 bytes] [V codes  R_v x C_v*bv/8 bytes]
+    [K codes  D x G*bk/8 bytes] [V codes  D x G*bv/8 bytes]
     [K row_scale[D] | K row_zero[D] | K col_scale[G] | V row_scale[G] | V row_zero[G] | V col_scale[D]]
 
-Codes are packed LSB-first along a row: element c of a row sits in byte c // (8/b) at bit (c % (8/b)) * b.
 Scales are 16-bit: float16 for float16 models, bfloat16 for bfloat16 and float32 models (bf16 activations
 exceed float16's 65504; bfloat16 has float32's range).
 """
@@ -174,6 +179,13 @@ class KVarNFormat:
         scales = cache[..., self.code_bytes :].view(self.scale_dtype)
         return codes, scales
 
+    def word_views(self, cache: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Views of a paged cache as kernels read it: K words, V words [N, H, D*G/4] and scales [N, H, S]."""
+        codes, scales = self.split(cache)
+        k_words = codes[..., : self.k_code_bytes].view(word_dtype(self.k_bits))
+        v_words = codes[..., self.k_code_bytes :].view(word_dtype(self.v_bits))
+        return k_words, v_words, scales
+
     def check_cache(self, cache: torch.Tensor) -> None:
         if cache.dtype != torch.uint8 or cache.dim() != 3 or cache.shape[-1] != self.record_bytes:
             raise ValueError(
@@ -182,6 +194,11 @@ class KVarNFormat:
             )
         if cache.stride(-1) != 1 or cache.stride(1) != self.record_bytes:
             raise ValueError("cache must be contiguous in its last two dimensions (one record per row)")
+
+
+def word_dtype(bits: int) -> torch.dtype:
+    """The storage word of four codes: int16 for 4-bit codes, uint8 for 2-bit codes."""
+    return torch.int16 if bits == 4 else torch.uint8
 
 
 def check_alignment(fmt: KVarNFormat) -> None:

@@ -75,9 +75,9 @@ def _round_to(x, ty: tl.constexpr):
 
 
 @triton.jit
-def _quantize_store(x, codes_ptr, scales_ptr, R: tl.constexpr, C: tl.constexpr, BITS: tl.constexpr,
-                    ITERS: tl.constexpr):
-    """Normalize, round and pack matrix x [R, C] (float32); write codes and (row_scale, row_zero, col_scale)."""
+def _quantize_store(x, words_ptr, scales_ptr, R: tl.constexpr, C: tl.constexpr, BITS: tl.constexpr,
+                    ITERS: tl.constexpr, CODES_TRANSPOSED: tl.constexpr):
+    """Normalize and round matrix x [R, C] (float32); write planar code words and row/col scales."""
     log_r = tl.zeros([R], dtype=tl.float32)
     log_c = tl.zeros([C], dtype=tl.float32)
     best_r = log_r
@@ -106,15 +106,12 @@ def _quantize_store(x, codes_ptr, scales_ptr, R: tl.constexpr, C: tl.constexpr, 
     step = tl.maximum((hi - lo) / (2**BITS - 1), RTN_MIN_SCALE)
     q = tl.floor((bal - lo[:, None]) / step[:, None] + 0.5)
     q = tl.minimum(tl.maximum(q, 0.0), 2**BITS - 1).to(tl.int32)
+    if CODES_TRANSPOSED:
+        _store_words(tl.trans(q), words_ptr, C, R, BITS)
+    else:
+        _store_words(q, words_ptr, R, C, BITS)
 
-    PER_BYTE: tl.constexpr = 8 // BITS
-    W: tl.constexpr = C // PER_BYTE
-    grouped = tl.reshape(q, [R, W, PER_BYTE])
-    shifts = (tl.arange(0, PER_BYTE) * BITS)[None, None, :]
-    packed = tl.sum(grouped << shifts, axis=2)
     r = tl.arange(0, R)
-    tl.store(codes_ptr + r[:, None] * W + tl.arange(0, W)[None, :], packed.to(tl.uint8))
-
     s_row = tl.exp(best_r)
     ty: tl.constexpr = scales_ptr.dtype.element_ty
     tl.store(scales_ptr + r, _round_to(s_row * step, ty))
@@ -123,10 +120,20 @@ def _quantize_store(x, codes_ptr, scales_ptr, R: tl.constexpr, C: tl.constexpr, 
 
 
 @triton.jit
+def _store_words(q, words_ptr, ROWS: tl.constexpr, N: tl.constexpr, BITS: tl.constexpr):
+    """Pack codes q [ROWS, N] planar: word j of a row holds columns j, j+N/4, j+N/2, j+3N/4."""
+    planes = tl.reshape(q, [ROWS, 4, N // 4])
+    shifts = (tl.arange(0, 4) * BITS)[None, :, None]
+    words = tl.sum(planes << shifts, axis=1)
+    offs = tl.arange(0, ROWS)[:, None] * (N // 4) + tl.arange(0, N // 4)[None, :]
+    tl.store(words_ptr + offs, words.to(words_ptr.dtype.element_ty))
+
+
+@triton.jit
 def _quantize_tiles_kernel(
     k_src, v_src, stride_t, stride_h,
     tile_starts, block_ids,
-    codes, scales, codes_stride_b, codes_stride_h, scales_stride_b, scales_stride_h,
+    k_words, v_words, scales, kw_stride_b, kw_stride_h, vw_stride_b, vw_stride_h, scales_stride_b, scales_stride_h,
     G: tl.constexpr, D: tl.constexpr, KBITS: tl.constexpr, VBITS: tl.constexpr, ITERS: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
 ):
@@ -139,18 +146,17 @@ def _quantize_tiles_kernel(
     src = (start + t)[:, None] * stride_t + h * stride_h + d[None, :]
     signs = hadamard_signs(D)
     inv_sqrt_d = 1.0 / tl.sqrt(D * 1.0)
-
-    codes_base = codes + block * codes_stride_b + h * codes_stride_h
     scales_base = scales + block * scales_stride_b + h * scales_stride_h
     # 16-bit inputs are exact in tf32 (and ±1 is), so a tf32 dot rotates them without rounding;
     # float32 inputs ask for an IEEE dot.
     k = tl.load(k_src + src).to(tl.float32)
     k_rot = tl.dot(k, signs, input_precision=DOT_PRECISION) * inv_sqrt_d  # [G, D]
-    _quantize_store(tl.trans(k_rot), codes_base, scales_base, D, G, KBITS, ITERS)
+    _quantize_store(tl.trans(k_rot), k_words + block * kw_stride_b + h * kw_stride_h, scales_base,
+                    D, G, KBITS, ITERS, False)
     v = tl.load(v_src + src).to(tl.float32)
     v_rot = tl.dot(v, signs, input_precision=DOT_PRECISION) * inv_sqrt_d
-    K_CODE_BYTES: tl.constexpr = D * G * KBITS // 8
-    _quantize_store(v_rot, codes_base + K_CODE_BYTES, scales_base + 2 * D + G, G, D, VBITS, ITERS)
+    _quantize_store(v_rot, v_words + block * vw_stride_b + h * vw_stride_h, scales_base + 2 * D + G,
+                    G, D, VBITS, ITERS, True)
 
 
 def quantize_into_cache(
@@ -170,14 +176,15 @@ def quantize_into_cache(
     n = tile_starts.numel()
     if n == 0:
         return
-    codes, scales = fmt.split(cache)
+    k_words, v_words, scales = fmt.word_views(cache)
     precision = "ieee" if k_src.dtype == torch.float32 else "tf32"
     # D=256 tiles hold 32K floats per matrix: spread them over more warps to avoid spills.
     num_warps = 8 if fmt.head_dim * fmt.group <= 128 * 128 else 16
     _quantize_tiles_kernel[(n, k_src.shape[1])](
         k_src, v_src, k_src.stride(0), k_src.stride(1),
         tile_starts, block_ids,
-        codes, scales, codes.stride(0), codes.stride(1), scales.stride(0), scales.stride(1),
+        k_words, v_words, scales, k_words.stride(0), k_words.stride(1), v_words.stride(0), v_words.stride(1),
+        scales.stride(0), scales.stride(1),
         G=fmt.group, D=fmt.head_dim, KBITS=fmt.k_bits, VBITS=fmt.v_bits, ITERS=NORMALIZE_ITERS,
         DOT_PRECISION=precision, num_warps=num_warps,
     )

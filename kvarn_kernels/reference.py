@@ -119,21 +119,30 @@ def quantize_matrices(
 
 
 def pack(codes: torch.Tensor, bits: int) -> torch.Tensor:
-    """Pack codes [..., C] (values < 2**bits) LSB-first along the last dim into uint8 [..., C*bits/8]."""
-    per_byte = 8 // bits
-    if codes.shape[-1] % per_byte:
-        raise ValueError(f"last dim {codes.shape[-1]} is not a multiple of {per_byte}")
-    grouped = codes.to(torch.int32).reshape(*codes.shape[:-1], -1, per_byte)
-    shifts = torch.arange(per_byte, device=codes.device, dtype=torch.int32) * bits
-    return (grouped << shifts).sum(-1).to(torch.uint8)
+    """Pack codes [..., N] (values < 2**bits) planar into uint8 [..., N*bits/8] (see format.py).
+
+    Word j (4*bits bits, little-endian) holds the codes at j, j + N/4, j + N/2, j + 3N/4 at bits 0, b, 2b, 3b.
+    """
+    n = codes.shape[-1]
+    if n % 4:
+        raise ValueError(f"last dim {n} is not a multiple of 4")
+    planes = codes.to(torch.int32).reshape(*codes.shape[:-1], 4, n // 4)
+    shifts = (torch.arange(4, device=codes.device, dtype=torch.int32) * bits)[:, None]
+    words = (planes << shifts).sum(-2)  # [..., N/4]
+    if bits == 2:
+        return words.to(torch.uint8)
+    return torch.stack([words & 0xFF, words >> 8], dim=-1).reshape(*codes.shape[:-1], n // 2).to(torch.uint8)
 
 
 def unpack(packed: torch.Tensor, bits: int) -> torch.Tensor:
-    """Inverse of `pack`: uint8 [..., C*bits/8] → uint8 codes [..., C]."""
-    per_byte = 8 // bits
-    shifts = torch.arange(per_byte, device=packed.device, dtype=torch.int32) * bits
-    codes = (packed.to(torch.int32)[..., None] >> shifts) & (2**bits - 1)
-    return codes.reshape(*packed.shape[:-1], -1).to(torch.uint8)
+    """Inverse of `pack`: uint8 [..., N*bits/8] → uint8 codes [..., N]."""
+    w = packed.to(torch.int32)
+    if bits == 4:
+        pairs = w.reshape(*packed.shape[:-1], -1, 2)
+        w = pairs[..., 0] | (pairs[..., 1] << 8)
+    shifts = (torch.arange(4, device=packed.device, dtype=torch.int32) * bits)[:, None]
+    planes = (w[..., None, :] >> shifts) & (2**bits - 1)  # [..., 4, N/4]
+    return planes.reshape(*packed.shape[:-1], -1).to(torch.uint8)
 
 
 def quantize_tile_records(k: torch.Tensor, v: torch.Tensor, fmt: KVarNFormat) -> torch.Tensor:
@@ -144,7 +153,8 @@ def quantize_tile_records(k: torch.Tensor, v: torch.Tensor, fmt: KVarNFormat) ->
     v_rot = rotate(v).reshape(n * h, g, d)  # V matrix: rows = tokens
     kc, krs, krz, kcs = quantize_matrices(k_rot, fmt.k_bits)
     vc, vrs, vrz, vcs = quantize_matrices(v_rot, fmt.v_bits)
-    codes = torch.cat([pack(kc, fmt.k_bits).flatten(1), pack(vc, fmt.v_bits).flatten(1)], dim=1)
+    # Both code matrices are stored channel-major: V's [G, D] codes are transposed first.
+    codes = torch.cat([pack(kc, fmt.k_bits).flatten(1), pack(vc.transpose(1, 2), fmt.v_bits).flatten(1)], dim=1)
     scales = torch.cat([krs, krz, kcs, vrs, vrz, vcs], dim=1).to(fmt.scale_dtype)
     records = torch.cat([codes, scales.view(torch.uint8)], dim=1)
     return records.reshape(n, h, fmt.record_bytes)
@@ -156,7 +166,8 @@ def dequantize_records(records: torch.Tensor, fmt: KVarNFormat) -> tuple[torch.T
     d, g = fmt.head_dim, fmt.group
     flat = records.reshape(n * h, -1)
     kc = unpack(flat[:, : fmt.k_code_bytes].reshape(-1, d, g * fmt.k_bits // 8), fmt.k_bits).float()
-    vc = unpack(flat[:, fmt.k_code_bytes : fmt.code_bytes].reshape(-1, g, d * fmt.v_bits // 8), fmt.v_bits)
+    vc = unpack(flat[:, fmt.k_code_bytes : fmt.code_bytes].reshape(-1, d, g * fmt.v_bits // 8), fmt.v_bits)
+    vc = vc.transpose(1, 2)
     s = flat[:, fmt.code_bytes :].contiguous().view(fmt.scale_dtype).float()
     krs, krz, kcs, vrs, vrz, vcs = s.split([d, d, g, g, g, d], dim=1)  # the order of format.scale_offsets
     k_mat = (kc * krs[:, :, None] + krz[:, :, None]) * kcs[:, None, :]

@@ -12,16 +12,17 @@ from kvarn_kernels.testing import synthetic_kv
 @settings(max_examples=40, deadline=None)
 def test_pack_unpack_round_trip_is_exact(bits, rows, width, seed):
     g = torch.Generator().manual_seed(seed)
-    codes = torch.randint(0, 2**bits, (rows, width * 8 // bits), generator=g, dtype=torch.uint8)
+    codes = torch.randint(0, 2**bits, (rows, 4 * width), generator=g, dtype=torch.uint8)
     packed = ref.pack(codes, bits)
-    assert packed.shape == (rows, width)
+    assert packed.shape == (rows, width * bits // 2)
     assert torch.equal(ref.unpack(packed, bits), codes)
 
 
-def test_pack_is_lsb_first():
-    codes = torch.tensor([[1, 2, 3, 0]], dtype=torch.uint8)
-    assert ref.pack(codes, 2).tolist() == [[1 | 2 << 2 | 3 << 4]]
-    assert ref.pack(torch.tensor([[0xA, 0x5]], dtype=torch.uint8), 4).tolist() == [[0x5A]]
+def test_pack_is_planar_little_endian():
+    codes = torch.tensor([[1, 2, 3, 0, 2, 1, 0, 3]], dtype=torch.uint8)  # word j holds j, j+2, j+4, j+6
+    assert ref.pack(codes, 2).tolist() == [[1 | 3 << 2 | 2 << 4 | 0 << 6, 2 | 0 << 2 | 1 << 4 | 3 << 6]]
+    codes = torch.tensor([[0x1, 0x2, 0x3, 0x4]], dtype=torch.uint8)  # one 16-bit word 0x4321
+    assert ref.pack(codes, 4).tolist() == [[0x21, 0x43]]
 
 
 @pytest.mark.parametrize("dim", [64, 128, 256])
