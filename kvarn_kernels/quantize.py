@@ -135,28 +135,36 @@ def _quantize_tiles_kernel(
     tile_starts, block_ids,
     k_words, v_words, scales, kw_stride_b, kw_stride_h, vw_stride_b, vw_stride_h, scales_stride_b, scales_stride_h,
     G: tl.constexpr, D: tl.constexpr, KBITS: tl.constexpr, VBITS: tl.constexpr, ITERS: tl.constexpr,
-    DOT_PRECISION: tl.constexpr,
 ):
     n = tl.program_id(0)
     h = tl.program_id(1)
     start = tl.load(tile_starts + n).to(tl.int64)
     block = tl.load(block_ids + n).to(tl.int64)
-    t = tl.arange(0, G)
-    d = tl.arange(0, D)
-    src = (start + t)[:, None] * stride_t + h * stride_h + d[None, :]
-    signs = hadamard_signs(D)
-    inv_sqrt_d = 1.0 / tl.sqrt(D * 1.0)
+    src = (start + tl.arange(0, G))[:, None] * stride_t + h * stride_h + tl.arange(0, D // 2)[None, :]
     scales_base = scales + block * scales_stride_b + h * scales_stride_h
-    # 16-bit inputs are exact in tf32 (and ±1 is), so a tf32 dot rotates them without rounding;
-    # float32 inputs ask for an IEEE dot.
-    k = tl.load(k_src + src).to(tl.float32)
-    k_rot = tl.dot(k, signs, input_precision=DOT_PRECISION) * inv_sqrt_d  # [G, D]
+    k_rot = _rotate(k_src + src, G, D)
     _quantize_store(tl.trans(k_rot), k_words + block * kw_stride_b + h * kw_stride_h, scales_base,
                     D, G, KBITS, ITERS, False)
-    v = tl.load(v_src + src).to(tl.float32)
-    v_rot = tl.dot(v, signs, input_precision=DOT_PRECISION) * inv_sqrt_d
+    v_rot = _rotate(v_src + src, G, D)
     _quantize_store(v_rot, v_words + block * vw_stride_b + h * vw_stride_h, scales_base + 2 * D + G,
                     G, D, VBITS, ITERS, True)
+
+
+@triton.jit
+def _rotate(ptrs, G: tl.constexpr, D: tl.constexpr):
+    """x · H for the tile at ptrs (its first D/2 columns; the rest follow): [G, D] float32.
+
+    Uses H_D = [[S, S], [S, -S]] / sqrt(D) with S the ±1 Hadamard of size D/2, which halves the
+    on-chip matrix (D = 256 would not fit in shared memory otherwise). IEEE dots keep it exact enough
+    to match the reference code for code.
+    """
+    xa = tl.load(ptrs).to(tl.float32)
+    xb = tl.load(ptrs + D // 2).to(tl.float32)
+    signs = hadamard_signs(D // 2)
+    ra = tl.dot(xa + xb, signs, input_precision="ieee")
+    rb = tl.dot(xa - xb, signs, input_precision="ieee")
+    both = tl.permute(tl.join(ra, rb), (0, 2, 1))  # [G, 2, D/2]
+    return tl.reshape(both, [G, D]) * (1.0 / tl.sqrt(D * 1.0))
 
 
 def quantize_into_cache(
@@ -177,7 +185,6 @@ def quantize_into_cache(
     if n == 0:
         return
     k_words, v_words, scales = fmt.word_views(cache)
-    precision = "ieee" if k_src.dtype == torch.float32 else "tf32"
     # D=256 tiles hold 32K floats per matrix: spread them over more warps to avoid spills.
     num_warps = 8 if fmt.head_dim * fmt.group <= 128 * 128 else 16
     _quantize_tiles_kernel[(n, k_src.shape[1])](
@@ -186,7 +193,7 @@ def quantize_into_cache(
         k_words, v_words, scales, k_words.stride(0), k_words.stride(1), v_words.stride(0), v_words.stride(1),
         scales.stride(0), scales.stride(1),
         G=fmt.group, D=fmt.head_dim, KBITS=fmt.k_bits, VBITS=fmt.v_bits, ITERS=NORMALIZE_ITERS,
-        DOT_PRECISION=precision, num_warps=num_warps,
+        num_warps=num_warps,
     )
 
 
