@@ -41,7 +41,7 @@ def _softmax_step(s, visible, m_i, l_i):
 
 
 @triton.jit
-def _attend_dense(q, k_ptr, v_ptr, stride_tok, n_valid, key_pos0, q_pos, row_ok, m_i, l_i, acc, acc_rot,
+def _attend_dense(q, k_ptr, v_ptr, stride_tok, n_valid, key_pos0, q_pos, row_ok, m_i, l_i, acc,
                   sm_scale, BLOCK_N: tl.constexpr, D: tl.constexpr, DOT: tl.constexpr, PRECISION: tl.constexpr):
     """Attend to up to BLOCK_N 16-bit tokens at k_ptr/v_ptr (token stride stride_tok)."""
     t = tl.arange(0, BLOCK_N)
@@ -54,75 +54,41 @@ def _attend_dense(q, k_ptr, v_ptr, stride_tok, n_valid, key_pos0, q_pos, row_ok,
     visible = row_ok[:, None] & tok_ok[None, :] & ((key_pos0 + t)[None, :] <= q_pos[:, None])
     p, alpha, m_i, l_i = _softmax_step(s, visible, m_i, l_i)
     acc = acc * alpha[:, None] + tl.dot(p.to(DOT), v, input_precision=PRECISION)
-    return m_i, l_i, acc, acc_rot * alpha[:, None]
+    return m_i, l_i, acc
 
 
 @triton.jit
-def _plane_scores(qs, zero_term, kw, col_scale_ptr, key_pos0, q_pos, row_ok, sm_scale, PLANE: tl.constexpr,
-                  W: tl.constexpr, BITS: tl.constexpr, DOT: tl.constexpr, PRECISION: tl.constexpr):
-    """Scores [ROWS, W] of tokens PLANE*W .. PLANE*W + W-1 of a tile, from K words kw [D, W]."""
-    j = tl.arange(0, W)
-    codes = ((kw >> (PLANE * BITS)) & (2**BITS - 1)).to(DOT)
-    col_scale = tl.load(col_scale_ptr + PLANE * W + j).to(tl.float32)
-    s = (tl.dot(qs, codes, input_precision=PRECISION) + zero_term[:, None]) * (col_scale * sm_scale)[None, :]
-    visible = row_ok[:, None] & ((key_pos0 + PLANE * W + j)[None, :] <= q_pos[:, None])
-    return tl.where(visible, s, float("-inf"))
-
-
-@triton.jit
-def _plane_values(p, vw, row_scale_ptr, row_zero_ptr, PLANE: tl.constexpr, W: tl.constexpr, BITS: tl.constexpr,
-                  DOT: tl.constexpr, PRECISION: tl.constexpr):
-    """Σ_t p[:, t] · (code[t, :] · row_scale[t] + row_zero[t]) over the plane's tokens, from V words vw [D, W]."""
-    j = tl.arange(0, W)
-    codes = ((vw >> (PLANE * BITS)) & (2**BITS - 1)).to(DOT)
-    row_scale = tl.load(row_scale_ptr + PLANE * W + j).to(tl.float32)
-    row_zero = tl.load(row_zero_ptr + PLANE * W + j).to(tl.float32)
-    pv = tl.dot((p * row_scale[None, :]).to(DOT), tl.trans(codes), input_precision=PRECISION)
-    return pv + tl.sum(p * row_zero[None, :], axis=1)[:, None]
-
-
-@triton.jit
-def _attend_tile(q_rot, kw_ptr, vw_ptr, scales_ptr, key_pos0, q_pos, row_ok, m_i, l_i, acc_rot, acc_plain,
+def _attend_tile(q_rot, kw_ptr, vw_ptr, scales_ptr, key_pos0, q_pos, row_ok, m_i, l_i, acc,
                  sm_scale, G: tl.constexpr, D: tl.constexpr, KBITS: tl.constexpr, VBITS: tl.constexpr,
                  DOT: tl.constexpr, PRECISION: tl.constexpr):
-    """Attend to one packed tile straight from its codes; the value part accumulates in the rotated frame.
+    """Attend to one packed tile straight from its codes; the output accumulates in the rotated frame.
 
-    The tile's four token planes are scored, then one softmax update covers them all.
+    The tile is walked plane by plane (tokens a*G/4 .. (a+1)*G/4 - 1 of every word), one online-softmax
+    update per plane, so only one plane's codes and scores are live at a time (register pressure is what
+    limits this kernel). Re-reading a tile's words for each plane hits L1.
     """
     W: tl.constexpr = G // 4
     d = tl.arange(0, D)
-    k_row_scale = tl.load(scales_ptr + d).to(tl.float32)
-    k_row_zero = tl.load(scales_ptr + D + d).to(tl.float32)
-    qs = (q_rot * k_row_scale[None, :]).to(DOT)
-    zero_term = tl.sum(q_rot * k_row_zero[None, :], axis=1)
-    w_offs = d[:, None] * W + tl.arange(0, W)[None, :]
-    kw = tl.load(kw_ptr + w_offs).to(tl.int32)
-    vw = tl.load(vw_ptr + w_offs).to(tl.int32)
-    kcs = scales_ptr + 2 * D
-    s0 = _plane_scores(qs, zero_term, kw, kcs, key_pos0, q_pos, row_ok, sm_scale, 0, W, KBITS, DOT, PRECISION)
-    s1 = _plane_scores(qs, zero_term, kw, kcs, key_pos0, q_pos, row_ok, sm_scale, 1, W, KBITS, DOT, PRECISION)
-    s2 = _plane_scores(qs, zero_term, kw, kcs, key_pos0, q_pos, row_ok, sm_scale, 2, W, KBITS, DOT, PRECISION)
-    s3 = _plane_scores(qs, zero_term, kw, kcs, key_pos0, q_pos, row_ok, sm_scale, 3, W, KBITS, DOT, PRECISION)
-    m_new = tl.maximum(tl.maximum(tl.max(s0, axis=1), tl.max(s1, axis=1)),
-                       tl.maximum(tl.max(s2, axis=1), tl.max(s3, axis=1)))
-    m_new = tl.maximum(m_i, m_new)
-    m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-    alpha = tl.exp(m_i - m_safe)
-    p0 = tl.exp(s0 - m_safe[:, None])
-    p1 = tl.exp(s1 - m_safe[:, None])
-    p2 = tl.exp(s2 - m_safe[:, None])
-    p3 = tl.exp(s3 - m_safe[:, None])
-    l_i = l_i * alpha + tl.sum(p0, axis=1) + tl.sum(p1, axis=1) + tl.sum(p2, axis=1) + tl.sum(p3, axis=1)
-
-    vrs = scales_ptr + 2 * D + G
-    vrz = scales_ptr + 2 * D + 2 * G
-    pv = _plane_values(p0, vw, vrs, vrz, 0, W, VBITS, DOT, PRECISION)
-    pv += _plane_values(p1, vw, vrs, vrz, 1, W, VBITS, DOT, PRECISION)
-    pv += _plane_values(p2, vw, vrs, vrz, 2, W, VBITS, DOT, PRECISION)
-    pv += _plane_values(p3, vw, vrs, vrz, 3, W, VBITS, DOT, PRECISION)
+    j = tl.arange(0, W)
+    w_offs = d[:, None] * W + j[None, :]
+    qs = (q_rot * tl.load(scales_ptr + d).to(tl.float32)[None, :]).to(DOT)
+    zero_term = tl.sum(q_rot * tl.load(scales_ptr + D + d).to(tl.float32)[None, :], axis=1)
     v_col_scale = tl.load(scales_ptr + 2 * D + 3 * G + d).to(tl.float32)
-    acc_rot = acc_rot * alpha[:, None] + pv * v_col_scale[None, :]
-    return m_new, l_i, acc_rot, acc_plain * alpha[:, None]
+    for a in tl.static_range(4):
+        tok = a * W + j
+        k_codes = ((tl.load(kw_ptr + w_offs).to(tl.int32) >> (a * KBITS)) & (2**KBITS - 1)).to(DOT)
+        k_col_scale = tl.load(scales_ptr + 2 * D + tok).to(tl.float32)
+        s = tl.dot(qs, k_codes, input_precision=PRECISION) + zero_term[:, None]
+        s = s * (k_col_scale * sm_scale)[None, :]
+        visible = row_ok[:, None] & ((key_pos0 + tok)[None, :] <= q_pos[:, None])
+        p, alpha, m_i, l_i = _softmax_step(s, visible, m_i, l_i)
+        v_codes = ((tl.load(vw_ptr + w_offs).to(tl.int32) >> (a * VBITS)) & (2**VBITS - 1)).to(DOT)
+        v_row_scale = tl.load(scales_ptr + 2 * D + G + tok).to(tl.float32)
+        v_row_zero = tl.load(scales_ptr + 2 * D + 2 * G + tok).to(tl.float32)
+        pv = tl.dot((p * v_row_scale[None, :]).to(DOT), tl.trans(v_codes), input_precision=PRECISION)
+        pv = pv + tl.sum(p * v_row_zero[None, :], axis=1)[:, None]
+        acc = acc * alpha[:, None] + pv * v_col_scale[None, :]
+    return m_i, l_i, acc
 
 
 @triton.jit
@@ -163,10 +129,13 @@ def _paged_attention_kernel(
     d = tl.arange(0, D)
     q_offs = (q_start + m_idx).to(tl.int64)[:, None] * stride_qt + head[:, None] * stride_qh + d[None, :]
 
-    m_i = tl.full([ROWS], float("-inf"), tl.float32)
-    l_i = tl.zeros([ROWS], tl.float32)
-    acc_plain = tl.zeros([ROWS, D], tl.float32)
+    # Two online-softmax states, merged at the end: quantized tiles (rotated frame) and 16-bit tokens.
+    m_q = tl.full([ROWS], float("-inf"), tl.float32)
+    l_q = tl.zeros([ROWS], tl.float32)
     acc_rot = tl.zeros([ROWS, D], tl.float32)
+    m_d = tl.full([ROWS], float("-inf"), tl.float32)
+    l_d = tl.zeros([ROWS], tl.float32)
+    acc_plain = tl.zeros([ROWS, D], tl.float32)
 
     rest = tl.maximum(hist - G, 0)
     n_tiles = rest // G
@@ -176,36 +145,40 @@ def _paged_attention_kernel(
         qr = tl.load(q_rot + q_offs, mask=row_ok[:, None], other=0.0).to(tl.float32)
         for i in range(first_tile, last_tile):
             block = tl.load(block_table + b.to(tl.int64) * stride_bt + i).to(tl.int64)
-            m_i, l_i, acc_rot, acc_plain = _attend_tile(
+            m_q, l_q, acc_rot = _attend_tile(
                 qr, k_words + block * kw_sb + kvh * kw_sh, v_words + block * vw_sb + kvh * vw_sh,
-                scales + block * scales_sb + kvh * scales_sh, G * (1 + i), q_pos, row_ok, m_i, l_i, acc_rot,
-                acc_plain, sm_scale, G, D, KBITS, VBITS, DOT, PRECISION)
+                scales + block * scales_sb + kvh * scales_sh, G * (1 + i), q_pos, row_ok, m_q, l_q, acc_rot,
+                sm_scale, G, D, KBITS, VBITS, DOT, PRECISION)
 
     qp = tl.load(q + q_offs, mask=row_ok[:, None], other=0.0).to(DOT)
     if split == 0:
         sink_block = tl.load(dense_table + 2 * b).to(tl.int64)
         base = sink_block * stride_db + kvh * stride_dh
-        m_i, l_i, acc_plain, acc_rot = _attend_dense(qp, sink_k + base, sink_v + base, D, tl.minimum(hist, G), 0,
-                                                     q_pos, row_ok, m_i, l_i, acc_plain, acc_rot, sm_scale, G, D,
-                                                     DOT, PRECISION)
+        m_d, l_d, acc_plain = _attend_dense(qp, sink_k + base, sink_v + base, D, tl.minimum(hist, G), 0,
+                                            q_pos, row_ok, m_d, l_d, acc_plain, sm_scale, G, D, DOT, PRECISION)
     if split == NUM_SPLITS - 1:
         tail_block = tl.load(dense_table + 2 * b + 1).to(tl.int64)
         base = tail_block * stride_db + kvh * stride_dh
         tail_pos = G * (1 + n_tiles)
-        m_i, l_i, acc_plain, acc_rot = _attend_dense(qp, tail_k + base, tail_v + base, D, hist - tail_pos, tail_pos,
-                                                     q_pos, row_ok, m_i, l_i, acc_plain, acc_rot, sm_scale, G, D,
-                                                     DOT, PRECISION)
+        m_d, l_d, acc_plain = _attend_dense(qp, tail_k + base, tail_v + base, D, hist - tail_pos, tail_pos,
+                                            q_pos, row_ok, m_d, l_d, acc_plain, sm_scale, G, D, DOT, PRECISION)
         if HAS_NEW:
             # Causal: this block's last query sees new tokens up to its own position.
             last_q = tl.minimum(m_block * BLOCK_M + BLOCK_M, q_len) - 1
             new_end = tl.minimum(n_new, last_q + n_new - q_len + 1)
             new_base = k_start.to(tl.int64) * stride_nt + kvh * stride_nh
             for j in range(0, new_end, G):
-                m_i, l_i, acc_plain, acc_rot = _attend_dense(
+                m_d, l_d, acc_plain = _attend_dense(
                     qp, k_new + new_base + j * stride_nt, v_new + new_base + j * stride_nt, stride_nt,
-                    new_end - j, hist + j, q_pos, row_ok, m_i, l_i, acc_plain, acc_rot, sm_scale, G, D, DOT,
-                    PRECISION)
+                    new_end - j, hist + j, q_pos, row_ok, m_d, l_d, acc_plain, sm_scale, G, D, DOT, PRECISION)
 
+    m_i = tl.maximum(m_q, m_d)
+    m_safe = tl.where(m_i == float("-inf"), 0.0, m_i)
+    w_q = tl.exp(m_q - m_safe)
+    w_d = tl.exp(m_d - m_safe)
+    l_i = l_q * w_q + l_d * w_d
+    acc_rot = acc_rot * w_q[:, None]
+    acc_plain = acc_plain * w_d[:, None]
     t_idx = (q_start + m_idx).to(tl.int64)
     out_offs = split * stride_ps + t_idx[:, None] * stride_pt + head[:, None] * stride_ph + d[None, :]
     if NUM_SPLITS == 1:
