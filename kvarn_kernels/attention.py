@@ -27,6 +27,8 @@ from .state import PagedKV
 MIN_TILES_PER_SPLIT = 4
 # Launch options of the attention kernel (benchmarks/kernels/bench_decode.py --tune sweeps them).
 LAUNCH_OPTIONS = {"num_warps": 4, "num_stages": 2}
+# 16-bit tokens (sink, tail, new) are attended this many at a time: small blocks keep registers free.
+DENSE_BLOCK = 32
 
 
 @triton.jit
@@ -43,17 +45,18 @@ def _softmax_step(s, visible, m_i, l_i):
 @triton.jit
 def _attend_dense(q, k_ptr, v_ptr, stride_tok, n_valid, key_pos0, q_pos, row_ok, m_i, l_i, acc,
                   sm_scale, BLOCK_N: tl.constexpr, D: tl.constexpr, DOT: tl.constexpr, PRECISION: tl.constexpr):
-    """Attend to up to BLOCK_N 16-bit tokens at k_ptr/v_ptr (token stride stride_tok)."""
+    """Attend to n_valid 16-bit tokens at k_ptr/v_ptr (token stride stride_tok), BLOCK_N at a time."""
     t = tl.arange(0, BLOCK_N)
     d = tl.arange(0, D)
-    tok_ok = t < n_valid
-    offs = t[:, None] * stride_tok + d[None, :]
-    k = tl.load(k_ptr + offs, mask=tok_ok[:, None], other=0.0).to(DOT)
-    v = tl.load(v_ptr + offs, mask=tok_ok[:, None], other=0.0).to(DOT)
-    s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * sm_scale
-    visible = row_ok[:, None] & tok_ok[None, :] & ((key_pos0 + t)[None, :] <= q_pos[:, None])
-    p, alpha, m_i, l_i = _softmax_step(s, visible, m_i, l_i)
-    acc = acc * alpha[:, None] + tl.dot(p.to(DOT), v, input_precision=PRECISION)
+    for start in range(0, n_valid, BLOCK_N):
+        tok_ok = start + t < n_valid
+        offs = (start + t)[:, None] * stride_tok + d[None, :]
+        k = tl.load(k_ptr + offs, mask=tok_ok[:, None], other=0.0).to(DOT)
+        s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * sm_scale
+        visible = row_ok[:, None] & tok_ok[None, :] & ((key_pos0 + start + t)[None, :] <= q_pos[:, None])
+        p, alpha, m_i, l_i = _softmax_step(s, visible, m_i, l_i)
+        v = tl.load(v_ptr + offs, mask=tok_ok[:, None], other=0.0).to(DOT)
+        acc = acc * alpha[:, None] + tl.dot(p.to(DOT), v, input_precision=PRECISION)
     return m_i, l_i, acc
 
 
@@ -76,13 +79,13 @@ def _attend_tile(q_rot, kw_ptr, vw_ptr, scales_ptr, key_pos0, q_pos, row_ok, m_i
     v_col_scale = tl.load(scales_ptr + 2 * D + 3 * G + d).to(tl.float32)
     for a in tl.static_range(4):
         tok = a * W + j
-        k_codes = ((tl.load(kw_ptr + w_offs).to(tl.int32) >> (a * KBITS)) & (2**KBITS - 1)).to(DOT)
+        k_codes = ((tl.load(kw_ptr + w_offs) >> (a * KBITS)) & (2**KBITS - 1)).to(DOT)
         k_col_scale = tl.load(scales_ptr + 2 * D + tok).to(tl.float32)
         s = tl.dot(qs, k_codes, input_precision=PRECISION) + zero_term[:, None]
         s = s * (k_col_scale * sm_scale)[None, :]
         visible = row_ok[:, None] & ((key_pos0 + tok)[None, :] <= q_pos[:, None])
         p, alpha, m_i, l_i = _softmax_step(s, visible, m_i, l_i)
-        v_codes = ((tl.load(vw_ptr + w_offs).to(tl.int32) >> (a * VBITS)) & (2**VBITS - 1)).to(DOT)
+        v_codes = ((tl.load(vw_ptr + w_offs) >> (a * VBITS)) & (2**VBITS - 1)).to(DOT)
         v_row_scale = tl.load(scales_ptr + 2 * D + G + tok).to(tl.float32)
         v_row_zero = tl.load(scales_ptr + 2 * D + 2 * G + tok).to(tl.float32)
         pv = tl.dot((p * v_row_scale[None, :]).to(DOT), tl.trans(v_codes), input_precision=PRECISION)
@@ -102,7 +105,7 @@ def _paged_attention_kernel(
     sm_scale, tiles_per_split,
     N_REP: tl.constexpr, G: tl.constexpr, D: tl.constexpr, KBITS: tl.constexpr, VBITS: tl.constexpr,
     BLOCK_M: tl.constexpr, ROWS: tl.constexpr, HAS_NEW: tl.constexpr, NUM_SPLITS: tl.constexpr,
-    DOT: tl.constexpr, PRECISION: tl.constexpr,
+    DOT: tl.constexpr, PRECISION: tl.constexpr, DENSE_BLOCK: tl.constexpr,
 ):
     b = tl.program_id(0)
     m_block = tl.program_id(1)
@@ -155,13 +158,13 @@ def _paged_attention_kernel(
         sink_block = tl.load(dense_table + 2 * b).to(tl.int64)
         base = sink_block * stride_db + kvh * stride_dh
         m_d, l_d, acc_plain = _attend_dense(qp, sink_k + base, sink_v + base, D, tl.minimum(hist, G), 0,
-                                            q_pos, row_ok, m_d, l_d, acc_plain, sm_scale, G, D, DOT, PRECISION)
+                                            q_pos, row_ok, m_d, l_d, acc_plain, sm_scale, DENSE_BLOCK, D, DOT, PRECISION)
     if split == NUM_SPLITS - 1:
         tail_block = tl.load(dense_table + 2 * b + 1).to(tl.int64)
         base = tail_block * stride_db + kvh * stride_dh
         tail_pos = G * (1 + n_tiles)
         m_d, l_d, acc_plain = _attend_dense(qp, tail_k + base, tail_v + base, D, hist - tail_pos, tail_pos,
-                                            q_pos, row_ok, m_d, l_d, acc_plain, sm_scale, G, D, DOT, PRECISION)
+                                            q_pos, row_ok, m_d, l_d, acc_plain, sm_scale, DENSE_BLOCK, D, DOT, PRECISION)
         if HAS_NEW:
             # Causal: this block's last query sees new tokens up to its own position.
             last_q = tl.minimum(m_block * BLOCK_M + BLOCK_M, q_len) - 1
@@ -170,7 +173,7 @@ def _paged_attention_kernel(
             for j in range(0, new_end, G):
                 m_d, l_d, acc_plain = _attend_dense(
                     qp, k_new + new_base + j * stride_nt, v_new + new_base + j * stride_nt, stride_nt,
-                    new_end - j, hist + j, q_pos, row_ok, m_d, l_d, acc_plain, sm_scale, G, D, DOT, PRECISION)
+                    new_end - j, hist + j, q_pos, row_ok, m_d, l_d, acc_plain, sm_scale, DENSE_BLOCK, D, DOT, PRECISION)
 
     m_i = tl.maximum(m_q, m_d)
     m_safe = tl.where(m_i == float("-inf"), 0.0, m_i)
@@ -273,7 +276,7 @@ def paged_attention(
         scale, tiles_per_split,
         N_REP=n_rep, G=fmt.group, D=d, KBITS=fmt.k_bits, VBITS=fmt.v_bits,
         BLOCK_M=block_m, ROWS=rows, HAS_NEW=has_new, NUM_SPLITS=splits,
-        DOT=dot, PRECISION="ieee" if dot == tl.float32 else "tf32", **LAUNCH_OPTIONS,
+        DOT=dot, PRECISION="ieee" if dot == tl.float32 else "tf32", DENSE_BLOCK=DENSE_BLOCK, **LAUNCH_OPTIONS,
     )
     if splits == 1:
         out_plain, out_rot = part_plain[0], part_rot[0]

@@ -152,13 +152,17 @@ def tune(hq, hkv, d, preset, dtype) -> list[dict]:
     for batch, ctx in [(1, 16384), (8, 16384), (64, 16384)]:
         state = make_state(batch, ctx, hkv, fmt, dtype)
         q = torch.randn(batch, hq, d, device="cuda", dtype=dtype)
-        for warps in (4, 8):
-            for stages in (1, 2, 3):
-                attention.LAUNCH_OPTIONS.update(num_warps=warps, num_stages=stages)
-                ms = graph_time_ms(lambda: decode_attention(q, state))
-                rows.append({"batch": batch, "context": ctx, "num_warps": warps, "num_stages": stages, "ms": ms})
-                tqdm.write(json.dumps(rows[-1]))
-    attention.LAUNCH_OPTIONS.update(num_warps=4, num_stages=2)
+        default = dict(attention.LAUNCH_OPTIONS)
+        for opts in ({"num_stages": 2}, {"num_stages": 3}, {"num_stages": 2, "maxnreg": 128},
+                     {"num_stages": 3, "maxnreg": 128}, {"num_stages": 2, "maxnreg": 168}, {"num_stages": 2,
+                     "maxnreg": 96}):
+            attention.LAUNCH_OPTIONS.clear()
+            attention.LAUNCH_OPTIONS.update(num_warps=4, **opts)
+            ms = graph_time_ms(lambda: decode_attention(q, state))
+            rows.append({"batch": batch, "context": ctx, **attention.LAUNCH_OPTIONS, "ms": ms})
+            tqdm.write(json.dumps(rows[-1]))
+        attention.LAUNCH_OPTIONS.clear()
+        attention.LAUNCH_OPTIONS.update(default)
     return rows
 
 

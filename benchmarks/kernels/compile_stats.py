@@ -1,0 +1,63 @@
+"""Compile the attention kernel for sm_90 without a GPU and print registers, spills and shared memory.
+
+    python benchmarks/kernels/compile_stats.py [--head-dim 128] [--n-rep 4] [--num-warps 4]
+Uses Triton's bundled ptxas/cuobjdump: a fast loop for register-pressure work on a CPU-only machine.
+"""
+
+import argparse
+import os
+import subprocess
+import tempfile
+
+import triton
+import triton.language as tl
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+
+from kvarn_kernels.attention import _paged_attention_kernel
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--head-dim", type=int, default=128)
+    ap.add_argument("--n-rep", type=int, default=4)
+    ap.add_argument("--num-warps", type=int, default=4)
+    ap.add_argument("--num-stages", type=int, default=2)
+    ap.add_argument("--kbits", type=int, default=4)
+    ap.add_argument("--vbits", type=int, default=2)
+    ap.add_argument("--maxnreg", type=int, default=0)
+    args = ap.parse_args()
+    fn = _paged_attention_kernel
+    sig = {}
+    constexprs = {
+        "N_REP": args.n_rep, "G": 128, "D": args.head_dim, "KBITS": args.kbits, "VBITS": args.vbits,
+        "BLOCK_M": 1, "ROWS": max(16, triton.next_power_of_2(args.n_rep)), "HAS_NEW": False, "NUM_SPLITS": 1,
+        "DOT": tl.bfloat16, "PRECISION": "tf32", "DENSE_BLOCK": 32,
+    }
+    ptr_types = {
+        "q": "*bf16", "q_rot": "*fp32", "k_new": "*bf16", "v_new": "*bf16", "cu_q": "*i32", "cu_k": "*i32",
+        "seq_lens": "*i32", "block_table": "*i32", "dense_table": "*i32",
+        "k_words": "*i16" if args.kbits == 4 else "*u8", "v_words": "*i16" if args.vbits == 4 else "*u8",
+        "scales": "*bf16", "sink_k": "*bf16", "sink_v": "*bf16", "tail_k": "*bf16", "tail_v": "*bf16",
+        "part_plain": "*fp32", "part_rot": "*fp32", "part_m": "*fp32", "part_l": "*fp32", "sm_scale": "fp32",
+    }
+    for name in fn.arg_names:
+        if name in constexprs:
+            sig[name] = "constexpr"
+        else:
+            sig[name] = ptr_types.get(name, "i32")
+    src = ASTSource(fn, sig, constexprs)
+    kernel = triton.compile(src, target=GPUTarget("cuda", 90, 32),
+                            options={"num_warps": args.num_warps, "num_stages": args.num_stages, **({"maxnreg": args.maxnreg} if args.maxnreg else {})})
+    with tempfile.TemporaryDirectory() as tmp:
+        path = os.path.join(tmp, "k.cubin")
+        with open(path, "wb") as f:
+            f.write(kernel.asm["cubin"])
+        cuobjdump = os.path.join(os.path.dirname(triton.__file__), "backends/nvidia/bin/cuobjdump")
+        out = subprocess.run([cuobjdump, "--dump-resource-usage", path], capture_output=True, text=True).stdout
+    print(out.strip().splitlines()[-1].strip())
+    print("shared bytes:", kernel.metadata.shared)
+
+
+if __name__ == "__main__":
+    main()
