@@ -158,13 +158,15 @@ def _paged_attention_kernel(
         sink_block = tl.load(dense_table + 2 * b).to(tl.int64)
         base = sink_block * stride_db + kvh * stride_dh
         m_d, l_d, acc_plain = _attend_dense(qp, sink_k + base, sink_v + base, D, tl.minimum(hist, G), 0,
-                                            q_pos, row_ok, m_d, l_d, acc_plain, sm_scale, DENSE_BLOCK, D, DOT, PRECISION)
+                                            q_pos, row_ok, m_d, l_d, acc_plain, sm_scale, DENSE_BLOCK, D, DOT,
+                                            PRECISION)
     if split == NUM_SPLITS - 1:
         tail_block = tl.load(dense_table + 2 * b + 1).to(tl.int64)
         base = tail_block * stride_db + kvh * stride_dh
         tail_pos = G * (1 + n_tiles)
         m_d, l_d, acc_plain = _attend_dense(qp, tail_k + base, tail_v + base, D, hist - tail_pos, tail_pos,
-                                            q_pos, row_ok, m_d, l_d, acc_plain, sm_scale, DENSE_BLOCK, D, DOT, PRECISION)
+                                            q_pos, row_ok, m_d, l_d, acc_plain, sm_scale, DENSE_BLOCK, D, DOT,
+                                            PRECISION)
         if HAS_NEW:
             # Causal: this block's last query sees new tokens up to its own position.
             last_q = tl.minimum(m_block * BLOCK_M + BLOCK_M, q_len) - 1

@@ -48,7 +48,8 @@ def main() -> None:
             sig[name] = ptr_types.get(name, "i32")
     src = ASTSource(fn, sig, constexprs)
     kernel = triton.compile(src, target=GPUTarget("cuda", 90, 32),
-                            options={"num_warps": args.num_warps, "num_stages": args.num_stages, **({"maxnreg": args.maxnreg} if args.maxnreg else {})})
+                            options={"num_warps": args.num_warps, "num_stages": args.num_stages,
+                                     **({"maxnreg": args.maxnreg} if args.maxnreg else {})})
     with tempfile.TemporaryDirectory() as tmp:
         path = os.path.join(tmp, "k.cubin")
         with open(path, "wb") as f:
