@@ -32,6 +32,16 @@ DENSE_BLOCK = 32
 
 
 @triton.jit
+def _unpack_planes(words, D: tl.constexpr, G: tl.constexpr, BITS: tl.constexpr):
+    """Words [D, G/4] → codes [D, G] in plane-interleaved token order (position 4j + a = plane a of word j)."""
+    w = words.to(tl.int32)
+    c01 = tl.join(w & (2**BITS - 1), (w >> BITS) & (2**BITS - 1))
+    c23 = tl.join((w >> (2 * BITS)) & (2**BITS - 1), (w >> (3 * BITS)) & (2**BITS - 1))
+    # join(c01, c23)[..., x, y] = plane 2y + x: permute so the flattened minor index is a = 2y + x.
+    return tl.reshape(tl.permute(tl.join(c01, c23), (0, 1, 3, 2)), [D, G])
+
+
+@triton.jit
 def _softmax_step(s, visible, m_i, l_i):
     """Online-softmax bookkeeping for scores s [ROWS, N]; returns (p, alpha, m_new, l_new)."""
     s = tl.where(visible, s, float("-inf"))
@@ -72,25 +82,26 @@ def _attend_tile(q_rot, kw_ptr, vw_ptr, scales_ptr, key_pos0, q_pos, row_ok, m_i
     """
     W: tl.constexpr = G // 4
     d = tl.arange(0, D)
-    j = tl.arange(0, W)
-    w_offs = d[:, None] * W + j[None, :]
+    # Tokens in "plane-interleaved" order: position 4j + a holds token a*W + j, which joins the four planes
+    # of every word without moving data between threads. Scores, scales and values all use this order.
+    pos = tl.arange(0, G)
+    tok = (pos % 4) * W + pos // 4
+    w_offs = d[:, None] * W + tl.arange(0, W)[None, :]
     qs = (q_rot * tl.load(scales_ptr + d).to(tl.float32)[None, :]).to(DOT)
     zero_term = tl.sum(q_rot * tl.load(scales_ptr + D + d).to(tl.float32)[None, :], axis=1)
+    k_codes = _unpack_planes(tl.load(kw_ptr + w_offs), D, G, KBITS).to(DOT)  # [D, G]
+    k_col_scale = tl.load(scales_ptr + 2 * D + tok).to(tl.float32)
+    s = tl.dot(qs, k_codes, input_precision=PRECISION) + zero_term[:, None]
+    s = s * (k_col_scale * sm_scale)[None, :]
+    visible = row_ok[:, None] & ((key_pos0 + tok)[None, :] <= q_pos[:, None])
+    p, alpha, m_i, l_i = _softmax_step(s, visible, m_i, l_i)
+    v_codes = _unpack_planes(tl.load(vw_ptr + w_offs), D, G, VBITS).to(DOT)  # [D, G]
+    v_row_scale = tl.load(scales_ptr + 2 * D + G + tok).to(tl.float32)
+    v_row_zero = tl.load(scales_ptr + 2 * D + 2 * G + tok).to(tl.float32)
+    pv = tl.dot((p * v_row_scale[None, :]).to(DOT), tl.trans(v_codes), input_precision=PRECISION)
+    pv = pv + tl.sum(p * v_row_zero[None, :], axis=1)[:, None]
     v_col_scale = tl.load(scales_ptr + 2 * D + 3 * G + d).to(tl.float32)
-    for a in tl.static_range(4):
-        tok = a * W + j
-        k_codes = ((tl.load(kw_ptr + w_offs) >> (a * KBITS)) & (2**KBITS - 1)).to(DOT)
-        k_col_scale = tl.load(scales_ptr + 2 * D + tok).to(tl.float32)
-        s = tl.dot(qs, k_codes, input_precision=PRECISION) + zero_term[:, None]
-        s = s * (k_col_scale * sm_scale)[None, :]
-        visible = row_ok[:, None] & ((key_pos0 + tok)[None, :] <= q_pos[:, None])
-        p, alpha, m_i, l_i = _softmax_step(s, visible, m_i, l_i)
-        v_codes = ((tl.load(vw_ptr + w_offs) >> (a * VBITS)) & (2**VBITS - 1)).to(DOT)
-        v_row_scale = tl.load(scales_ptr + 2 * D + G + tok).to(tl.float32)
-        v_row_zero = tl.load(scales_ptr + 2 * D + 2 * G + tok).to(tl.float32)
-        pv = tl.dot((p * v_row_scale[None, :]).to(DOT), tl.trans(v_codes), input_precision=PRECISION)
-        pv = pv + tl.sum(p * v_row_zero[None, :], axis=1)[:, None]
-        acc = acc * alpha[:, None] + pv * v_col_scale[None, :]
+    acc = acc * alpha[:, None] + pv * v_col_scale[None, :]
     return m_i, l_i, acc
 
 
@@ -172,10 +183,9 @@ def _paged_attention_kernel(
             last_q = tl.minimum(m_block * BLOCK_M + BLOCK_M, q_len) - 1
             new_end = tl.minimum(n_new, last_q + n_new - q_len + 1)
             new_base = k_start.to(tl.int64) * stride_nt + kvh * stride_nh
-            for j in range(0, new_end, G):
-                m_d, l_d, acc_plain = _attend_dense(
-                    qp, k_new + new_base + j * stride_nt, v_new + new_base + j * stride_nt, stride_nt,
-                    new_end - j, hist + j, q_pos, row_ok, m_d, l_d, acc_plain, sm_scale, DENSE_BLOCK, D, DOT, PRECISION)
+            m_d, l_d, acc_plain = _attend_dense(qp, k_new + new_base, v_new + new_base, stride_nt, new_end, hist,
+                                                q_pos, row_ok, m_d, l_d, acc_plain, sm_scale, DENSE_BLOCK, D, DOT,
+                                                PRECISION)
 
     m_i = tl.maximum(m_q, m_d)
     m_safe = tl.where(m_i == float("-inf"), 0.0, m_i)
@@ -255,7 +265,7 @@ def paged_attention(
     tiles_per_split = max(1, math.ceil(max_tiles / splits))
 
     block_m = 1 if max_q_len == 1 else max(1, 16 // n_rep)
-    rows = max(16, triton.next_power_of_2(block_m * n_rep))
+    rows = max(16, triton.next_power_of_2(block_m * n_rep))  # tensor-core dots need 16 rows
     part_plain = torch.empty(splits, tq, hq, d, device=q.device, dtype=torch.float32)
     part_rot = torch.empty_like(part_plain)
     part_m = torch.empty(splits, tq, hq, device=q.device, dtype=torch.float32)
