@@ -24,11 +24,13 @@ from .format import KVarNFormat
 from .reference import hadamard
 from .state import PagedKV
 
-MIN_TILES_PER_SPLIT = 4
+MIN_TILES_PER_SPLIT = 1
 # Launch options of the attention kernel (benchmarks/kernels/bench_decode.py --tune sweeps them).
 LAUNCH_OPTIONS = {"num_warps": 4, "num_stages": 2}
+CHUNK_LAUNCH_OPTIONS = {"num_warps": 8, "num_stages": 2}
 # 16-bit tokens (sink, tail, new) are attended this many at a time: small blocks keep registers free.
 DENSE_BLOCK = 32
+CHUNK_ROWS = 64
 
 
 @triton.jit
@@ -264,8 +266,10 @@ def paged_attention(
     splits = num_splits or choose_num_splits(batch, hkv, max_tiles, _num_sms(q.device))
     tiles_per_split = max(1, math.ceil(max_tiles / splits))
 
-    block_m = 1 if max_q_len == 1 else max(1, 16 // n_rep)
-    rows = max(16, triton.next_power_of_2(block_m * n_rep))  # tensor-core dots need 16 rows
+    # Decode: one query, its GQA group padded to the 16 rows of a tensor-core dot. Chunks: 64 rows of
+    # (query, head) pairs, so each program re-reads the quantized history for 64 rows, not 16.
+    block_m = 1 if max_q_len == 1 else max(1, CHUNK_ROWS // n_rep)
+    rows = max(16, triton.next_power_of_2(block_m * n_rep))
     part_plain = torch.empty(splits, tq, hq, d, device=q.device, dtype=torch.float32)
     part_rot = torch.empty_like(part_plain)
     part_m = torch.empty(splits, tq, hq, device=q.device, dtype=torch.float32)
@@ -288,7 +292,8 @@ def paged_attention(
         scale, tiles_per_split,
         N_REP=n_rep, G=fmt.group, D=d, KBITS=fmt.k_bits, VBITS=fmt.v_bits,
         BLOCK_M=block_m, ROWS=rows, HAS_NEW=has_new, NUM_SPLITS=splits,
-        DOT=dot, PRECISION="ieee" if dot == tl.float32 else "tf32", DENSE_BLOCK=DENSE_BLOCK, **LAUNCH_OPTIONS,
+        DOT=dot, PRECISION="ieee" if dot == tl.float32 else "tf32", DENSE_BLOCK=DENSE_BLOCK,
+        **(LAUNCH_OPTIONS if rows <= 16 else CHUNK_LAUNCH_OPTIONS),
     )
     if splits == 1:
         out_plain, out_rot = part_plain[0], part_rot[0]

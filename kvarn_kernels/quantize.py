@@ -142,12 +142,16 @@ def _quantize_tiles_kernel(
     block = tl.load(block_ids + n).to(tl.int64)
     src = (start + tl.arange(0, G))[:, None] * stride_t + h * stride_h + tl.arange(0, D // 2)[None, :]
     scales_base = scales + block * scales_stride_b + h * scales_stride_h
-    k_rot = _rotate(k_src + src, G, D)
-    _quantize_store(tl.trans(k_rot), k_words + block * kw_stride_b + h * kw_stride_h, scales_base,
-                    D, G, KBITS, ITERS, False)
-    v_rot = _rotate(v_src + src, G, D)
-    _quantize_store(v_rot, v_words + block * vw_stride_b + h * vw_stride_h, scales_base + 2 * D + G,
-                    G, D, VBITS, ITERS, True)
+    # K and V of a tile are independent: separate programs double the parallelism of this latency-bound
+    # kernel (its many tile-wide reductions each wait on a barrier).
+    if tl.program_id(2) == 0:
+        k_rot = _rotate(k_src + src, G, D)
+        _quantize_store(tl.trans(k_rot), k_words + block * kw_stride_b + h * kw_stride_h, scales_base,
+                        D, G, KBITS, ITERS, False)
+    else:
+        v_rot = _rotate(v_src + src, G, D)
+        _quantize_store(v_rot, v_words + block * vw_stride_b + h * vw_stride_h, scales_base + 2 * D + G,
+                        G, D, VBITS, ITERS, True)
 
 
 @triton.jit
@@ -187,7 +191,7 @@ def quantize_into_cache(
     k_words, v_words, scales = fmt.word_views(cache)
     # D=256 tiles hold 32K floats per matrix: spread them over more warps to avoid spills.
     num_warps = 8 if fmt.head_dim * fmt.group <= 128 * 128 else 16
-    _quantize_tiles_kernel[(n, k_src.shape[1])](
+    _quantize_tiles_kernel[(n, k_src.shape[1], 2)](
         k_src, v_src, k_src.stride(0), k_src.stride(1),
         tile_starts, block_ids,
         k_words, v_words, scales, k_words.stride(0), k_words.stride(1), v_words.stride(0), v_words.stride(1),
