@@ -268,7 +268,7 @@ def paged_attention(
 
     # Decode: one query, its GQA group padded to the 16 rows of a tensor-core dot. Chunks: 64 rows of
     # (query, head) pairs, so each program re-reads the quantized history for 64 rows, not 16.
-    block_m = 1 if max_q_len == 1 else max(1, CHUNK_ROWS // n_rep)
+    block_m = max(1, min(CHUNK_ROWS // n_rep, triton.next_power_of_2(max_q_len)))
     rows = max(16, triton.next_power_of_2(block_m * n_rep))
     part_plain = torch.empty(splits, tq, hq, d, device=q.device, dtype=torch.float32)
     part_rot = torch.empty_like(part_plain)
