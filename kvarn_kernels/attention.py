@@ -35,12 +35,23 @@ CHUNK_ROWS = 64
 
 @triton.jit
 def _unpack_planes(words, D: tl.constexpr, G: tl.constexpr, BITS: tl.constexpr):
-    """Words [D, G/4] → codes [D, G] in plane-interleaved token order (position 4j + a = plane a of word j)."""
+    """Words [D, G/4] → codes [D, G] in the kernel's token order (see `_token_order`).
+
+    join() adds an in-thread minor dimension and reshape() merges it, so no data moves between threads.
+    """
     w = words.to(tl.int32)
-    c01 = tl.join(w & (2**BITS - 1), (w >> BITS) & (2**BITS - 1))
-    c23 = tl.join((w >> (2 * BITS)) & (2**BITS - 1), (w >> (3 * BITS)) & (2**BITS - 1))
-    # join(c01, c23)[..., x, y] = plane 2y + x: permute so the flattened minor index is a = 2y + x.
-    return tl.reshape(tl.permute(tl.join(c01, c23), (0, 1, 3, 2)), [D, G])
+    mask = 2**BITS - 1
+    c01 = tl.join(w & mask, (w >> BITS) & mask)
+    c23 = tl.join((w >> (2 * BITS)) & mask, (w >> (3 * BITS)) & mask)
+    return tl.reshape(tl.join(c01, c23), [D, G])
+
+
+@triton.jit
+def _token_order(G: tl.constexpr):
+    """Token held at each position of `_unpack_planes` output: position 4j + 2e + f is plane 2f + e of word j."""
+    pos = tl.arange(0, G)
+    q = pos % 4
+    return (2 * (q % 2) + q // 2) * (G // 4) + pos // 4
 
 
 @triton.jit
@@ -84,10 +95,8 @@ def _attend_tile(q_rot, kw_ptr, vw_ptr, scales_ptr, key_pos0, q_pos, row_ok, m_i
     """
     W: tl.constexpr = G // 4
     d = tl.arange(0, D)
-    # Tokens in "plane-interleaved" order: position 4j + a holds token a*W + j, which joins the four planes
-    # of every word without moving data between threads. Scores, scales and values all use this order.
-    pos = tl.arange(0, G)
-    tok = (pos % 4) * W + pos // 4
+    # Scores, scales and values all follow the unpacked codes' token order (a permutation of the tile).
+    tok = _token_order(G)
     w_offs = d[:, None] * W + tl.arange(0, W)[None, :]
     qs = (q_rot * tl.load(scales_ptr + d).to(tl.float32)[None, :]).to(DOT)
     zero_term = tl.sum(q_rot * tl.load(scales_ptr + D + d).to(tl.float32)[None, :], axis=1)

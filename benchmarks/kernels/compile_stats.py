@@ -46,7 +46,12 @@ def main() -> None:
             sig[name] = "constexpr"
         else:
             sig[name] = ptr_types.get(name, "i32")
-    src = ASTSource(fn, sig, constexprs)
+    # Mimic the runtime's specialization: pointers and the record strides are multiples of 16.
+    aligned = {"kw_sb", "kw_sh", "vw_sb", "vw_sh", "scales_sb", "scales_sh", "stride_db", "stride_dh", "stride_qt",
+               "stride_qh", "stride_nt", "stride_nh", "stride_ps", "stride_pt", "stride_ph"}
+    attrs = {(i,): [["tt.divisibility", 16]] for i, name in enumerate(fn.arg_names)
+             if sig[name].startswith("*") or name in aligned}
+    src = ASTSource(fn, sig, constexprs, attrs)
     kernel = triton.compile(src, target=GPUTarget("cuda", 90, 32),
                             options={"num_warps": args.num_warps, "num_stages": args.num_stages,
                                      **({"maxnreg": args.maxnreg} if args.maxnreg else {})})
