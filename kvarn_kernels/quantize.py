@@ -50,10 +50,8 @@ def _balance(x, log_r, log_c):
 
 
 @triton.jit
-def _imbalance(x, R: tl.constexpr, C: tl.constexpr):
-    cs = _std(x, 0, R)
-    rs = _std(x, 1, C)
-    return tl.max(cs, axis=0) / tl.min(cs, axis=0) + tl.max(rs, axis=0) / tl.min(rs, axis=0)
+def _ratio(std):
+    return tl.max(std, axis=0) / tl.min(std, axis=0)
 
 
 @triton.jit
@@ -82,13 +80,16 @@ def _quantize_store(x, words_ptr, scales_ptr, R: tl.constexpr, C: tl.constexpr, 
     log_c = tl.zeros([C], dtype=tl.float32)
     best_r = log_r
     best_c = log_c
-    best = _imbalance(x, R, C)
+    # A state's column std serves twice: in its imbalance and in the next column update.
+    cs = _std(x, 0, R)
+    best = _ratio(cs) + _ratio(_std(x, 1, C))
     for _ in range(ITERS):
-        log_c = log_c + tl.log(_std(_balance(x, log_r, log_c), 0, R))
-        log_c = tl.minimum(tl.maximum(log_c, LOG_SCALE_MIN), LOG_SCALE_MAX)
+        log_c = tl.minimum(tl.maximum(log_c + tl.log(cs), LOG_SCALE_MIN), LOG_SCALE_MAX)
         log_r = log_r + tl.log(_std(_balance(x, log_r, log_c), 1, C))
         log_r = tl.minimum(tl.maximum(log_r, LOG_SCALE_MIN), LOG_SCALE_MAX)
-        imb = _imbalance(_balance(x, log_r, log_c), R, C)
+        cur = _balance(x, log_r, log_c)
+        cs = _std(cur, 0, R)
+        imb = _ratio(cs) + _ratio(_std(cur, 1, C))
         better = imb <= best
         best_r = tl.where(better, log_r, best_r)
         best_c = tl.where(better, log_c, best_c)
