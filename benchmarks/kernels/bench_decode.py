@@ -206,7 +206,8 @@ def main() -> None:
         "triton": __import__("triton").__version__, "python": platform.python_version(),
         "preset": args.preset, "dtype": str(dtype), "q_heads": hq, "kv_heads": hkv, "head_dim": d,
         "timing": "median of 5 x 20 CUDA-graph replays", "date": time.strftime("%Y-%m-%d"),
-        "command": "python benchmarks/kernels/bench_decode.py " + " ".join(f"--{k} {v}" for k, v in vars(args).items()),
+        "command": "python benchmarks/kernels/bench_decode.py " + " ".join(
+            f"--{k} {v}" for k, v in vars(args).items() if k not in ("tune", "out")),
     }
     if args.tune:
         (out / "tune.json").write_text(json.dumps({"setup": setup, "tune": tune(hq, hkv, d, args.preset, dtype)}))
