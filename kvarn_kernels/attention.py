@@ -354,6 +354,7 @@ def _num_sms(device: torch.device) -> int:
 
 
 def _check_attention_inputs(q, state, cu_seqlens_q, k_new, v_new, cu_seqlens_k) -> None:
+    state.validate()
     fmt: KVarNFormat = state.fmt
     if q.dim() != 3 or q.shape[-1] != fmt.head_dim:
         raise ValueError(f"q must be [T, Hq, {fmt.head_dim}], got {tuple(q.shape)}")

@@ -107,3 +107,10 @@ def test_wrong_query_shape_is_refused(device):
         decode_attention(torch.zeros(1, 4, 128, device=device).half(), state)
     with pytest.raises(ValueError, match="not a multiple of 2 KV heads"):
         decode_attention(torch.zeros(1, 3, 64, device=device).half(), state)
+
+
+def test_mismatched_state_is_refused(device):
+    state = _state([10], 2, 64, torch.float16, device)
+    state.dense_table = state.dense_table.long()
+    with pytest.raises(ValueError, match="dense_table must be int32"):
+        decode_attention(torch.zeros(1, 4, 64, device=device).half(), state)

@@ -80,3 +80,34 @@ def test_bad_inputs_are_refused(change, message):
     k_bad, starts_bad = change(k, starts)
     with pytest.raises(ValueError, match=message):
         quantize_into_cache(k_bad, k_bad, starts_bad, starts_bad, cache, fmt)
+
+
+def test_non_unit_head_dim_stride_is_refused():
+    fmt = KVarNFormat.from_preset("kvarn_k4v2_g64", 64)
+    k = torch.zeros(64, 1, 128, dtype=torch.float16)[..., ::2]  # [T, H, D] with stride(-1) == 2
+    starts = torch.zeros(1, dtype=torch.int32)
+    with pytest.raises(ValueError, match="unit stride"):
+        quantize_into_cache(k, k, starts, starts, fmt.allocate(1, 1), fmt)
+
+
+def test_cache_of_wrong_layout_is_refused():
+    fmt = KVarNFormat.from_preset("kvarn_k4v2_g64", 64)
+    k = torch.zeros(64, 1, 64, dtype=torch.float16)
+    starts = torch.zeros(1, dtype=torch.int32)
+    with pytest.raises(ValueError, match="does not hold kvarn_k4v2_g64 records"):
+        quantize_into_cache(k, k, starts, starts, torch.zeros(1, 1, 100, dtype=torch.uint8), fmt)
+
+
+def test_nan_tile_leaves_other_tiles_intact(device):
+    fmt = KVarNFormat.from_preset("kvarn_k4v2_g64", 64)
+    k, v = synthetic_kv(128, 1, 64, torch.float16, device=device)
+    starts = torch.tensor([0, 64], dtype=torch.int32, device=device)
+    blocks = torch.tensor([0, 1], dtype=torch.int32, device=device)
+    clean, dirty = fmt.allocate(2, 1, device), fmt.allocate(2, 1, device)
+    quantize_into_cache(k, v, starts, blocks, clean, fmt)
+    k_bad = k.clone()
+    k_bad[3, 0, 5] = float("nan")
+    quantize_into_cache(k_bad, v, starts, blocks, dirty, fmt)
+    assert torch.equal(dirty[1], clean[1])
+    k_hat, _ = ref.dequantize_tiles(dirty[:1], fmt)
+    assert not torch.isfinite(k_hat).all()
