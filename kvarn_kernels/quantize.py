@@ -113,7 +113,9 @@ def _quantize_store(x, words_ptr, scales_ptr, R: tl.constexpr, C: tl.constexpr, 
         _store_words(q, words_ptr, R, C, BITS)
 
     r = tl.arange(0, R)
-    s_row = tl.exp(best_r)
+    # NaN/Inf anywhere in the tile must show, as in the reference: max/min would silently drop NaNs.
+    poison = tl.sum(tl.sum(x * 0.0, axis=1), axis=0)  # 0, or NaN when x holds a NaN or an Inf
+    s_row = tl.exp(best_r) + poison
     ty: tl.constexpr = scales_ptr.dtype.element_ty
     tl.store(scales_ptr + r, _round_to(s_row * step, ty))
     tl.store(scales_ptr + R + r, _round_to(s_row * lo, ty))
