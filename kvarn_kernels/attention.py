@@ -240,10 +240,11 @@ def _merge_splits_kernel(part_plain, part_rot, part_m, part_l, out_plain, out_ro
 
 
 def choose_num_splits(batch: int, num_kv_heads: int, max_tiles: int, num_sms: int = 132) -> int:
-    """Enough programs to fill the GPU twice over, each with at least MIN_TILES_PER_SPLIT tiles."""
-    by_work = max(1, max_tiles // MIN_TILES_PER_SPLIT)
-    by_occupancy = max(1, math.ceil(2 * num_sms / (batch * num_kv_heads)))
-    return 1 << (min(by_work, by_occupancy, 64).bit_length() - 1)
+    """A power of two: enough programs to fill the GPU twice over, none with fewer than MIN_TILES_PER_SPLIT tiles
+    (a program walks its tiles one after another, so short contexts want one tile per program)."""
+    by_work = triton.next_power_of_2(max(1, max_tiles // MIN_TILES_PER_SPLIT))
+    by_occupancy = 1 << (max(1, math.ceil(2 * num_sms / (batch * num_kv_heads))).bit_length() - 1)
+    return min(by_work, by_occupancy, 64)
 
 
 def paged_attention(

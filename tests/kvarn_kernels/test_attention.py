@@ -94,7 +94,8 @@ def test_nan_in_one_sequence_does_not_reach_another(device):
 def test_choose_num_splits_is_a_power_of_two_within_limits():
     assert choose_num_splits(1, 8, 1024, 132) == 32
     assert choose_num_splits(64, 8, 1024, 132) == 1
-    assert choose_num_splits(1, 8, 3, 132) == 2
+    assert choose_num_splits(1, 8, 3, 132) == 4
+    assert choose_num_splits(1, 8, 7, 132) == 8
     assert choose_num_splits(1, 8, 0, 132) == 1
     for args in [(1, 1, 10**6, 132), (3, 5, 77, 132)]:
         s = choose_num_splits(*args)
