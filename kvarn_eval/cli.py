@@ -137,13 +137,16 @@ def build_parser() -> argparse.ArgumentParser:
     for name, fn, text in (("demo", cmd_demo, "real-model demo: SmolLM2 with KVarNCache vs the 16-bit cache"),
                            ("quality", cmd_quality, "KVarN vs KIVI-style RTN on synthetic and real K/V")):
         p = sub.add_parser(name, help=text, add_help=False)
-        p.add_argument("rest", nargs=argparse.REMAINDER)
         p.set_defaults(fn=fn)
     return ap
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    # demo/quality own their options: everything after the subcommand goes to them untouched.
+    args, rest = build_parser().parse_known_args(argv)
+    if rest and args.command not in ("demo", "quality"):
+        build_parser().error(f"unrecognized arguments: {' '.join(rest)}")
+    args.rest = rest
     try:
         return args.fn(args)
     except ValueError as exc:

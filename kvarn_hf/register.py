@@ -1,0 +1,67 @@
+"""Registration with transformers: the "kvarn" attention and mask functions, and `cache_implementation="kvarn"`.
+
+`register()` is idempotent and runs on `import kvarn_hf`. Besides the two interface registrations it wraps
+`GenerationMixin._prepare_cache_for_generation` (the one place where `generate()` creates its cache) so that
+- `generate(..., cache_implementation="kvarn", cache_config={...})` builds a `KVarNCache` for the model, and
+- any `KVarNCache` used by `generate()` is bound to the model's config, the batch's padding mask and the
+  generation's maximum length before the prefill, and keeps its newest tiles croppable in assisted decoding
+  (see `KVarNCache.bind`).
+"""
+
+from __future__ import annotations
+
+import copy
+import functools
+import inspect
+from typing import Any
+
+from transformers import AttentionInterface, GenerationMixin
+from transformers.generation import configuration_utils
+from transformers.masking_utils import AttentionMaskInterface
+
+from .attention import kvarn_attention, kvarn_mask
+from .cache import KVarNCache
+
+NAME = "kvarn"
+_PREPARE_PARAMS = ["self", "generation_config", "model_kwargs", "generation_mode", "batch_size", "max_cache_length"]
+
+
+def register() -> None:
+    """Register attn_implementation="kvarn" and cache_implementation="kvarn" with transformers (idempotent)."""
+    AttentionInterface.register(NAME, kvarn_attention)
+    AttentionMaskInterface.register(NAME, kvarn_mask)
+    if NAME not in configuration_utils.ALL_CACHE_IMPLEMENTATIONS:
+        configuration_utils.ALL_CACHE_IMPLEMENTATIONS = (*configuration_utils.ALL_CACHE_IMPLEMENTATIONS, NAME)
+    original = GenerationMixin._prepare_cache_for_generation
+    if getattr(original, "_kvarn", False):
+        return
+    params = list(inspect.signature(original).parameters)
+    if params != _PREPARE_PARAMS:
+        raise RuntimeError(
+            f"GenerationMixin._prepare_cache_for_generation takes {params}, not the {_PREPARE_PARAMS} that kvarn_hf "
+            "was tested with: install a transformers version in the range kvarn_hf supports"
+        )
+
+    @functools.wraps(original)
+    def prepare_cache(
+        self: Any, generation_config: Any, model_kwargs: dict, generation_mode: Any, batch_size: int,
+        max_cache_length: int,
+    ) -> Any:
+        if generation_config.cache_implementation == NAME:
+            if model_kwargs.get("past_key_values") is not None:
+                raise ValueError(
+                    "pass either cache_implementation='kvarn' or a past_key_values cache to generate(), not both"
+                )
+            cache_config = copy.deepcopy(generation_config.cache_config or {})
+            model_kwargs["past_key_values"] = KVarNCache(config=self.config, **cache_config)
+            result = None
+        else:
+            result = original(self, generation_config, model_kwargs, generation_mode, batch_size, max_cache_length)
+        cache = model_kwargs.get("past_key_values")
+        if isinstance(cache, KVarNCache):
+            assisted = getattr(generation_mode, "value", generation_mode) == "assisted_generation"
+            cache.bind(self.config, model_kwargs.get("attention_mask"), max_cache_length, keep_last_tile=assisted)
+        return result
+
+    prepare_cache._kvarn = True
+    GenerationMixin._prepare_cache_for_generation = prepare_cache

@@ -1,0 +1,297 @@
+"""KVarNCache at the cache level, fed synthetic K/V: layout against the kernel-core reference, padding, batch edits."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from hf_models import GROUP, PRESET
+from transformers import LlamaConfig
+
+from kvarn_hf import KVarNCache
+from kvarn_hf import cache as cache_module
+from kvarn_kernels import KVarNFormat
+from kvarn_kernels.reference import dequantize_tiles, gather_history, paged_attention_ref, quantize_tile_records
+from kvarn_kernels.testing import synthetic_kv
+
+HEADS, DIM, LAYERS = 2, 64, 2
+G = GROUP
+
+
+def kv(length: int, seed: int, batch: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
+    """[batch, H, length, D] float32 keys/values with outlier channels."""
+    pairs = [synthetic_kv(length, HEADS, DIM, torch.float32, seed=seed + b) for b in range(batch)]
+    k = torch.stack([p[0] for p in pairs]).transpose(1, 2).contiguous()
+    v = torch.stack([p[1] for p in pairs]).transpose(1, 2).contiguous()
+    return k, v
+
+
+def feed(cache: KVarNCache, k: torch.Tensor, v: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """update() every layer with the same k/v (layer l gets k + l, so layers differ); returns what update gave."""
+    return [cache.update(k + layer, v - layer, layer) for layer in range(LAYERS)]
+
+
+def expected_history(k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """One row's history [H, L, D] as KVarN must store it: 16-bit sink and tail, tiles as the reference quantizes."""
+    fmt = KVarNFormat.from_preset(PRESET, DIM, k.dtype)
+    length = k.shape[1]
+    n_tiles = max(length - G, 0) // G
+    k, v = k.clone(), v.clone()
+    if n_tiles:
+        span = slice(G, G * (1 + n_tiles))
+        tiles_k = k[:, span].reshape(HEADS, n_tiles, G, DIM).transpose(0, 1)
+        tiles_v = v[:, span].reshape(HEADS, n_tiles, G, DIM).transpose(0, 1)
+        k_hat, v_hat = dequantize_tiles(quantize_tile_records(tiles_k, tiles_v, fmt), fmt)
+        k[:, span] = k_hat.transpose(0, 1).reshape(HEADS, -1, DIM)
+        v[:, span] = v_hat.transpose(0, 1).reshape(HEADS, -1, DIM)
+    return k, v
+
+
+def assert_rows(cache: KVarNCache, rows_k: list[torch.Tensor], rows_v: list[torch.Tensor]) -> None:
+    """Every layer's stored history of row b equals expected_history of the given row tokens."""
+    for layer in range(LAYERS):
+        state = cache.layers[layer].paged_state()
+        for b, (k, v) in enumerate(zip(rows_k, rows_v, strict=True)):
+            got_k, got_v = gather_history(state, b)
+            want_k, want_v = expected_history(k + layer, v - layer)
+            torch.testing.assert_close(got_k, want_k, rtol=0, atol=0)
+            torch.testing.assert_close(got_v, want_v, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("chunks", [[100, 1, 27, 64, 1, 130, 5], [1] * 140, [300]])
+def test_history_matches_kernel_reference(chunks):
+    """Sink and tail hold the exact tokens, every full tile the kernel-core reference quantization of its tokens."""
+    cache = KVarNCache(PRESET)
+    k, v = kv(sum(chunks), seed=1, batch=2)
+    pos = 0
+    for n in chunks:
+        feed(cache, k[:, :, pos : pos + n], v[:, :, pos : pos + n])
+        pos += n
+        assert cache.get_seq_length() == pos
+        assert_rows(cache, list(k[:, :, :pos]), list(v[:, :, :pos]))
+
+
+def test_each_tile_quantized_once_in_one_call_per_update(monkeypatch):
+    calls: list[int] = []
+    real = cache_module.ops.quantize_into_cache
+
+    def counting(k_src, v_src, tile_starts, block_ids, cache, fmt):
+        calls.append(tile_starts.numel())
+        real(k_src, v_src, tile_starts, block_ids, cache, fmt)
+
+    monkeypatch.setattr(cache_module.ops, "quantize_into_cache", counting)
+    cache = KVarNCache(PRESET)
+    k, v = kv(400, seed=2, batch=2)
+    for pos, n in ((0, 150), (150, 1), (151, 99), (250, 150)):
+        before = len(calls)
+        feed(cache, k[:, :, pos : pos + n], v[:, :, pos : pos + n])
+        assert len(calls) - before <= LAYERS  # at most one quantize call per layer per update
+    # 400 tokens = sink + 5 full tiles + 16-token tail, per row and layer: each tile exactly once
+    assert sum(calls) == LAYERS * 2 * ((400 - G) // G)
+
+
+def test_dense_update_returns_stored_history_then_new_tokens():
+    cache = KVarNCache(PRESET)
+    k, v = kv(200, seed=3, batch=2)
+    feed(cache, k[:, :, :150], v[:, :, :150])
+    out_k, out_v = cache.update(k[:, :, 150:], v[:, :, 150:], 0)
+    for b in range(2):
+        want_k, want_v = expected_history(k[b, :, :150], v[b, :, :150])
+        torch.testing.assert_close(out_k[b], torch.cat([want_k, k[b, :, 150:]], 1), rtol=0, atol=0)
+        torch.testing.assert_close(out_v[b], torch.cat([want_v, v[b, :, 150:]], 1), rtol=0, atol=0)
+
+
+def fused_cache() -> KVarNCache:
+    config = LlamaConfig(hidden_size=128, num_attention_heads=4, num_key_value_heads=HEADS, head_dim=DIM,
+                         num_hidden_layers=LAYERS)
+    config._attn_implementation = "kvarn"
+    cache = KVarNCache(PRESET, config=config)
+    assert cache.fused
+    return cache
+
+
+def causal_attention(q, k, v, scale):
+    """q [B, Hq, T, D] over k/v [B, H, L, D], the last query aligned with the last key."""
+    rep = q.shape[1] // k.shape[1]
+    k, v = k.repeat_interleave(rep, 1), v.repeat_interleave(rep, 1)
+    scores = q @ k.transpose(-1, -2) * scale
+    t, length = q.shape[2], k.shape[2]
+    hidden = torch.arange(length)[None, :] > torch.arange(t)[:, None] + (length - t)
+    return (scores.masked_fill(hidden, float("-inf")).softmax(-1) @ v).transpose(1, 2)
+
+
+def test_fused_attend_matches_attention_over_the_dense_history():
+    """Fused mode: update() defers; attend() gives attention over stored history + new 16-bit tokens, then appends."""
+    fused, dense = fused_cache(), KVarNCache(PRESET)
+    k, v = kv(330, seed=4, batch=2)
+    q = torch.randn(2, 4, 330, DIM, generator=torch.Generator().manual_seed(0))
+    pos = 0
+    for n in (150, 1, 40, 1, 138):
+        sl = slice(pos, pos + n)
+        for layer in range(LAYERS):
+            pending, same = fused.update(k[:, :, sl] + layer, v[:, :, sl], layer)
+            assert pending is same and fused.get_seq_length(layer) == pos + n
+            out = fused.layers[layer].attend(q[:, :, sl], pending, 0.125, None)
+            keys, values = dense.update(k[:, :, sl] + layer, v[:, :, sl], layer)
+            torch.testing.assert_close(out, causal_attention(q[:, :, sl], keys, values, 0.125), rtol=1e-5, atol=1e-5)
+        pos += n
+    for layer in range(LAYERS):
+        for b in range(2):
+            a, s = gather_history(fused.layers[layer].paged_state(), b), gather_history(
+                dense.layers[layer].paged_state(), b)
+            torch.testing.assert_close(a, s, rtol=0, atol=0)
+
+
+def test_fused_update_without_kvarn_attention_is_refused():
+    cache = fused_cache()
+    k, v = kv(10, seed=5)
+    cache.update(k, v, 0)
+    with pytest.raises(RuntimeError, match="attn_implementation='kvarn'"):
+        cache.update(k, v, 0)
+
+
+@pytest.mark.parametrize("fused", [False, True])
+def test_left_padding_never_enters_tiles(fused):
+    """A padded row stores exactly what the same tokens alone would: tiles start at the row's first real token."""
+    pads = [0, 5, 70]  # 70 > G: a whole tile's worth of padding
+    total = 260
+    k, v = kv(total, seed=6, batch=3)
+    mask = (torch.arange(total)[None, :] >= torch.tensor(pads)[:, None]).long()
+    cache = fused_cache() if fused else KVarNCache(PRESET)
+    if not fused:
+        cache.set_padding(mask)
+    q = torch.randn(3, 4, total, DIM)
+    pos = 0
+    for n in (100, 1, 90, 69):
+        sl = slice(pos, pos + n)
+        for layer in range(LAYERS):
+            if fused:
+                pending, _ = cache.update(k[:, :, sl] + layer, v[:, :, sl] - layer, layer)
+                out = cache.layers[layer].attend(q[:, :, sl], pending, 0.125, mask[:, : pos + n])
+                assert torch.isfinite(out).all()
+            else:
+                keys, _ = cache.update(k[:, :, sl] + layer, v[:, :, sl] - layer, layer)
+                for b, p in enumerate(pads):  # stored padding comes back as zeros (the model's mask hides it)
+                    assert not keys[b, :, : min(p, pos)].any()
+        pos += n
+    assert_rows(cache, [k[b, :, p:] for b, p in enumerate(pads)], [v[b, :, p:] for b, p in enumerate(pads)])
+
+
+def test_padding_after_first_real_token_is_refused():
+    cache = KVarNCache(PRESET)
+    with pytest.raises(ValueError, match="left padding only"):
+        cache.set_padding(torch.tensor([[1, 1, 0, 1]]))
+
+
+def filled(
+    length: int, chunks: tuple[int, ...], seed: int = 7, keep_last_tile: bool = True
+) -> tuple[KVarNCache, torch.Tensor, torch.Tensor]:
+    cache = KVarNCache(PRESET, keep_last_tile=keep_last_tile)
+    k, v = kv(length, seed=seed, batch=2)
+    pos = 0
+    for n in chunks:
+        feed(cache, k[:, :, pos : pos + n], v[:, :, pos : pos + n])
+        pos += n
+    assert pos == length
+    return cache, k, v
+
+
+def test_crop_inside_the_tail_is_exact():
+    cache, k, v = filled(150, (100, 50))
+    cache.crop(-3)
+    assert cache.get_seq_length() == 147
+    assert_rows(cache, list(k[:, :, :147]), list(v[:, :, :147]))
+    feed(cache, k[:, :, 147:150], v[:, :, 147:150])  # the cache keeps working after a crop
+    assert_rows(cache, list(k[:, :, :150]), list(v[:, :, :150]))
+
+
+def test_crop_reopens_the_newest_tile_exactly():
+    """124 tokens (tail 60) + 10 completes tile 0; crop(-8) puts its 16-bit tokens back: as if never quantized."""
+    cache, k, v = filled(134, (124, 10))
+    cache.crop(-8)
+    assert_rows(cache, list(k[:, :, :126]), list(v[:, :, :126]))
+    feed(cache, k[:, :, 126:134], v[:, :, 126:134])
+    assert_rows(cache, list(k[:, :, :134]), list(v[:, :, :134]))
+    feed(cache, *kv(1, seed=11, batch=2))  # a later step that completes no tile
+    cache.crop(-10)  # reopens tile 0 again
+    assert_rows(cache, list(k[:, :, :125]), list(v[:, :, :125]))
+
+
+def test_without_the_last_tile_copy_crop_stays_in_16bit():
+    cache, k, v = filled(134, (124, 10), keep_last_tile=False)
+    assert not cache.is_croppable
+    cache.crop(-5)  # inside the 6-token tail
+    assert_rows(cache, list(k[:, :, :129]), list(v[:, :, :129]))
+    with pytest.raises(ValueError, match="keep_last_tile=True"):
+        cache.crop(-2)  # would reopen tile 0
+
+
+def test_crop_to_a_tile_boundary_needs_no_16bit_copy():
+    cache, k, v = filled(200, (134, 1, 65), keep_last_tile=False)
+    cache.crop(-72)  # 128 = sink + one full tile, tail empty
+    assert_rows(cache, list(k[:, :, :128]), list(v[:, :, :128]))
+
+
+def test_crop_into_older_quantized_history_is_refused():
+    cache, k, v = filled(300, (300,))  # sink, tiles 0-2, tail of 44
+    with pytest.raises(ValueError, match="16-bit copy"):
+        cache.crop(-(44 + G + 1))  # would reopen tile 1; only tile 2 has a 16-bit copy
+    with pytest.raises(ValueError, match="negative count"):
+        cache.crop(100)
+
+
+def test_reorder_select_repeat_move_whole_rows():
+    cache, k, v = filled(200, (150, 50))
+    cache.reorder_cache(torch.tensor([1, 1]))
+    assert_rows(cache, [k[1, :, :200]] * 2, [v[1, :, :200]] * 2)
+    cache, k, v = filled(200, (150, 50))
+    cache.batch_repeat_interleave(2)
+    assert_rows(cache, [k[0], k[0], k[1], k[1]], [v[0], v[0], v[1], v[1]])
+    cache.batch_select_indices(torch.tensor([3, 0]))
+    assert_rows(cache, [k[1], k[0]], [v[1], v[0]])
+    more_k, more_v = kv(70, seed=8, batch=2)  # then keep appending to the new batch
+    feed(cache, more_k, more_v)
+    assert_rows(cache, [torch.cat([k[1], more_k[0]], 1), torch.cat([k[0], more_k[1]], 1)],
+                [torch.cat([v[1], more_v[0]], 1), torch.cat([v[0], more_v[1]], 1)])
+
+
+def test_reset_empties_the_cache_for_a_new_batch():
+    cache, _, _ = filled(200, (200,))
+    cache.reset()
+    assert cache.get_seq_length() == 0
+    k, v = kv(130, seed=9, batch=3)
+    feed(cache, k, v)
+    assert_rows(cache, list(k), list(v))
+
+
+def test_memory_is_the_format_size():
+    cache, _, _ = filled(1000, (1000,), keep_last_tile=False)
+    fmt = KVarNFormat.from_preset(PRESET, DIM, torch.float32)
+    tiles = (1000 - G) // G
+    mem = cache.memory_bytes()
+    assert mem["tiles_used"] == LAYERS * 2 * tiles * HEADS * fmt.record_bytes
+    assert mem["tiles_allocated"] >= mem["tiles_used"]
+    # 16-bit blocks per layer: sink + tail for each row (float32 here), K and V
+    assert mem["dense"] == LAYERS * 2 * 2 * HEADS * G * DIM * 4 * 2
+    cache.reserve(4000)
+    assert cache.memory_bytes()["tiles_allocated"] == LAYERS * 2 * ((4000 - G) // G) * HEADS * fmt.record_bytes
+
+
+def test_unsupported_shapes_and_presets_are_refused():
+    with pytest.raises(ValueError, match="preset 'k3v3' is unknown"):
+        KVarNCache("k3v3")
+    k = torch.zeros(1, 2, 4, 96)
+    with pytest.raises(ValueError, match="head_dim 96 is not supported"):
+        KVarNCache(PRESET).update(k, k, 0)
+    with pytest.raises(ValueError, match="one shape"):
+        KVarNCache(PRESET).update(torch.zeros(1, 2, 4, 64), torch.zeros(1, 2, 4, 128), 0)
+
+
+def test_reference_attention_over_the_cache_state():
+    """The layer's PagedKV is what the kernel core's reference attention reads (decode over the whole history)."""
+    cache, k, v = filled(300, (300,))
+    state = cache.layers[0].paged_state()
+    q = torch.randn(2, 4, DIM)
+    out = paged_attention_ref(q, state, torch.arange(3, dtype=torch.int32))
+    keys, values = (torch.stack(x) for x in zip(*(expected_history(k[b], v[b]) for b in range(2)), strict=True))
+    want = causal_attention(q[:, :, None], keys, values, DIM**-0.5)[:, 0]
+    torch.testing.assert_close(out, want, rtol=1e-5, atol=1e-5)

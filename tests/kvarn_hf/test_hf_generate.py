@@ -1,0 +1,123 @@
+"""model.generate with KVarNCache: every decoding mode, left padding, continuation, assisted decoding.
+
+Token sequences are compared with `SimulatedTileCache` (the reference tile simulation) or with unpadded / plain
+runs of KVarNCache itself; both the dense (sdpa) and the fused (kvarn) attention paths run every test. The dense
+path must reproduce them token for token. The fused path sums attention in another order (float32 straight from the
+packed tiles), and a 1e-7 change in a key can move a code across a rounding boundary and, tokens later, flip a
+near-tied argmax of these random models; so there the first tokens must agree (its numerics are checked on logits in
+test_hf_models.py, its batch edits are the dense path's).
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from hf_models import GROUP, PRESET, make_model, tokens
+from transformers import DynamicCache
+
+from kvarn_eval.hf_eval import SimulatedTileCache, kvarn_codec
+from kvarn_hf import KVarNCache
+from kvarn_hf import cache as cache_module
+
+ATTN = ["sdpa", "kvarn"]
+
+
+def reference():
+    return SimulatedTileCache(kvarn_codec(PRESET), GROUP)
+
+
+def assert_agree(attn, got, want, start):
+    """The new tokens (from column `start`) of two generations agree: all of them (dense) or the first 8 (fused)."""
+    assert got.shape == want.shape
+    end = None if attn == "sdpa" else start + 8
+    assert torch.equal(got[:, start:end], want[:, start:end])
+
+
+def generate(model, ids, cache, **kwargs):
+    kwargs.setdefault("attention_mask", torch.ones_like(ids))
+    kwargs.setdefault("do_sample", False)
+    return model.generate(ids, past_key_values=cache, **kwargs)
+
+
+@pytest.mark.parametrize("attn", ATTN)
+def test_greedy_beam_and_sampling_match_the_reference(attn):
+    model = make_model("llama", attn)
+    prompt = tokens(150)
+    assert_agree(attn, generate(model, prompt, KVarNCache(PRESET), max_new_tokens=60),
+                 generate(model, prompt, reference(), max_new_tokens=60), 150)
+    assert_agree(attn, generate(model, prompt, KVarNCache(PRESET), max_new_tokens=30, num_beams=3),
+                 generate(model, prompt, reference(), max_new_tokens=30, num_beams=3), 150)
+    sampled = []
+    for cache in (KVarNCache(PRESET), reference()):
+        torch.manual_seed(1)
+        sampled.append(generate(model, prompt, cache, max_new_tokens=40, do_sample=True, num_return_sequences=3))
+    assert sampled[0].shape == (3, 190)
+    assert_agree(attn, *sampled, 150)
+
+
+@pytest.mark.parametrize("attn", ATTN)
+def test_left_padded_rows_generate_what_they_generate_alone(attn):
+    model = make_model("llama", attn)
+    prompts = [tokens(150, seed=1), tokens(85, seed=2), tokens(10, seed=3)]  # padding 0, 65 (> G) and 140
+    width = max(p.shape[1] for p in prompts)
+    ids = torch.cat([torch.nn.functional.pad(p, (width - p.shape[1], 0)) for p in prompts])
+    mask = torch.cat([torch.nn.functional.pad(torch.ones_like(p), (width - p.shape[1], 0)) for p in prompts])
+    batched = generate(model, ids, KVarNCache(PRESET), attention_mask=mask, max_new_tokens=80)[:, width:]
+    for row, prompt in zip(batched, prompts, strict=True):
+        alone = generate(model, prompt, KVarNCache(PRESET), max_new_tokens=80)[:, prompt.shape[1] :]
+        assert_agree(attn, row[None], alone, 0)
+
+
+@pytest.mark.parametrize("attn", ATTN)
+def test_continuing_a_conversation_from_the_cache(attn):
+    model = make_model("llama", attn)
+    outputs = []
+    for cache in (KVarNCache(PRESET), reference()):
+        first = generate(model, tokens(100), cache, max_new_tokens=30)
+        second = torch.cat([first, tokens(25, seed=9)], dim=1)
+        outputs.append(generate(model, second, cache, max_new_tokens=30))
+        assert cache.get_seq_length() == outputs[-1].shape[1] - 1
+    assert_agree(attn, *outputs, 155)
+
+
+@pytest.mark.parametrize("attn", ATTN)
+def test_assisted_decoding_equals_plain_greedy(attn, monkeypatch):
+    """The main model's cache is cropped after rejected drafts, also right after a tile was completed."""
+    restores = []
+    crop = cache_module._Paging.crop
+
+    def counting(self, remove):
+        rows = crop(self, remove)
+        restores.append(rows.numel())
+        return rows
+
+    monkeypatch.setattr(cache_module._Paging, "crop", counting)
+    model, assistant = make_model("llama", attn), make_model("llama", attn, seed=5)
+    prompt = tokens(120)
+    plain = generate(model, prompt, KVarNCache(PRESET), max_new_tokens=100)
+    assisted = generate(model, prompt, KVarNCache(PRESET), max_new_tokens=100, assistant_model=assistant)
+    assert_agree(attn, plain, assisted, 120)
+    assert len(restores) > 10 and sum(restores) >= 1  # crops happened, one reopened a just-completed tile
+
+
+@pytest.mark.parametrize("attn", ATTN)
+def test_cache_implementation_kvarn(attn):
+    model = make_model("llama", attn)
+    prompt = tokens(150)
+    out = model.generate(prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=20, do_sample=False,
+                         cache_implementation="kvarn", cache_config={"preset": PRESET}, return_dict_in_generate=True)
+    cache = out.past_key_values
+    assert isinstance(cache, KVarNCache) and cache.preset == PRESET and cache.fused == (attn == "kvarn")
+    assert torch.equal(out.sequences, generate(model, prompt, KVarNCache(PRESET), max_new_tokens=20))
+
+
+def test_kvarn_attention_without_a_kvarn_cache_is_plain_attention():
+    """A "kvarn" model still runs with DynamicCache or no cache (dense fallback), identical to sdpa."""
+    sdpa, kvarn = make_model("llama", "sdpa"), make_model("llama", "kvarn")
+    ids = tokens(50, batch=2)
+    mask = torch.ones_like(ids)
+    mask[1, :7] = 0
+    for cache in (None, DynamicCache()):
+        got = kvarn(ids, attention_mask=mask, past_key_values=cache).logits
+        want = sdpa(ids, attention_mask=mask, past_key_values=None if cache is None else DynamicCache()).logits
+        torch.testing.assert_close(got, want, rtol=0, atol=0)
