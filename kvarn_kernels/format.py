@@ -27,7 +27,6 @@ exceed float16's 65504; bfloat16 has float32's range).
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
 import torch
@@ -207,7 +206,3 @@ def check_alignment(fmt: KVarNFormat) -> None:
         if offset % 16:
             raise AssertionError(f"{fmt.preset} head_dim {fmt.head_dim}: offset {offset} is not 16-aligned")
 
-
-def tiles_for(num_tokens: int, group: int) -> int:
-    """Number of tiles needed to hold `num_tokens` tokens."""
-    return math.ceil(num_tokens / group)

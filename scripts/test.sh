@@ -3,13 +3,8 @@
 # project with CPU torch and its test dependencies, then runs ruff and pytest. Triton kernels run under
 # TRITON_INTERPRET=1 (tests/conftest.py sets it when there is no GPU).
 set -euo pipefail
-cd "$(dirname "$0")/.."
-if [ -z "${VIRTUAL_ENV:-}" ]; then
-  python3 -m venv .venv
-  # shellcheck disable=SC1091
-  . .venv/bin/activate
-fi
-python -m pip install -q --upgrade pip
+# shellcheck source=scripts/_venv.sh
+. "$(dirname "$0")/_venv.sh"
 python -m pip install -q torch==2.13.0
 python -m pip install -q -e ".[test,eval]"
 ruff check .
