@@ -6,8 +6,11 @@ One kernel serves decode (one query per sequence, split-K over tiles with a log-
 
     q·k_t = col_scale[t] * (Σ_d (q_rot[d]·row_scale[d]) code[d, t] + Σ_d q_rot[d]·row_zero[d])
 
-and the value side is folded the same way. Queries are rotated (q·H) once outside, and the rotated part of
-the output is un-rotated once at the end. The oracle is `reference.paged_attention_ref`.
+and the value side is folded the same way. Each bit plane of a tile (W = G/4 consecutive tokens) is one
+tensor-core operand; on the GPU a code becomes a 16-bit float by OR-ing it into a constant's mantissa (no
+int→float conversion). Two launches per call: the attention kernel rotates its queries (q·H, a dot with the
+±1 Hadamard matrix) and writes split partials; the merge kernel combines the splits (log-sum-exp), un-rotates
+the quantized part (·H) and stores the output in the query's dtype. The oracle is `reference.paged_attention_ref`.
 """
 
 from __future__ import annotations
@@ -31,27 +34,8 @@ CHUNK_LAUNCH_OPTIONS = {"num_warps": 8, "num_stages": 2}
 # 16-bit tokens (sink, tail, new) are attended this many at a time: small blocks keep registers free.
 DENSE_BLOCK = 32
 CHUNK_ROWS = 64
-
-
-@triton.jit
-def _unpack_planes(words, D: tl.constexpr, G: tl.constexpr, BITS: tl.constexpr):
-    """Words [D, G/4] → codes [D, G] in the kernel's token order (see `_token_order`).
-
-    join() adds an in-thread minor dimension and reshape() merges it, so no data moves between threads.
-    """
-    w = words.to(tl.int32)
-    mask = 2**BITS - 1
-    c01 = tl.join(w & mask, (w >> BITS) & mask)
-    c23 = tl.join((w >> (2 * BITS)) & mask, (w >> (3 * BITS)) & mask)
-    return tl.reshape(tl.join(c01, c23), [D, G])
-
-
-@triton.jit
-def _token_order(G: tl.constexpr):
-    """Token held at each position of `_unpack_planes` output: position 4j + 2e + f is plane 2f + e of word j."""
-    pos = tl.arange(0, G)
-    q = pos % 4
-    return (2 * (q % 2) + q // 2) * (G // 4) + pos // 4
+# Rows (query, head) per program of the split merge + un-rotation kernel.
+MERGE_ROWS = 16
 
 
 @triton.jit
@@ -84,41 +68,95 @@ def _attend_dense(q, k_ptr, v_ptr, stride_tok, n_valid, key_pos0, q_pos, row_ok,
 
 
 @triton.jit
+def _plane(words, PLANE: tl.constexpr, BITS: tl.constexpr, DOT: tl.constexpr, MAGIC: tl.constexpr):
+    """Plane PLANE of code words [R, W] (tokens PLANE*W + j) as DOT values code + offset.
+
+    With MAGIC (a 16-bit float's exponent bits, e.g. 0x4300 = 128.0 in bfloat16) the code is OR-ed into the
+    mantissa: the value is MAGIC's float + code, exact, in two integer ops and a free bitcast; the caller
+    removes the offset algebraically. Without MAGIC the code is converted (offset 0).
+    """
+    c = (words.to(tl.int32) >> (PLANE * BITS)) & (2**BITS - 1)
+    if MAGIC == 0:
+        return c.to(DOT)
+    return (c | MAGIC).to(tl.int16).to(DOT, bitcast=True)
+
+
+@triton.jit
+def _tile_scores(qs, kw, scales_ptr, PLANE: tl.constexpr, W: tl.constexpr, D: tl.constexpr, KBITS: tl.constexpr,
+                 DOT: tl.constexpr, MAGIC: tl.constexpr, PRECISION: tl.constexpr):
+    """Σ_d qs[r, d]·(code[d, t] + offset) for the W tokens of one plane, scaled by their column scales."""
+    tok = PLANE * W + tl.arange(0, W)
+    s = tl.dot(qs, _plane(kw, PLANE, KBITS, DOT, MAGIC), input_precision=PRECISION)
+    return s, tl.load(scales_ptr + 2 * D + tok).to(tl.float32)
+
+
+@triton.jit
+def _tile_values(pv, p, vw, scales_ptr, PLANE: tl.constexpr, W: tl.constexpr, G: tl.constexpr, D: tl.constexpr,
+                 VBITS: tl.constexpr, DOT: tl.constexpr, MAGIC: tl.constexpr, OFFSET: tl.constexpr,
+                 PRECISION: tl.constexpr):
+    """pv += Σ_t p[r, t]·row_scale[t]·(code[:, t] + offset) over one plane's W tokens; also returns the
+    per-element terms whose row sums complete the value rows (row zeros, minus the offset)."""
+    tok = PLANE * W + tl.arange(0, W)
+    pr = (p * tl.load(scales_ptr + 2 * D + G + tok).to(tl.float32)[None, :]).to(DOT)
+    pv = tl.dot(pr, tl.trans(_plane(vw, PLANE, VBITS, DOT, MAGIC)), pv, input_precision=PRECISION)
+    return pv, p * tl.load(scales_ptr + 2 * D + 2 * G + tok).to(tl.float32)[None, :] - OFFSET * pr.to(tl.float32)
+
+
+@triton.jit
 def _attend_tile(q_rot, kw_ptr, vw_ptr, scales_ptr, key_pos0, q_pos, row_ok, m_i, l_i, acc,
                  sm_scale, G: tl.constexpr, D: tl.constexpr, KBITS: tl.constexpr, VBITS: tl.constexpr,
-                 DOT: tl.constexpr, PRECISION: tl.constexpr):
+                 DOT: tl.constexpr, MAGIC: tl.constexpr, OFFSET: tl.constexpr, PRECISION: tl.constexpr):
     """Attend to one packed tile straight from its codes; the output accumulates in the rotated frame.
 
-    The tile is walked plane by plane (tokens a*G/4 .. (a+1)*G/4 - 1 of every word), one online-softmax
-    update per plane, so only one plane's codes and scores are live at a time (register pressure is what
-    limits this kernel). Re-reading a tile's words for each plane hits L1.
+    Word j of a channel holds tokens j, j+W, j+2W, j+3W (W = G/4): each bit plane is W consecutive tokens,
+    so the tile is four [D, W] operands, never a [D, G] unpacked copy (register pressure limits this kernel).
     """
     W: tl.constexpr = G // 4
     d = tl.arange(0, D)
-    # Scores, scales and values all follow the unpacked codes' token order (a permutation of the tile).
-    tok = _token_order(G)
     w_offs = d[:, None] * W + tl.arange(0, W)[None, :]
     qs = (q_rot * tl.load(scales_ptr + d).to(tl.float32)[None, :]).to(DOT)
-    zero_term = tl.sum(q_rot * tl.load(scales_ptr + D + d).to(tl.float32)[None, :], axis=1)
-    k_codes = _unpack_planes(tl.load(kw_ptr + w_offs), D, G, KBITS).to(DOT)  # [D, G]
-    k_col_scale = tl.load(scales_ptr + 2 * D + tok).to(tl.float32)
-    s = tl.dot(qs, k_codes, input_precision=PRECISION) + zero_term[:, None]
-    s = s * (k_col_scale * sm_scale)[None, :]
-    visible = row_ok[:, None] & ((key_pos0 + tok)[None, :] <= q_pos[:, None])
-    p, alpha, m_i, l_i = _softmax_step(s, visible, m_i, l_i)
-    v_codes = _unpack_planes(tl.load(vw_ptr + w_offs), D, G, VBITS).to(DOT)  # [D, G]
-    v_row_scale = tl.load(scales_ptr + 2 * D + G + tok).to(tl.float32)
-    v_row_zero = tl.load(scales_ptr + 2 * D + 2 * G + tok).to(tl.float32)
-    pv = tl.dot((p * v_row_scale[None, :]).to(DOT), tl.trans(v_codes), input_precision=PRECISION)
-    pv = pv + tl.sum(p * v_row_zero[None, :], axis=1)[:, None]
+    zero_term = tl.sum(q_rot * tl.load(scales_ptr + D + d).to(tl.float32)[None, :]
+                       - OFFSET * qs.to(tl.float32), axis=1)
+    kw = tl.load(kw_ptr + w_offs)
+    s0, c0 = _tile_scores(qs, kw, scales_ptr, 0, W, D, KBITS, DOT, MAGIC, PRECISION)
+    s1, c1 = _tile_scores(qs, kw, scales_ptr, 1, W, D, KBITS, DOT, MAGIC, PRECISION)
+    s2, c2 = _tile_scores(qs, kw, scales_ptr, 2, W, D, KBITS, DOT, MAGIC, PRECISION)
+    s3, c3 = _tile_scores(qs, kw, scales_ptr, 3, W, D, KBITS, DOT, MAGIC, PRECISION)
+    s0 = tl.where(row_ok[:, None], (s0 + zero_term[:, None]) * (c0 * sm_scale)[None, :], float("-inf"))
+    s1 = tl.where(row_ok[:, None], (s1 + zero_term[:, None]) * (c1 * sm_scale)[None, :], float("-inf"))
+    s2 = tl.where(row_ok[:, None], (s2 + zero_term[:, None]) * (c2 * sm_scale)[None, :], float("-inf"))
+    s3 = tl.where(row_ok[:, None], (s3 + zero_term[:, None]) * (c3 * sm_scale)[None, :], float("-inf"))
+    # History tiles precede every query of a chunk (bottom-right causal), so only padded rows are masked;
+    # a query placed before the tile (n_new < q_len, never produced by the front-ends) is masked below.
+    t = tl.arange(0, W)
+    s0 = tl.where((key_pos0 + t)[None, :] <= q_pos[:, None], s0, float("-inf"))
+    s1 = tl.where((key_pos0 + W + t)[None, :] <= q_pos[:, None], s1, float("-inf"))
+    s2 = tl.where((key_pos0 + 2 * W + t)[None, :] <= q_pos[:, None], s2, float("-inf"))
+    s3 = tl.where((key_pos0 + 3 * W + t)[None, :] <= q_pos[:, None], s3, float("-inf"))
+    # Elementwise across planes first: one cross-thread reduction per tile, not four.
+    m_new = tl.maximum(m_i, tl.max(tl.maximum(tl.maximum(s0, s1), tl.maximum(s2, s3)), axis=1))
+    m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+    p0 = tl.exp(s0 - m_safe[:, None])
+    p1 = tl.exp(s1 - m_safe[:, None])
+    p2 = tl.exp(s2 - m_safe[:, None])
+    p3 = tl.exp(s3 - m_safe[:, None])
+    alpha = tl.exp(m_i - m_safe)
+    l_i = l_i * alpha + tl.sum((p0 + p1) + (p2 + p3), axis=1)
+    vw = tl.load(vw_ptr + w_offs)
+    pv = tl.zeros_like(acc)
+    pv, z0 = _tile_values(pv, p0, vw, scales_ptr, 0, W, G, D, VBITS, DOT, MAGIC, OFFSET, PRECISION)
+    pv, z1 = _tile_values(pv, p1, vw, scales_ptr, 1, W, G, D, VBITS, DOT, MAGIC, OFFSET, PRECISION)
+    pv, z2 = _tile_values(pv, p2, vw, scales_ptr, 2, W, G, D, VBITS, DOT, MAGIC, OFFSET, PRECISION)
+    pv, z3 = _tile_values(pv, p3, vw, scales_ptr, 3, W, G, D, VBITS, DOT, MAGIC, OFFSET, PRECISION)
+    pv = pv + tl.sum((z0 + z1) + (z2 + z3), axis=1)[:, None]
     v_col_scale = tl.load(scales_ptr + 2 * D + 3 * G + d).to(tl.float32)
     acc = acc * alpha[:, None] + pv * v_col_scale[None, :]
-    return m_i, l_i, acc
+    return m_new, l_i, acc
 
 
 @triton.jit
 def _paged_attention_kernel(
-    q, q_rot, stride_qt, stride_qh,
+    q, hadamard_ptr, stride_qt, stride_qh,
     k_new, v_new, stride_nt, stride_nh,
     cu_q, cu_k, seq_lens, block_table, stride_bt, dense_table,
     k_words, v_words, scales, kw_sb, kw_sh, vw_sb, vw_sh, scales_sb, scales_sh,
@@ -127,7 +165,8 @@ def _paged_attention_kernel(
     sm_scale, tiles_per_split,
     N_REP: tl.constexpr, G: tl.constexpr, D: tl.constexpr, KBITS: tl.constexpr, VBITS: tl.constexpr,
     BLOCK_M: tl.constexpr, ROWS: tl.constexpr, HAS_NEW: tl.constexpr, NUM_SPLITS: tl.constexpr,
-    DOT: tl.constexpr, PRECISION: tl.constexpr, DENSE_BLOCK: tl.constexpr,
+    DOT: tl.constexpr, PRECISION: tl.constexpr, DENSE_BLOCK: tl.constexpr, MAGIC: tl.constexpr,
+    OFFSET: tl.constexpr,
 ):
     b = tl.program_id(0)
     m_block = tl.program_id(1)
@@ -166,16 +205,20 @@ def _paged_attention_kernel(
     n_tiles = rest // G
     first_tile = split * tiles_per_split
     last_tile = tl.minimum(first_tile + tiles_per_split, n_tiles)
+    # Loaded once: the offsets tensor is dead before the tile loop (registers are what limit this kernel).
+    qp = tl.load(q + q_offs, mask=row_ok[:, None], other=0.0).to(DOT)
     if first_tile < last_tile:
-        qr = tl.load(q_rot + q_offs, mask=row_ok[:, None], other=0.0).to(tl.float32)
+        # q·H in-kernel: ±1 entries make the 16-bit products exact; 1/sqrt(D) is applied in float32.
+        h_offs = d[:, None] * D + d[None, :]
+        qr = tl.dot(qp, tl.load(hadamard_ptr + h_offs),
+                    input_precision=PRECISION) * (1.0 / tl.sqrt(D * 1.0))
         for i in range(first_tile, last_tile):
             block = tl.load(block_table + b.to(tl.int64) * stride_bt + i).to(tl.int64)
             m_q, l_q, acc_rot = _attend_tile(
                 qr, k_words + block * kw_sb + kvh * kw_sh, v_words + block * vw_sb + kvh * vw_sh,
                 scales + block * scales_sb + kvh * scales_sh, G * (1 + i), q_pos, row_ok, m_q, l_q, acc_rot,
-                sm_scale, G, D, KBITS, VBITS, DOT, PRECISION)
+                sm_scale, G, D, KBITS, VBITS, DOT, MAGIC, OFFSET, PRECISION)
 
-    qp = tl.load(q + q_offs, mask=row_ok[:, None], other=0.0).to(DOT)
     if split == 0:
         sink_block = tl.load(dense_table + 2 * b).to(tl.int64)
         base = sink_block * stride_db + kvh * stride_dh
@@ -207,36 +250,43 @@ def _paged_attention_kernel(
     acc_plain = acc_plain * w_d[:, None]
     t_idx = (q_start + m_idx).to(tl.int64)
     out_offs = split * stride_ps + t_idx[:, None] * stride_pt + head[:, None] * stride_ph + d[None, :]
-    if NUM_SPLITS == 1:
-        inv_l = tl.where(l_i > 0, 1.0 / l_i, 0.0)
-        acc_plain = acc_plain * inv_l[:, None]
-        acc_rot = acc_rot * inv_l[:, None]
-    else:
-        ml_offs = split * (stride_ps // D) + t_idx * (stride_pt // D) + head * (stride_ph // D)
-        tl.store(part_m + ml_offs, m_i, mask=row_ok)
-        tl.store(part_l + ml_offs, l_i, mask=row_ok)
+    ml_offs = split * (stride_ps // D) + t_idx * (stride_pt // D) + head * (stride_ph // D)
+    tl.store(part_m + ml_offs, m_i, mask=row_ok)
+    tl.store(part_l + ml_offs, l_i, mask=row_ok)
     tl.store(part_plain + out_offs, acc_plain, mask=row_ok[:, None])
     tl.store(part_rot + out_offs, acc_rot, mask=row_ok[:, None])
 
 
 @triton.jit
-def _merge_splits_kernel(part_plain, part_rot, part_m, part_l, out_plain, out_rot, n_rows,
-                         NUM_SPLITS: tl.constexpr, D: tl.constexpr):
-    """Log-sum-exp merge of split partials [S, rows, D] into normalized outputs [rows, D]."""
-    row = tl.program_id(0).to(tl.int64)
-    s = tl.arange(0, NUM_SPLITS)
+def _merge_splits_kernel(part_plain, part_rot, part_m, part_l, hadamard_ptr, out, n_rows,
+                         NUM_SPLITS: tl.constexpr, D: tl.constexpr, BLOCK_R: tl.constexpr,
+                         PRECISION: tl.constexpr):
+    """Log-sum-exp merge of split partials [S, rows, D], then out = plain + rot·H (un-rotation), stored in
+    out's dtype. BLOCK_R rows per program so that the un-rotation is one tensor-core dot."""
+    r = tl.program_id(0).to(tl.int64) * BLOCK_R + tl.arange(0, BLOCK_R)
+    r_ok = r < n_rows
     d = tl.arange(0, D)
-    m = tl.load(part_m + s * n_rows + row)
-    l_s = tl.load(part_l + s * n_rows + row)
-    m_max = tl.max(m, axis=0)
-    w = tl.where(l_s > 0, tl.exp(m - tl.where(m_max == float("-inf"), 0.0, m_max)), 0.0)
-    l_tot = tl.sum(w * l_s, axis=0)
+    offs = r[:, None] * D + d[None, :]
+    m = tl.full([BLOCK_R], float("-inf"), tl.float32)
+    l_tot = tl.zeros([BLOCK_R], tl.float32)
+    plain = tl.zeros([BLOCK_R, D], tl.float32)
+    rot = tl.zeros([BLOCK_R, D], tl.float32)
+    for s in range(NUM_SPLITS):
+        m_s = tl.load(part_m + s * n_rows + r, mask=r_ok, other=float("-inf"))
+        l_s = tl.load(part_l + s * n_rows + r, mask=r_ok, other=0.0)
+        m_new = tl.maximum(m, m_s)
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+        a = tl.exp(m - m_safe)
+        w = tl.where(l_s > 0, tl.exp(m_s - m_safe), 0.0)
+        l_tot = l_tot * a + w * l_s
+        part = s * n_rows * D + offs
+        plain = plain * a[:, None] + tl.load(part_plain + part, mask=r_ok[:, None], other=0.0) * w[:, None]
+        rot = rot * a[:, None] + tl.load(part_rot + part, mask=r_ok[:, None], other=0.0) * w[:, None]
+        m = m_new
     inv = tl.where(l_tot > 0, 1.0 / l_tot, 0.0)
-    offs = (s * n_rows + row)[:, None] * D + d[None, :]
-    plain = tl.sum(tl.load(part_plain + offs) * w[:, None], axis=0) * inv
-    rot = tl.sum(tl.load(part_rot + offs) * w[:, None], axis=0) * inv
-    tl.store(out_plain + row * D + d, plain)
-    tl.store(out_rot + row * D + d, rot)
+    h = tl.load(hadamard_ptr + d[:, None] * D + d[None, :])
+    res = plain + tl.dot(rot, h, input_precision=PRECISION) * (1.0 / tl.sqrt(D * 1.0))
+    tl.store(out + offs, (res * inv[:, None]).to(out.dtype.element_ty), mask=r_ok[:, None])
 
 
 def choose_num_splits(batch: int, num_kv_heads: int, max_tiles: int, num_sms: int = 132) -> int:
@@ -270,8 +320,6 @@ def paged_attention(
     n_rep = hq // hkv
     batch = cu_seqlens_q.numel() - 1
     scale = sm_scale if sm_scale is not None else d**-0.5
-    rot = hadamard(d, device=q.device)
-    q_rot = (q.float().reshape(-1, d) @ rot).reshape(tq, hq, d)
     max_tiles = state.block_table.shape[1]
     splits = num_splits or choose_num_splits(batch, hkv, max_tiles, _num_sms(q.device))
     tiles_per_split = max(1, math.ceil(max_tiles / splits))
@@ -280,6 +328,8 @@ def paged_attention(
     # (query, head) pairs, so each program re-reads the quantized history for 64 rows, not 16.
     block_m = max(1, min(CHUNK_ROWS // n_rep, triton.next_power_of_2(max_q_len)))
     rows = max(16, triton.next_power_of_2(block_m * n_rep))
+    dot = _dot_dtype(q.dtype)
+    precision = "ieee" if dot == tl.float32 else "tf32"
     part_plain = torch.empty(splits, tq, hq, d, device=q.device, dtype=torch.float32)
     part_rot = torch.empty_like(part_plain)
     part_m = torch.empty(splits, tq, hq, device=q.device, dtype=torch.float32)
@@ -288,10 +338,10 @@ def paged_attention(
     kn = k_new if has_new else q
     vn = v_new if has_new else q
     k_words, v_words, scales = fmt.word_views(state.cache)
-    dot = _dot_dtype(q.dtype)
+    magic = _MAGIC.get(dot, 0)
     grid = (batch, triton.cdiv(max_q_len, block_m), hkv * splits)
     _paged_attention_kernel[grid](
-        q, q_rot, q.stride(0), q.stride(1),
+        q, _signs(d, _TORCH_DTYPE[dot], q.device), q.stride(0), q.stride(1),
         kn, vn, kn.stride(0), kn.stride(1),
         cu_seqlens_q, cu_seqlens_k if has_new else cu_seqlens_q, state.seq_lens,
         state.block_table, state.block_table.stride(0), state.dense_table,
@@ -302,18 +352,15 @@ def paged_attention(
         scale, tiles_per_split,
         N_REP=n_rep, G=fmt.group, D=d, KBITS=fmt.k_bits, VBITS=fmt.v_bits,
         BLOCK_M=block_m, ROWS=rows, HAS_NEW=has_new, NUM_SPLITS=splits,
-        DOT=dot, PRECISION="ieee" if dot == tl.float32 else "tf32", DENSE_BLOCK=DENSE_BLOCK,
+        DOT=dot, PRECISION=precision, DENSE_BLOCK=DENSE_BLOCK, MAGIC=magic, OFFSET=_MAGIC_OFFSET.get(dot, 0.0),
         **(LAUNCH_OPTIONS if rows <= 16 else CHUNK_LAUNCH_OPTIONS),
     )
-    if splits == 1:
-        out_plain, out_rot = part_plain[0], part_rot[0]
-    else:
-        out_plain = torch.empty(tq, hq, d, device=q.device, dtype=torch.float32)
-        out_rot = torch.empty_like(out_plain)
-        _merge_splits_kernel[(tq * hq,)](part_plain, part_rot, part_m, part_l, out_plain, out_rot, tq * hq,
-                                         NUM_SPLITS=splits, D=d)
-    out = torch.addmm(out_plain.reshape(-1, d), out_rot.reshape(-1, d), rot)
-    return out.reshape(tq, hq, d).to(q.dtype)
+    out = torch.empty_like(q)
+    n_rows = tq * hq
+    _merge_splits_kernel[(triton.cdiv(n_rows, MERGE_ROWS),)](
+        part_plain, part_rot, part_m, part_l, _signs(d, torch.float32, q.device), out, n_rows,
+        NUM_SPLITS=splits, D=d, BLOCK_R=MERGE_ROWS, PRECISION=precision)
+    return out
 
 
 def decode_attention(
@@ -337,6 +384,19 @@ def chunk_attention(
 ) -> torch.Tensor:
     """A chunk of new queries per sequence over its quantized history plus its causal 16-bit new tokens."""
     return paged_attention(q, state, cu_seqlens_q, max_q_len, k_new, v_new, cu_seqlens_k, sm_scale, num_splits)
+
+
+# A 16-bit float whose mantissa holds the code: 0x4300 is 128.0 in bfloat16 (7 mantissa bits), 0x6400 is 1024.0
+# in float16 (10 bits); OR-ing a code below 128 into it gives offset + code exactly.
+_MAGIC = {tl.bfloat16: 0x4300, tl.float16: 0x6400}
+_MAGIC_OFFSET = {tl.bfloat16: 128.0, tl.float16: 1024.0}
+_TORCH_DTYPE = {tl.bfloat16: torch.bfloat16, tl.float16: torch.float16, tl.float32: torch.float32}
+
+
+@functools.lru_cache(maxsize=32)
+def _signs(d: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """The unnormalized Hadamard matrix (±1, exact in every float dtype); kernels scale by 1/sqrt(d)."""
+    return (hadamard(d, device=device) * d**0.5).round().to(dtype).contiguous()
 
 
 def _dot_dtype(dtype: torch.dtype) -> tl.dtype:

@@ -149,15 +149,16 @@ def tune(hq, hkv, d, preset, dtype) -> list[dict]:
 
     fmt = KVarNFormat.from_preset(preset, d, dtype)
     rows = []
-    for batch, ctx in [(1, 16384), (8, 16384), (64, 16384)]:
+    for batch, ctx in [(1, 2048), (1, 16384), (8, 16384), (64, 16384)]:
         state = make_state(batch, ctx, hkv, fmt, dtype)
         q = torch.randn(batch, hq, d, device="cuda", dtype=dtype)
         default = dict(attention.LAUNCH_OPTIONS)
-        for opts in ({"num_stages": 2}, {"num_stages": 3}, {"num_stages": 2, "maxnreg": 128},
-                     {"num_stages": 3, "maxnreg": 128}, {"num_stages": 2, "maxnreg": 168}, {"num_stages": 2,
-                     "maxnreg": 96}):
+        for opts in ({"num_warps": 4, "num_stages": 1}, {"num_warps": 4, "num_stages": 2},
+                     {"num_warps": 4, "num_stages": 3}, {"num_warps": 8, "num_stages": 1},
+                     {"num_warps": 8, "num_stages": 2}, {"num_warps": 4, "num_stages": 2, "maxnreg": 128},
+                     {"num_warps": 4, "num_stages": 1, "maxnreg": 168}):
             attention.LAUNCH_OPTIONS.clear()
-            attention.LAUNCH_OPTIONS.update(num_warps=4, **opts)
+            attention.LAUNCH_OPTIONS.update(opts)
             ms = graph_time_ms(lambda: decode_attention(q, state))
             rows.append({"batch": batch, "context": ctx, **attention.LAUNCH_OPTIONS, "ms": ms})
             tqdm.write(json.dumps(rows[-1]))
