@@ -34,6 +34,7 @@ from kvarn_kernels import PRESETS, KVarNFormat, scale_dtype_for
 from kvarn_kernels.reference import (
     NORMALIZE_ITERS,
     RTN_MIN_SCALE,
+    choose_k_rotation,
     dequantize_tiles,
     quantize_matrices,
     quantize_tile_records,
@@ -78,9 +79,9 @@ def kvarn_variant_codec(
 ) -> TileCodec:
     """KVarN with its parts switched on or off (for ablations), built from the kernel-core reference steps.
 
-    rotate: Hadamard rotation; iters: normalization iterations (0 = plain per-row RTN); scale_dtype: how the absorbed
-    scales are stored (None: the format's choice for the model dtype; torch.float32: unrounded). With the defaults
-    it reproduces `kvarn_codec` exactly.
+    rotate: Hadamard rotation (V always, K where `choose_k_rotation` picks it, as format v2 does); iters:
+    normalization iterations (0 = plain per-row RTN); scale_dtype: how the absorbed scales are stored (None: the
+    format's choice for the model dtype; torch.float32: unrounded). With the defaults it reproduces `kvarn_codec`.
     """
 
     def matrix(x: torch.Tensor, bits: int, sdt: torch.dtype) -> torch.Tensor:
@@ -92,9 +93,12 @@ def kvarn_variant_codec(
         n, h, g, d = k.shape
         sdt = scale_dtype or scale_dtype_for(k.dtype)
         turn = reference_rotate if rotate else (lambda x: x.float())
-        k_mat = turn(k).reshape(n * h, g, d).transpose(1, 2)  # rows = channels
+        k_rot = turn(k)
+        k_turn = choose_k_rotation(k, k_rot)[..., None, None] if rotate else torch.zeros((), dtype=torch.bool)
+        k_mat = torch.where(k_turn, k_rot, k.float()).reshape(n * h, g, d).transpose(1, 2)  # rows = channels
         v_mat = turn(v).reshape(n * h, g, d)  # rows = tokens
-        k_hat = turn(matrix(k_mat, k_bits, sdt).transpose(1, 2)).reshape(n, h, g, d)
+        k_hat = matrix(k_mat, k_bits, sdt).transpose(1, 2).reshape(n, h, g, d)
+        k_hat = torch.where(k_turn, turn(k_hat), k_hat)
         v_hat = turn(matrix(v_mat, v_bits, sdt)).reshape(n, h, g, d)
         return k_hat.to(k.dtype), v_hat.to(v.dtype)
 

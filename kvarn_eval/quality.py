@@ -10,7 +10,9 @@ Compared, per bit configuration (k4v2_g128, k4v4_g128, k2v2_g128, k4v2_g64):
   ``abl-rot-only`` (Hadamard rotation, then the same per-row RTN, no normalization),
   ``abl-norm-only`` (variance normalization and RTN on the unrotated tile: ``reference.quantize_matrices``) and
   ``abl-rot+norm-fp32`` (rotation + normalization + RTN with float32 scales: KVarN's math without the 16-bit
-  scale storage, so the ablation ladder compares like with like).
+  scale storage, so the ablation ladder compares like with like; K's frame is chosen per tile as in KVarN);
+- ``kvarn-v1``: format version 1, K always rotated (``quantize_tile_records(..., rotate_k=True)``), to show what the
+  per-tile K-frame choice of version 2 changes.
 
 Every method quantizes the same tokens: the first 128 tokens of a sequence stay 16-bit (KVarN's sink; the same
 128 for the g64 configuration so that all methods are measured on the same tokens), then whole tiles up to the
@@ -54,13 +56,14 @@ REPORT_VERSION = 1
 SINK = 128  # tokens kept in 16-bit at the start of every sequence, for every method
 ALIGN = 128  # the quantized region ends on a multiple of this many tokens after the sink
 CONFIGS = ("k4v2_g128", "k4v4_g128", "k2v2_g128", "k4v2_g64")
-METHODS = ("kvarn", "kivi", "abl-rot-only", "abl-norm-only", "abl-rot+norm-fp32")
+METHODS = ("kvarn", "kivi", "abl-rot-only", "abl-norm-only", "abl-rot+norm-fp32", "kvarn-v1")
 METHOD_TITLES = {
     "kvarn": "KVarN (rotation + normalization, 16-bit scales)",
     "kivi": "KIVI-style RTN (K per channel, V per token)",
     "abl-rot-only": "ablation: Hadamard rotation + RTN, no normalization",
     "abl-norm-only": "ablation: normalization + RTN, no rotation",
     "abl-rot+norm-fp32": "ablation: rotation + normalization + RTN, float32 scales",
+    "kvarn-v1": "KVarN format v1: K always rotated (16-bit scales)",
 }
 METRICS = ("k_rel_err", "v_rel_err", "attn_rel_err", "attn_kl")
 METRIC_TITLES = {
@@ -117,11 +120,17 @@ def make_codec(method: str, config: str, scale_dtype: torch.dtype = torch.float1
         return _per_row(_dequant_matrices, k.float(), v.float(), kb, vb)
 
     def rot_norm(k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        k_hat, v_hat = _per_row(_dequant_matrices, reference.rotate(k), reference.rotate(v), kb, vb)
-        return reference.rotate(k_hat), reference.rotate(v_hat)
+        k_rot = reference.rotate(k)
+        turn = reference.choose_k_rotation(k, k_rot)[..., None, None]  # KVarN's per-tile K frame
+        k_hat, v_hat = _per_row(_dequant_matrices, torch.where(turn, k_rot, k.float()), reference.rotate(v), kb, vb)
+        return torch.where(turn, reference.rotate(k_hat), k_hat), reference.rotate(v_hat)
+
+    def kvarn_v1(k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        fmt = KVarNFormat.from_preset(f"kvarn_{config}", k.shape[-1], scale_dtype)
+        return reference.dequantize_tiles(reference.quantize_tile_records(k, v, fmt, rotate_k=True), fmt)
 
     codecs = {"kvarn": kvarn, "kivi": kivi, "abl-rot-only": rot_only, "abl-norm-only": norm_only,
-              "abl-rot+norm-fp32": rot_norm}  # fmt: skip
+              "abl-rot+norm-fp32": rot_norm, "kvarn-v1": kvarn_v1}  # fmt: skip
     if method not in codecs:
         raise ValueError(f"method {method!r} is unknown: use one of {', '.join(codecs)}")
     return codecs[method]
@@ -579,7 +588,8 @@ def _findings(report: dict[str, Any]) -> list[str]:
                 if won and lost:
                     out.append(f"  - mean rho of layers where KVarN's KL is lower: {sum(won) / len(won):.2f}; "
                                f"where it is higher: {sum(lost) / len(lost):.2f}.")  # fmt: skip
-        labels = {m: f"{m}:{c}" for m in ("kivi", "abl-rot-only", "abl-norm-only", "abl-rot+norm-fp32", "kvarn")}
+        labels = {m: f"{m}:{c}" for m in ("kivi", "abl-rot-only", "abl-norm-only", "abl-rot+norm-fp32", "kvarn",
+                                           "kvarn-v1")}
         if not all(lab in res for lab in labels.values()):
             continue
         for metric in METRICS:
@@ -587,8 +597,8 @@ def _findings(report: dict[str, Any]) -> list[str]:
             out.append(f"  - {METRIC_TITLES[metric]}: KIVI {_fmt(a['kivi'])}; rotation only "
                        f"{_fmt(a['abl-rot-only'])}; normalization only {_fmt(a['abl-norm-only'])}; rotation + "
                        f"normalization {_fmt(a['abl-rot+norm-fp32'])} (fp32 scales) / {_fmt(a['kvarn'])} (KVarN, "
-                       f"16-bit scales). Normalization on top of rotation: "
-                       f"{_factor(a['abl-rot-only'] / a['abl-rot+norm-fp32'])}.")  # fmt: skip
+                       f"16-bit scales); format v1 (K always rotated) {_fmt(a['kvarn-v1'])}. Normalization on top "
+                       f"of rotation: {_factor(a['abl-rot-only'] / a['abl-rot+norm-fp32'])}.")  # fmt: skip
     return out
 
 

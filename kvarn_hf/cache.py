@@ -397,7 +397,7 @@ class KVarNLayer(CacheLayerMixin):
             state = self._state(step.seq_lens_before)
             out = ops.paged_attention(
                 q.contiguous(), state, step.cu_seqlens, step.max_new, k.contiguous(), v.contiguous(), step.cu_seqlens,
-                scaling,
+                scaling, max_history=max(step.real_before, default=0),
             )
         else:
             out = q.new_zeros(q.shape)

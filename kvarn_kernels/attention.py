@@ -6,7 +6,8 @@ One kernel serves decode (one query per sequence, split-K over tiles with a log-
 
     q·k_t = col_scale[t] * (Σ_d (q_rot[d]·row_scale[d]) code[d, t] + Σ_d q_rot[d]·row_zero[d])
 
-and the value side is folded the same way. Each bit plane of a tile (W = G/4 consecutive tokens) is one
+(q_rot is q itself for a tile whose K-frame flag says K is stored unrotated; format v2) and the value side
+is folded the same way (V is always rotated). Each bit plane of a tile (W = G/4 consecutive tokens) is one
 tensor-core operand; on the GPU a code becomes a 16-bit float by OR-ing it into a constant's mantissa (no
 int→float conversion). Two launches per call: the attention kernel rotates its queries (q·H, a dot with the
 ±1 Hadamard matrix) and writes split partials; the merge kernel combines the splits (log-sum-exp), un-rotates
@@ -87,7 +88,7 @@ def _tile_scores(qs, kw, scales_ptr, PLANE: tl.constexpr, W: tl.constexpr, D: tl
     """Σ_d qs[r, d]·(code[d, t] + offset) for the W tokens of one plane, scaled by their column scales."""
     tok = PLANE * W + tl.arange(0, W)
     s = tl.dot(qs, _plane(kw, PLANE, KBITS, DOT, MAGIC), input_precision=PRECISION)
-    return s, tl.load(scales_ptr + 2 * D + tok).to(tl.float32)
+    return s, tl.abs(tl.load(scales_ptr + 2 * D + tok).to(tl.float32))  # col_scale[0]'s sign is the K-frame flag
 
 
 @triton.jit
@@ -103,7 +104,7 @@ def _tile_values(pv, p, vw, scales_ptr, PLANE: tl.constexpr, W: tl.constexpr, G:
 
 
 @triton.jit
-def _attend_tile(q_rot, kw_ptr, vw_ptr, scales_ptr, key_pos0, q_pos, row_ok, m_i, l_i, acc,
+def _attend_tile(q_rot, q_plain, kw_ptr, vw_ptr, scales_ptr, key_pos0, q_pos, row_ok, m_i, l_i, acc,
                  sm_scale, G: tl.constexpr, D: tl.constexpr, KBITS: tl.constexpr, VBITS: tl.constexpr,
                  DOT: tl.constexpr, MAGIC: tl.constexpr, OFFSET: tl.constexpr, PRECISION: tl.constexpr):
     """Attend to one packed tile straight from its codes; the output accumulates in the rotated frame.
@@ -114,8 +115,11 @@ def _attend_tile(q_rot, kw_ptr, vw_ptr, scales_ptr, key_pos0, q_pos, row_ok, m_i
     W: tl.constexpr = G // 4
     d = tl.arange(0, D)
     w_offs = d[:, None] * W + tl.arange(0, W)[None, :]
-    qs = (q_rot * tl.load(scales_ptr + d).to(tl.float32)[None, :]).to(DOT)
-    zero_term = tl.sum(q_rot * tl.load(scales_ptr + D + d).to(tl.float32)[None, :]
+    # K-frame flag (format v2): a negative col_scale[0] marks a K stored unrotated; score it with plain q.
+    k_rotated = tl.load(scales_ptr + 2 * D).to(tl.int16, bitcast=True) >= 0
+    qk = tl.where(k_rotated, q_rot, q_plain)
+    qs = (qk * tl.load(scales_ptr + d).to(tl.float32)[None, :]).to(DOT)
+    zero_term = tl.sum(qk * tl.load(scales_ptr + D + d).to(tl.float32)[None, :]
                        - OFFSET * qs.to(tl.float32), axis=1)
     kw = tl.load(kw_ptr + w_offs)
     s0, c0 = _tile_scores(qs, kw, scales_ptr, 0, W, D, KBITS, DOT, MAGIC, PRECISION)
@@ -215,7 +219,7 @@ def _paged_attention_kernel(
         for i in range(first_tile, last_tile):
             block = tl.load(block_table + b.to(tl.int64) * stride_bt + i).to(tl.int64)
             m_q, l_q, acc_rot = _attend_tile(
-                qr, k_words + block * kw_sb + kvh * kw_sh, v_words + block * vw_sb + kvh * vw_sh,
+                qr, qp.to(tl.float32), k_words + block * kw_sb + kvh * kw_sh, v_words + block * vw_sb + kvh * vw_sh,
                 scales + block * scales_sb + kvh * scales_sh, G * (1 + i), q_pos, row_ok, m_q, l_q, acc_rot,
                 sm_scale, G, D, KBITS, VBITS, DOT, MAGIC, OFFSET, PRECISION)
 
@@ -289,11 +293,13 @@ def _merge_splits_kernel(part_plain, part_rot, part_m, part_l, hadamard_ptr, out
     tl.store(out + offs, (res * inv[:, None]).to(out.dtype.element_ty), mask=r_ok[:, None])
 
 
-def choose_num_splits(batch: int, num_kv_heads: int, max_tiles: int, num_sms: int = 132) -> int:
+def choose_num_splits(batch: int, num_kv_heads: int, max_tiles: int, num_sms: int = 132, q_blocks: int = 1) -> int:
     """A power of two: enough programs to fill the GPU twice over, none with fewer than MIN_TILES_PER_SPLIT tiles
-    (a program walks its tiles one after another, so short contexts want one tile per program)."""
+    (a program walks its tiles one after another, so short contexts want one tile per program). q_blocks query
+    blocks per sequence already multiply the programs (chunks, prefills)."""
     by_work = triton.next_power_of_2(max(1, max_tiles // MIN_TILES_PER_SPLIT))
-    by_occupancy = 1 << (max(1, math.ceil(2 * num_sms / (batch * num_kv_heads))).bit_length() - 1)
+    programs = batch * num_kv_heads * max(1, q_blocks)
+    by_occupancy = 1 << (max(1, math.ceil(2 * num_sms / programs)).bit_length() - 1)
     return min(by_work, by_occupancy, 64)
 
 
@@ -307,11 +313,14 @@ def paged_attention(
     cu_seqlens_k: torch.Tensor | None = None,
     sm_scale: float | None = None,
     num_splits: int | None = None,
+    max_history: int | None = None,
 ) -> torch.Tensor:
     """Varlen attention over the paged KVarN state (see `reference.paged_attention_ref` for semantics).
 
     q [Tq, Hq, D]; k_new/v_new [Tk, H, D] with cu_seqlens_k; max_q_len bounds every sequence's query count
-    (a host value, so nothing here synchronizes with the device). Returns [Tq, Hq, D] in q.dtype.
+    and max_history (optional) every sequence's cached length, both host values, so nothing here synchronizes
+    with the device. max_history sizes the split-K scratch by the history that exists, not by the width of the
+    block table (which a front-end may have reserved ahead). Returns [Tq, Hq, D] in q.dtype.
     """
     fmt = state.fmt
     _check_attention_inputs(q, state, cu_seqlens_q, k_new, v_new, cu_seqlens_k)
@@ -321,12 +330,14 @@ def paged_attention(
     batch = cu_seqlens_q.numel() - 1
     scale = sm_scale if sm_scale is not None else d**-0.5
     max_tiles = state.block_table.shape[1]
-    splits = num_splits or choose_num_splits(batch, hkv, max_tiles, _num_sms(q.device))
-    tiles_per_split = max(1, math.ceil(max_tiles / splits))
-
+    if max_history is not None:
+        max_tiles = min(max_tiles, max(0, max_history - fmt.group) // fmt.group)
     # Decode: one query, its GQA group padded to the 16 rows of a tensor-core dot. Chunks: 64 rows of
     # (query, head) pairs, so each program re-reads the quantized history for 64 rows, not 16.
     block_m = max(1, min(CHUNK_ROWS // n_rep, triton.next_power_of_2(max_q_len)))
+    q_blocks = triton.cdiv(max_q_len, block_m)
+    splits = num_splits or choose_num_splits(batch, hkv, max_tiles, _num_sms(q.device), q_blocks)
+    tiles_per_split = max(1, math.ceil(max(max_tiles, 1) / splits))
     rows = max(16, triton.next_power_of_2(block_m * n_rep))
     dot = _dot_dtype(q.dtype)
     precision = "ieee" if dot == tl.float32 else "tf32"
@@ -339,7 +350,7 @@ def paged_attention(
     vn = v_new if has_new else q
     k_words, v_words, scales = fmt.word_views(state.cache)
     magic = _MAGIC.get(dot, 0)
-    grid = (batch, triton.cdiv(max_q_len, block_m), hkv * splits)
+    grid = (batch, q_blocks, hkv * splits)
     _paged_attention_kernel[grid](
         q, _signs(d, _TORCH_DTYPE[dot], q.device), q.stride(0), q.stride(1),
         kn, vn, kn.stride(0), kn.stride(1),

@@ -2,8 +2,9 @@
 
 This module is the single source of truth for the layout; kernels, front-ends and docs read it from here.
 
-Format version 1. A tile is one KV head of G consecutive tokens. Keys and values are each quantized as a
-matrix X[R, C] (each row gets its own range) in the Hadamard-rotated frame:
+Format version 2. A tile is one KV head of G consecutive tokens. Keys and values are each quantized as a
+matrix X[R, C] (each row gets its own range) in the Hadamard-rotated frame (K: in its own frame when the
+record's K-frame flag says so, see below):
 
     X[r, c] = (code[r, c] * row_scale[r] + row_zero[r]) * col_scale[c]
 
@@ -23,6 +24,12 @@ One record, in this byte order (every section starts on a 16-byte boundary):
 
 Scales are 16-bit: float16 for float16 models, bfloat16 for bfloat16 and float32 models (bf16 activations
 exceed float16's 65504; bfloat16 has float32's range).
+
+K-frame flag (new in version 2): K col_scale values are positive, so the sign bit of K col_scale[0] is free;
+when it is set, this record's K was quantized unrotated (original frame) and col_scale[0] is its magnitude.
+The quantizer leaves K unrotated unless rotating lowers the tile's per-channel range cost Σ_d range_d²
+(`reference.choose_k_rotation`): loud, bounded key channels (e.g. RoPE'd key biases) keep their own ranges.
+V is always rotated. Version 1 records (no flag) read as rotated.
 """
 
 from __future__ import annotations
@@ -31,7 +38,7 @@ from dataclasses import dataclass
 
 import torch
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
 SUPPORTED_HEAD_DIMS = (64, 128, 256)
 SUPPORTED_BITS = (2, 4)
 SUPPORTED_ACTIVATION_DTYPES = (torch.float16, torch.bfloat16, torch.float32)

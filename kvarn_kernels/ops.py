@@ -41,8 +41,13 @@ def paged_attention(
     v_new: torch.Tensor | None = None,
     cu_seqlens_k: torch.Tensor | None = None,
     sm_scale: float | None = None,
+    max_history: int | None = None,
 ) -> torch.Tensor:
-    """Varlen attention over the paged state plus causal new tokens; see `reference.paged_attention_ref`."""
+    """Varlen attention over the paged state plus causal new tokens; see `reference.paged_attention_ref`.
+
+    max_history: an upper bound (host int) on every sequence's cached length, or None (the block table's width).
+    """
     if _use_triton(q):
-        return attention.paged_attention(q, state, cu_seqlens_q, max_q_len, k_new, v_new, cu_seqlens_k, sm_scale)
+        return attention.paged_attention(q, state, cu_seqlens_q, max_q_len, k_new, v_new, cu_seqlens_k, sm_scale,
+                                         max_history=max_history)
     return reference.paged_attention_ref(q, state, cu_seqlens_q, k_new, v_new, cu_seqlens_k, sm_scale)

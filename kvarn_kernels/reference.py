@@ -145,23 +145,62 @@ def unpack(packed: torch.Tensor, bits: int) -> torch.Tensor:
     return planes.reshape(*packed.shape[:-1], -1).to(torch.uint8)
 
 
-def quantize_tile_records(k: torch.Tensor, v: torch.Tensor, fmt: KVarNFormat) -> torch.Tensor:
-    """Quantize tiles k, v [N, H, G, D] (original frame) into records uint8 [N, H, record_bytes]."""
+def k_range_cost(k_tiles: torch.Tensor) -> torch.Tensor:
+    """Σ over channels of the squared per-channel range over the tile's tokens: tiles [..., G, D] → [...].
+
+    Proportional to the mean squared error of per-channel min-max RTN of the tile.
+    """
+    x = k_tiles.float()
+    return (x.amax(-2) - x.amin(-2)).square().sum(-1)
+
+
+def choose_k_rotation(k_tiles: torch.Tensor, k_rot: torch.Tensor | None = None) -> torch.Tensor:
+    """Whether each K tile [..., G, D] (original frame) is stored rotated → bool [...].
+
+    Rotate iff it lowers the per-channel range cost: k_range_cost(k·H) < k_range_cost(k). Loud, bounded channels
+    (RoPE'd key biases: sinusoids over positions) are cheapest in their own channel, and rotating them floods the
+    quiet channels the queries use; heavy-tailed or spread-out energy is cheaper rotated. Ties (constant or zero
+    tiles) stay unrotated. Calibration-free: it looks only at the tile. See reports/rotation_choice.
+    """
+    rotated = rotate(k_tiles) if k_rot is None else k_rot
+    return k_range_cost(rotated) < k_range_cost(k_tiles)
+
+
+def quantize_tile_records(
+    k: torch.Tensor, v: torch.Tensor, fmt: KVarNFormat, rotate_k: bool | None = None
+) -> torch.Tensor:
+    """Quantize tiles k, v [N, H, G, D] (original frame) into records uint8 [N, H, record_bytes].
+
+    rotate_k: None chooses K's frame per record (`choose_k_rotation`); True/False force it (ablations, and the
+    always-rotated K of format version 1).
+    """
     _check_tiles(k, v, fmt)
     n, h, g, d = k.shape
-    k_rot = rotate(k).reshape(n * h, g, d).transpose(1, 2)  # K matrix: rows = channels
+    k_rot = rotate(k)
+    if rotate_k is None:
+        k_rotated = choose_k_rotation(k, k_rot)  # [N, H]
+    else:
+        k_rotated = torch.full((n, h), rotate_k, dtype=torch.bool, device=k.device)
+    k_frame = torch.where(k_rotated[..., None, None], k_rot, k.float())
+    k_mat = k_frame.reshape(n * h, g, d).transpose(1, 2)  # K matrix: rows = channels
     v_rot = rotate(v).reshape(n * h, g, d)  # V matrix: rows = tokens
-    kc, krs, krz, kcs = quantize_matrices(k_rot, fmt.k_bits)
+    kc, krs, krz, kcs = quantize_matrices(k_mat, fmt.k_bits)
     vc, vrs, vrz, vcs = quantize_matrices(v_rot, fmt.v_bits)
     # Both code matrices are stored channel-major: V's [G, D] codes are transposed first.
     codes = torch.cat([pack(kc, fmt.k_bits).flatten(1), pack(vc.transpose(1, 2), fmt.v_bits).flatten(1)], dim=1)
     scales = torch.cat([krs, krz, kcs, vrs, vrz, vcs], dim=1).to(fmt.scale_dtype)
+    # The K-frame flag: the sign bit of K col_scale[0] (positive otherwise) marks an unrotated K.
+    col0 = 2 * d
+    scales[:, col0] = torch.where(k_rotated.flatten(), scales[:, col0], -scales[:, col0])
     records = torch.cat([codes, scales.view(torch.uint8)], dim=1)
     return records.reshape(n, h, fmt.record_bytes)
 
 
-def dequantize_records(records: torch.Tensor, fmt: KVarNFormat) -> tuple[torch.Tensor, torch.Tensor]:
-    """Records uint8 [N, H, record_bytes] → (k_rot, v_rot) float32 [N, H, G, D] in the rotated frame."""
+def dequantize_records(
+    records: torch.Tensor, fmt: KVarNFormat
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Records uint8 [N, H, record_bytes] → (k, v_rot, k_rotated): k float32 [N, H, G, D] in its stored frame
+    (rotated where k_rotated [N, H] is True, original otherwise), v_rot float32 [N, H, G, D] rotated."""
     n, h, _ = records.shape
     d, g = fmt.head_dim, fmt.group
     flat = records.reshape(n * h, -1)
@@ -170,15 +209,17 @@ def dequantize_records(records: torch.Tensor, fmt: KVarNFormat) -> tuple[torch.T
     vc = vc.transpose(1, 2)
     s = flat[:, fmt.code_bytes :].contiguous().view(fmt.scale_dtype).float()
     krs, krz, kcs, vrs, vrz, vcs = s.split([d, d, g, g, g, d], dim=1)  # the order of format.scale_offsets
+    k_rotated = ~torch.signbit(kcs[:, 0])
+    kcs = kcs.abs()
     k_mat = (kc * krs[:, :, None] + krz[:, :, None]) * kcs[:, None, :]
     v_mat = (vc.float() * vrs[:, :, None] + vrz[:, :, None]) * vcs[:, None, :]
-    return k_mat.transpose(1, 2).reshape(n, h, g, d), v_mat.reshape(n, h, g, d)
+    return k_mat.transpose(1, 2).reshape(n, h, g, d), v_mat.reshape(n, h, g, d), k_rotated.reshape(n, h)
 
 
 def dequantize_tiles(records: torch.Tensor, fmt: KVarNFormat) -> tuple[torch.Tensor, torch.Tensor]:
     """Records → (k, v) float32 [N, H, G, D] in the original (un-rotated) frame."""
-    k_rot, v_rot = dequantize_records(records, fmt)
-    return rotate(k_rot), rotate(v_rot)
+    k, v_rot, k_rotated = dequantize_records(records, fmt)
+    return torch.where(k_rotated[..., None, None], rotate(k), k), rotate(v_rot)
 
 
 def _check_tiles(k: torch.Tensor, v: torch.Tensor, fmt: KVarNFormat) -> None:

@@ -101,22 +101,35 @@ def bench_decode(batches, contexts, hq, hkv, d, preset, dtype) -> list[dict]:
     return rows
 
 
-def bench_prefill_quantize(contexts, hq, hkv, d, preset, dtype) -> list[dict]:
-    """Cost of quantizing a prefill's KV versus that prefill's causal attention (flash SDPA)."""
+def bench_prefill_quantize(contexts, hq, hkv, d, preset, dtype, batch: int = 1, warps=(None,)) -> list[dict]:
+    """Cost of quantizing a prefill's KV (`batch` sequences) versus that prefill's causal attention (flash SDPA).
+
+    warps: num_warps values to time the quantize kernel with (None: its own choice).
+    """
+    from kvarn_kernels import quantize
+
     fmt = KVarNFormat.from_preset(preset, d, dtype)
     rows = []
     for ctx in contexts:
-        q = torch.randn(1, hq, ctx, d, device="cuda", dtype=dtype)
-        k = torch.randn(1, hkv, ctx, d, device="cuda", dtype=dtype)
+        q = torch.randn(batch, hq, ctx, d, device="cuda", dtype=dtype)
+        k = torch.randn(batch, hkv, ctx, d, device="cuda", dtype=dtype)
         with torch.nn.attention.sdpa_kernel(torch.nn.attention.SDPBackend.FLASH_ATTENTION):
             attn_ms = graph_time_ms(lambda: F.scaled_dot_product_attention(q, k, k, is_causal=True, enable_gqa=True))
-        src = k[0].transpose(0, 1).contiguous()  # [T, H, D]
-        n = ctx // fmt.group
+        src = k.transpose(1, 2).reshape(batch * ctx, hkv, d).contiguous()  # [T, H, D], sequences back to back
+        n = batch * ctx // fmt.group
         starts = torch.arange(n, device="cuda", dtype=torch.int32) * fmt.group
         cache = fmt.allocate(n, hkv, "cuda")
-        quant_ms = graph_time_ms(lambda: quantize_into_cache(src, src, starts, starts // fmt.group, cache, fmt))
-        rows.append({"context": ctx, "attention_ms": attn_ms, "quantize_ms": quant_ms, "ratio": quant_ms / attn_ms})
-        tqdm.write(json.dumps(rows[-1]))
+        for w in warps:
+            quantize.LAUNCH_OVERRIDES.clear()
+            if w is not None:
+                quantize.LAUNCH_OVERRIDES["num_warps"] = w
+            quant_ms = graph_time_ms(lambda: quantize_into_cache(src, src, starts, starts // fmt.group, cache, fmt))
+            rows.append({"batch": batch, "context": ctx, "num_warps": w or "default", "attention_ms": attn_ms,
+                         "quantize_ms": quant_ms, "ratio": quant_ms / attn_ms,
+                         "us_per_program": quant_ms * 1e3 / (2 * n * hkv) * torch.cuda.get_device_properties(
+                             0).multi_processor_count})
+            tqdm.write(json.dumps(rows[-1]))
+        quantize.LAUNCH_OVERRIDES.clear()
     return rows
 
 
@@ -198,6 +211,11 @@ def main() -> None:
     ap.add_argument("--contexts", default="1024,2048,4096,16384,65536,131072")
     ap.add_argument("--preset", default="kvarn_k4v2_g128")
     ap.add_argument("--tune", action="store_true", help="only sweep launch options")
+    ap.add_argument("--prefill-only", action="store_true",
+                    help="only time the prefill quantize kernel (writes prefill_quantize.json)")
+    ap.add_argument("--prefill-batches", default="1", help="batches for the prefill quantize timing")
+    ap.add_argument("--quantize-warps", default="",
+                    help="comma-separated num_warps to sweep for the quantize kernel (default: its own choice)")
     args = ap.parse_args()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -208,15 +226,22 @@ def main() -> None:
         "preset": args.preset, "dtype": str(dtype), "q_heads": hq, "kv_heads": hkv, "head_dim": d,
         "timing": "median of 5 x 20 CUDA-graph replays", "date": time.strftime("%Y-%m-%d"),
         "command": "python benchmarks/kernels/bench_decode.py " + " ".join(
-            f"--{k} {v}" for k, v in vars(args).items() if k not in ("tune", "out")),
+            f"--{k} {v}" for k, v in vars(args).items() if k not in ("tune", "out", "prefill_only")),
     }
     if args.tune:
         (out / "tune.json").write_text(json.dumps({"setup": setup, "tune": tune(hq, hkv, d, args.preset, dtype)}))
         return
+    warps = [int(x) for x in args.quantize_warps.split(",") if x] or [None]
+    prefill = []
+    for b in (int(x) for x in args.prefill_batches.split(",")):
+        prefill += bench_prefill_quantize([4096, 16384, 32768], hq, hkv, d, args.preset, dtype, b, warps)
+    if args.prefill_only:
+        (out / "prefill_quantize.json").write_text(json.dumps({"setup": setup, "prefill_quantize": prefill},
+                                                              indent=1))
+        return
     batches = [int(x) for x in args.batches.split(",")]
     contexts = [int(x) for x in args.contexts.split(",")]
     decode = bench_decode(batches, contexts, hq, hkv, d, args.preset, dtype)
-    prefill = bench_prefill_quantize([4096, 16384, 32768], hq, hkv, d, args.preset, dtype)
     chunk = bench_chunk(hq, hkv, d, args.preset, dtype)
     (out / "decode.json").write_text(json.dumps({"setup": setup, "decode": decode, "prefill_quantize": prefill,
                                                  "chunk": chunk}, indent=1))

@@ -32,10 +32,10 @@ def main() -> None:
     constexprs = {
         "N_REP": args.n_rep, "G": 128, "D": args.head_dim, "KBITS": args.kbits, "VBITS": args.vbits,
         "BLOCK_M": 1, "ROWS": max(16, triton.next_power_of_2(args.n_rep)), "HAS_NEW": False, "NUM_SPLITS": 1,
-        "DOT": tl.bfloat16, "PRECISION": "tf32", "DENSE_BLOCK": 32,
+        "DOT": tl.bfloat16, "PRECISION": "tf32", "DENSE_BLOCK": 32, "MAGIC": 0x4300, "OFFSET": 128.0,
     }
     ptr_types = {
-        "q": "*bf16", "q_rot": "*fp32", "k_new": "*bf16", "v_new": "*bf16", "cu_q": "*i32", "cu_k": "*i32",
+        "q": "*bf16", "hadamard_ptr": "*bf16", "k_new": "*bf16", "v_new": "*bf16", "cu_q": "*i32", "cu_k": "*i32",
         "seq_lens": "*i32", "block_table": "*i32", "dense_table": "*i32",
         "k_words": "*i16" if args.kbits == 4 else "*u8", "v_words": "*i16" if args.vbits == 4 else "*u8",
         "scales": "*bf16", "sink_k": "*bf16", "sink_v": "*bf16", "tail_k": "*bf16", "tail_v": "*bf16",

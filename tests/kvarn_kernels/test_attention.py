@@ -6,7 +6,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from kvarn_kernels import reference as ref
-from kvarn_kernels.attention import choose_num_splits, chunk_attention, decode_attention
+from kvarn_kernels.attention import choose_num_splits, chunk_attention, decode_attention, paged_attention
 from kvarn_kernels.format import KVarNFormat
 from kvarn_kernels.state import build_paged_kv
 from kvarn_kernels.testing import synthetic_kv
@@ -136,3 +136,25 @@ def test_magic_code_conversion_path_matches_reference(preset, monkeypatch, devic
     expected = ref.paged_attention_ref(q, state, _cu([1, 1], device))
     actual = decode_attention(q, state, num_splits=2)
     torch.testing.assert_close(actual.float(), expected.float(), atol=8e-3, rtol=2**-10)
+
+
+def test_max_history_bounds_splits_without_changing_results(device):
+    """A front-end may reserve block-table columns ahead; max_history sizes the split scratch by the real history."""
+    hist, n_q = [3 * 64 + 5, 64 + 1], [4, 2]
+    state = _state(hist, 2, 64, torch.float16, device)
+    wide = torch.zeros(len(hist), 40, dtype=torch.int32, device=device)
+    wide[:, : state.block_table.shape[1]] = state.block_table
+    state.block_table = wide
+    q = torch.randn(sum(n_q), 4, 64, device=device).half()
+    kv_new = torch.randn(sum(n_q), 2, 64, device=device).half()
+    cu = _cu(n_q, device)
+    expected = ref.paged_attention_ref(q, state, cu, kv_new, kv_new, cu)
+    actual = chunk_attention(q, kv_new, kv_new, cu, cu, max(n_q), state)
+    bounded = paged_attention(q, state, cu, max(n_q), kv_new, kv_new, cu, max_history=max(hist))
+    torch.testing.assert_close(actual.float(), expected.float(), atol=8e-3, rtol=2**-10)
+    torch.testing.assert_close(bounded.float(), expected.float(), atol=8e-3, rtol=2**-10)
+
+
+def test_query_blocks_count_toward_occupancy():
+    assert choose_num_splits(1, 2, 255, 132, q_blocks=4096) == 1
+    assert choose_num_splits(1, 2, 255, 132, q_blocks=1) == 64

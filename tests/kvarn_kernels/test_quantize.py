@@ -8,6 +8,43 @@ from kvarn_kernels.format import KVarNFormat
 from kvarn_kernels.quantize import quantize_into_cache
 from kvarn_kernels.testing import synthetic_kv
 
+# Two range costs closer than this (relative) are a near tie: the kernel's rotated tile equals the reference's up
+# to float32 summation order (last bits), and its cost sums run in another order too, so the K-frame flag of such
+# a tile may legitimately come out either way. Real differences are orders of magnitude larger than this.
+NEAR_TIE = 1e-5
+
+
+def _frame_costs(k_tiles):
+    """(rotated, unrotated) `reference.k_range_cost` of K tiles [..., G, D]."""
+    return ref.k_range_cost(ref.rotate(k_tiles)), ref.k_range_cost(k_tiles)
+
+
+def _flags(records, fmt):
+    """K-frame flags (True = rotated) of records [N, H, record_bytes]."""
+    return ref.dequantize_records(records, fmt)[2]
+
+
+def _quantize_tiles(k_tiles, v_tiles, fmt):
+    """Kernel records of tiles [N, H, G, D] (laid out as sources [T, H, D], one tile after another)."""
+    n, h, g, d = k_tiles.shape
+    src_k = k_tiles.transpose(1, 2).reshape(n * g, h, d).contiguous()
+    src_v = v_tiles.transpose(1, 2).reshape(n * g, h, d).contiguous()
+    starts = torch.arange(n, dtype=torch.int32, device=k_tiles.device) * g
+    cache = fmt.allocate(n, h, k_tiles.device)
+    quantize_into_cache(src_k, src_v, starts, starts // g, cache, fmt)
+    return cache
+
+
+def _loud_channel_tile(g, d, seed=0):
+    """A RoPE'd key bias: channels 0..3 carry 50·cos/sin(pos·θ) (two rotating pairs), the rest small noise."""
+    gen = torch.Generator().manual_seed(seed)
+    pos = torch.arange(1000, 1000 + g, dtype=torch.float32)
+    k = 0.5 * torch.randn(g, d, generator=gen)
+    for pair, theta in enumerate((1.0, 0.3)):
+        k[:, 2 * pair] += 50 * torch.cos(pos * theta)
+        k[:, 2 * pair + 1] += 50 * torch.sin(pos * theta)
+    return k
+
 
 def _quantize_both(preset, head_dim, dtype, device, n_heads=2, seed=0):
     fmt = KVarNFormat.from_preset(preset, head_dim, dtype)
@@ -32,20 +69,36 @@ def _quantize_both(preset, head_dim, dtype, device, n_heads=2, seed=0):
 )
 def test_kernel_matches_reference(preset, head_dim, dtype, device):
     fmt, k, v, starts, blocks, expected, actual = _quantize_both(preset, head_dim, dtype, device)
-    codes_e, scales_e = fmt.split(expected)
-    codes_a, scales_a = fmt.split(actual)
-    # fp32 reductions in another order may flip a rounding boundary: allow ≤ 0.5 % of codes to differ.
-    assert (codes_e != codes_a).float().mean().item() <= 5e-3
-    k_e, v_e = ref.dequantize_tiles(expected[blocks.long()], fmt)
-    k_a, v_a = ref.dequantize_tiles(actual[blocks.long()], fmt)
     offs = starts.long()[:, None] + torch.arange(fmt.group, device=device)
     k_true = k[offs].transpose(1, 2).float()
     v_true = v[offs].transpose(1, 2).float()
+    # The K-frame flags agree except on near ties (see NEAR_TIE).
+    rec_e, rec_a = expected[blocks.long()], actual[blocks.long()]
+    flags_e, flags_a = _flags(rec_e, fmt), _flags(rec_a, fmt)
+    assert torch.equal(flags_e, ref.choose_k_rotation(k_true))
+    assert 0 < int(flags_e.sum()) < flags_e.numel()  # both frames are exercised
+    cost_rot, cost_raw = _frame_costs(k_true)
+    near_tie = (cost_rot - cost_raw).abs() <= NEAR_TIE * cost_raw
+    assert torch.equal(flags_e[~near_tie], flags_a[~near_tie])
+    # fp32 reductions in another order may flip a rounding boundary: allow ≤ 0.5 % of codes to differ (a record
+    # whose near-tie frame came out differently is left out: its K is in another frame).
+    same = flags_e == flags_a
+    codes_e, scales_e = fmt.split(rec_e)
+    codes_a, scales_a = fmt.split(rec_a)
+    assert (codes_e[same] != codes_a[same]).float().mean().item() <= 5e-3
+    # The flag is the sign of K col_scale[0]; the other col scales of these finite tiles are positive.
+    col0 = fmt.scale_offsets()["k_col_scale"]
+    assert torch.equal(torch.signbit(scales_a[..., col0]), ~flags_a)
+    assert not torch.signbit(scales_a[..., col0 + 1 : col0 + fmt.group]).any()
+    assert not torch.signbit(scales_a[..., fmt.scale_offsets()["v_col_scale"] :]).any()
+    k_e, v_e = ref.dequantize_tiles(rec_e, fmt)
+    k_a, v_a = ref.dequantize_tiles(rec_a, fmt)
     for hat_e, hat_a, true in ((k_e, k_a, k_true), (v_e, v_a, v_true)):
         err_e = (hat_e - true).norm() / true.norm()
         err_a = (hat_a - true).norm() / true.norm()
         assert abs(err_a - err_e) <= 0.01 * err_e + 1e-6
-        assert (hat_a - hat_e).norm() / true.norm() <= 0.5 * err_e
+        err_e_same = (hat_e[same] - true[same]).norm() / true[same].norm()
+        assert (hat_a[same] - hat_e[same]).norm() / true[same].norm() <= 0.5 * err_e_same
 
 
 def test_kernel_writes_only_its_blocks(device):
@@ -111,3 +164,104 @@ def test_nan_tile_leaves_other_tiles_intact(device):
     assert torch.equal(dirty[1], clean[1])
     k_hat, _ = ref.dequantize_tiles(dirty[:1], fmt)
     assert not torch.isfinite(k_hat).all()
+
+
+@pytest.mark.parametrize("offset", [0.0, 300.0])
+def test_kernel_matches_reference_on_offset_heavy_tiles(offset, device):
+    """Shifted one-pass moments: rows/columns whose mean dwarfs their spread still match the two-pass reference."""
+    fmt = KVarNFormat.from_preset("kvarn_k4v2_g64", 64, torch.float32)
+    g = torch.Generator().manual_seed(3)
+    k = torch.randn(2 * 64, 2, 64, generator=g) + offset * torch.rand(1, 2, 64, generator=g)
+    v = torch.randn(2 * 64, 2, 64, generator=g) * (1 + torch.rand(2 * 64, 2, 1, generator=g)) + offset
+    k, v = k.to(device), v.to(device)
+    starts = torch.tensor([0, 64], dtype=torch.int32, device=device)
+    expected, actual = fmt.allocate(2, 2, device), fmt.allocate(2, 2, device)
+    ref.quantize_into_cache_ref(k, v, starts, starts // 64, expected, fmt)
+    quantize_into_cache(k, v, starts, starts // 64, actual, fmt)
+    codes_e, _ = fmt.split(expected)
+    codes_a, _ = fmt.split(actual)
+    assert (codes_e != codes_a).float().mean().item() <= 5e-3
+    for hat_e, hat_a in zip(ref.dequantize_tiles(expected, fmt), ref.dequantize_tiles(actual, fmt), strict=True):
+        assert (hat_a - hat_e).norm() <= 0.02 * hat_e.norm()
+
+
+def test_float32_splits_exactly_into_three_bfloat16_parts():
+    """The GPU rotation of float32 tiles feeds x = hi + mid + lo (bfloat16 each) to the tensor cores."""
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(4096, generator=g) * torch.logspace(-20, 20, 4096)
+    hi = x.to(torch.bfloat16)
+    rest = x - hi.float()
+    mid = rest.to(torch.bfloat16)
+    lo = (rest - mid.float()).to(torch.bfloat16)
+    assert torch.equal(hi.float() + mid.float() + lo.float(), x)
+
+
+def _forced_rotation_k_hat(k_tile, fmt):
+    """K tile [G, D] quantized always rotated (format v1) and dequantized, with scales rounded to 16 bits."""
+    k_rot = ref.rotate(k_tile)
+    codes, row_scale, row_zero, col_scale = ref.quantize_matrices(k_rot.T[None], fmt.k_bits)
+    row_scale, row_zero, col_scale = (s.to(fmt.scale_dtype).float() for s in (row_scale, row_zero, col_scale))
+    k_hat_rot = ((codes.float() * row_scale[..., None] + row_zero[..., None]) * col_scale[:, None, :])[0].T
+    return ref.rotate(k_hat_rot)
+
+
+@pytest.mark.parametrize("preset,head_dim", [("kvarn_k4v2_g64", 64), ("kvarn_k4v2_g128", 128)])
+def test_loud_sinusoid_channels_stay_unrotated(preset, head_dim, device):
+    """RoPE'd key biases: rotating spreads the loud channels' swing over every channel, so K stays in its frame,
+    and the record's K error beats the always-rotated format v1."""
+    fmt = KVarNFormat.from_preset(preset, head_dim, torch.float32)
+    k = _loud_channel_tile(fmt.group, head_dim)
+    cost_rot, cost_raw = _frame_costs(k)
+    assert cost_rot > 1.5 * cost_raw  # far from a tie
+    v = torch.randn(fmt.group, head_dim, generator=torch.Generator().manual_seed(1))
+    records = _quantize_tiles(k[None, None].to(device), v[None, None].to(device), fmt)
+    assert not _flags(records, fmt).item()
+    assert not ref.choose_k_rotation(k)
+    k_hat, _ = ref.dequantize_tiles(records, fmt)
+    k_hat, forced = k_hat[0, 0].cpu(), _forced_rotation_k_hat(k, fmt)
+    assert (k_hat - k).norm() < 0.8 * (forced - k).norm()
+    # Above all, the quiet channels (the ones queries read) keep a fine step instead of the loud channels' one.
+    assert (k_hat - k)[:, 4:].norm() < 0.25 * (forced - k)[:, 4:].norm()
+    # The reference writes the same record (up to rounding-boundary codes).
+    expected = ref.quantize_tile_records(k[None, None], v[None, None], fmt)
+    assert (expected[..., : fmt.code_bytes] != records[..., : fmt.code_bytes].cpu()).float().mean() <= 5e-3
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32])
+def test_heavy_tailed_tile_is_rotated(dtype, device):
+    """Student-t (ν = 2) entries: per-channel ranges are set by rare extremes, which the rotation averages out."""
+    fmt = KVarNFormat.from_preset("kvarn_k4v2_g64", 64, dtype)
+    torch.manual_seed(0)
+    k = torch.distributions.StudentT(2.0).sample((1, 1, 64, 64)).to(dtype)
+    cost_rot, cost_raw = _frame_costs(k.float())
+    assert cost_rot < 0.8 * cost_raw
+    records = _quantize_tiles(k.to(device), torch.randn(1, 1, 64, 64).to(dtype).to(device), fmt)
+    assert _flags(records, fmt).item()
+    assert ref.choose_k_rotation(k.float()).item()
+    assert not torch.signbit(fmt.split(records)[1][..., fmt.scale_offsets()["k_col_scale"]]).any()
+
+
+def test_k_frame_flag_round_trips(device):
+    """Records of an unrotated and a rotated K tile (two KV heads) dequantize to their original-frame tiles."""
+    fmt = KVarNFormat.from_preset("kvarn_k4v4_g64", 64, torch.float32)
+    torch.manual_seed(0)
+    loud = _loud_channel_tile(64, 64)
+    heavy = torch.distributions.StudentT(2.0).sample((64, 64))
+    k = torch.stack([loud, heavy])[None]  # [1, 2, G, D]
+    v = torch.randn(1, 2, 64, 64)
+    records = _quantize_tiles(k.to(device), v.to(device), fmt).cpu()
+    k_stored, _, flags = ref.dequantize_records(records, fmt)
+    assert flags.tolist() == [[False, True]]
+    k_hat, v_hat = ref.dequantize_tiles(records, fmt)
+    for head in range(2):
+        assert (k_hat[0, head] - k[0, head]).norm() <= 0.1 * k[0, head].norm()
+        assert (v_hat[0, head] - v[0, head]).norm() <= 0.15 * v[0, head].norm()
+    # The stored frame is the flagged one: the unrotated head's record is K itself, the rotated one's is K·H.
+    assert torch.equal(k_hat[0, 0], k_stored[0, 0])
+    torch.testing.assert_close(k_hat[0, 1], ref.rotate(k_stored[0, 1]))
+    # Clearing the flag (the sign bit) makes the unrotated record read as rotated: the wrong frame.
+    scales = fmt.split(records)[1]
+    scales[..., fmt.scale_offsets()["k_col_scale"]] = scales[..., fmt.scale_offsets()["k_col_scale"]].abs()
+    k_wrong, _ = ref.dequantize_tiles(records, fmt)
+    assert (k_wrong[0, 0] - k[0, 0]).norm() > k[0, 0].norm() * 0.5
+    assert torch.equal(k_wrong[0, 1], k_hat[0, 1])

@@ -114,3 +114,38 @@ def test_attention_over_16bit_only_history_is_exact_attention():
     kk, vv = k.transpose(0, 1).repeat_interleave(2, 0), v.transpose(0, 1).repeat_interleave(2, 0)
     exact = torch.softmax(q[0][:, None] @ kk.transpose(1, 2) / 8, -1) @ vv
     assert torch.allclose(out[0], exact[:, 0], atol=1e-5)
+
+
+def _rope_bias_tile(g: int = 128, d: int = 64, seed: int = 0) -> torch.Tensor:
+    """Keys with a few loud channel pairs that rotate with position (a RoPE'd key bias) over quiet noise."""
+    gen = torch.Generator().manual_seed(seed)
+    k = torch.randn(g, d, generator=gen) * 0.5
+    pos = torch.arange(g, dtype=torch.float32)
+    for pair, theta in enumerate((0.9, 0.3)):
+        k[:, 2 * pair] += 40 * torch.cos(pos * theta)
+        k[:, 2 * pair + 1] += 40 * torch.sin(pos * theta)
+    return k
+
+
+def test_k_frame_flag_keeps_rope_bias_keys_unrotated_and_round_trips():
+    fmt = KVarNFormat.from_preset("kvarn_k4v2_g128", 64, torch.float16)
+    gen = torch.Generator().manual_seed(1)
+    loud = _rope_bias_tile()
+    heavy = torch.distributions.StudentT(2.0).sample((128, 64)).clamp(-200, 200)
+    k = torch.stack([loud, heavy])[None]  # [1, 2, G, D]
+    v = torch.randn(1, 2, 128, 64, generator=gen)
+    assert ref.choose_k_rotation(k).tolist() == [[False, True]]
+    records = ref.quantize_tile_records(k.half(), v.half(), fmt)
+    _, _, k_rotated = ref.dequantize_records(records, fmt)
+    assert k_rotated.tolist() == [[False, True]]
+    k_hat, _ = ref.dequantize_tiles(records, fmt)
+    err = ((k_hat - k.half().float()).norm(dim=(-2, -1)) / k.half().float().norm(dim=(-2, -1)))[0]
+    # Forced rotation of the loud tile: what format v1 did.
+    kc, krs, krz, kcs = ref.quantize_matrices(ref.rotate(loud.half()).T[None], 4)
+    forced = ref.rotate(((kc.float() * krs[..., None] + krz[..., None]) * kcs[:, None, :])[0].T)
+    # What matters to queries on the quiet channels: their error (the rotation spreads the loud ones onto them).
+    quiet = loud.half().float()[:, 4:]
+    err_quiet = ((k_hat[0, 0, :, 4:] - quiet).norm() / quiet.norm()).item()
+    err_quiet_forced = ((forced[:, 4:] - quiet).norm() / quiet.norm()).item()
+    assert err_quiet < 0.5 * err_quiet_forced, (err_quiet, err_quiet_forced)
+    assert err[1].item() < 0.2

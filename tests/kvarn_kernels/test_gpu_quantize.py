@@ -1,0 +1,125 @@
+"""The compiled quantize kernel (tensor-core rotation, fused reductions, hardware lg2) versus the reference, GPU only.
+
+The interpreter runs the float32 fallback of these paths, so only a GPU exercises them: every activation dtype
+(float32 goes through the exact three-way bfloat16 split), head_dim 64/128/256, group 64/128, every launch
+configuration the kernel picks, plus offset-heavy tiles, outlier tiles (guard), the K-frame choice (loud RoPE'd
+channels stay unrotated, heavy tails rotate) and NaN poisoning.
+"""
+
+import pytest
+import torch
+
+from kvarn_kernels import quantize
+from kvarn_kernels import reference as ref
+from kvarn_kernels.format import KVarNFormat
+from kvarn_kernels.quantize import quantize_into_cache
+from kvarn_kernels.testing import synthetic_kv
+
+pytestmark = pytest.mark.gpu
+
+
+# Range costs this close (relative) are near ties: the kernel's rotation equals the reference's up to float32
+# summation order, so the K-frame flag of such a tile may legitimately come out either way (test_quantize.py).
+NEAR_TIE = 1e-5
+
+
+def _compare(k, v, fmt, n):
+    starts = torch.arange(n, dtype=torch.int32, device="cuda") * fmt.group
+    blocks = torch.randperm(n, device="cuda").to(torch.int32)
+    h = k.shape[1]
+    expected, actual = fmt.allocate(n, h, "cuda"), fmt.allocate(n, h, "cuda")
+    ref.quantize_into_cache_ref(k, v, starts, blocks, expected, fmt)
+    quantize_into_cache(k, v, starts, blocks, actual, fmt)
+    offs = (starts.long()[blocks.argsort()])[:, None] + torch.arange(fmt.group, device="cuda")
+    kt, vt = k[offs].transpose(1, 2).float(), v[offs].transpose(1, 2).float()
+    # K-frame flags (sign of K col_scale[0]) agree but for near ties; codes are compared where the frames agree.
+    flags_e, flags_a = ref.dequantize_records(expected, fmt)[2], ref.dequantize_records(actual, fmt)[2]
+    cost_rot, cost_raw = ref.k_range_cost(ref.rotate(kt)), ref.k_range_cost(kt)
+    decided = (cost_rot - cost_raw).abs() > NEAR_TIE * cost_raw
+    assert torch.equal(flags_e[decided], flags_a[decided])
+    same = flags_e == flags_a
+    ce, _ = fmt.split(expected)
+    ca, _ = fmt.split(actual)
+    assert (ce[same] != ca[same]).float().mean().item() <= 5e-3
+    for hat_e, hat_a, true in zip(ref.dequantize_tiles(expected, fmt), ref.dequantize_tiles(actual, fmt), (kt, vt),
+                                  strict=True):
+        err_e = ((hat_e - true).norm() / true.norm()).item()
+        err_a = ((hat_a - true).norm() / true.norm()).item()
+        assert abs(err_a - err_e) <= 0.01 * err_e
+    return actual
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+@pytest.mark.parametrize("head_dim", [64, 128, 256])
+@pytest.mark.parametrize("preset", ["kvarn_k4v2_g128", "kvarn_k4v4_g64"])
+def test_quantize_matches_reference(dtype, head_dim, preset):
+    fmt = KVarNFormat.from_preset(preset, head_dim, dtype)
+    n = 48
+    k, v = synthetic_kv(n * fmt.group, 4, head_dim, dtype, device="cuda")
+    _compare(k, v, fmt, n)
+
+
+def test_rotation_is_exact_to_float32_summation():
+    """bf16 ±1 tensor-core products are exact: a tile of one-hot rows rotates to exact ±1/sqrt(D) rows."""
+    fmt = KVarNFormat.from_preset("kvarn_k4v4_g64", 128, torch.bfloat16)
+    k = torch.randn(64, 1, 128, device="cuda").to(torch.bfloat16)
+    rotated = ref.rotate(k)
+    h = quantize._signs(128, torch.bfloat16, "cuda").float() / 128**0.5
+    torch.testing.assert_close(k.float() @ h, rotated, rtol=1e-6, atol=1e-6)
+    _compare(k, k, fmt, 1)
+
+
+@pytest.mark.parametrize("num_warps", [4, 8, 16])
+def test_every_launch_configuration_matches(num_warps):
+    fmt = KVarNFormat.from_preset("kvarn_k4v2_g128", 128, torch.bfloat16)
+    k, v = synthetic_kv(16 * 128, 2, 128, torch.bfloat16, seed=1, device="cuda")
+    quantize.LAUNCH_OVERRIDES["num_warps"] = num_warps
+    try:
+        _compare(k, v, fmt, 16)
+    finally:
+        quantize.LAUNCH_OVERRIDES.clear()
+
+
+def test_offset_heavy_and_outlier_tiles_match():
+    """Large row/column means (shifted one-pass moments) and single huge outliers (the guard)."""
+    fmt = KVarNFormat.from_preset("kvarn_k4v2_g128", 128, torch.bfloat16)
+    k, v = synthetic_kv(16 * 128, 2, 128, torch.float32, seed=2, device="cuda")
+    k = k + 200.0 * torch.rand(1, 2, 128, device="cuda")
+    v = v + 50.0
+    v[5 * 128 + 3, 1, 7] = 3e4  # one outlier in tile 5
+    k[9 * 128 + 70, 0, :] *= 500  # one outlier token in tile 9
+    _compare(k.to(torch.bfloat16), v.to(torch.bfloat16), fmt, 16)
+
+
+def test_nan_poisons_only_its_tile():
+    fmt = KVarNFormat.from_preset("kvarn_k4v2_g128", 128, torch.bfloat16)
+    k, v = synthetic_kv(4 * 128, 2, 128, torch.bfloat16, device="cuda")
+    starts = torch.arange(4, dtype=torch.int32, device="cuda") * 128
+    clean, dirty = fmt.allocate(4, 2, "cuda"), fmt.allocate(4, 2, "cuda")
+    quantize_into_cache(k, v, starts, starts // 128, clean, fmt)
+    v_bad = v.clone()
+    v_bad[2 * 128 + 9, 1, 3] = float("inf")
+    quantize_into_cache(k, v_bad, starts, starts // 128, dirty, fmt)
+    assert torch.equal(dirty[[0, 1, 3]], clean[[0, 1, 3]])
+    assert torch.equal(dirty[2, 0], clean[2, 0])
+    _, v_hat = ref.dequantize_tiles(dirty[2:3], fmt)
+    assert not torch.isfinite(v_hat[0, 1]).all()
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_k_frame_choice_matches(dtype):
+    """Loud sinusoid channels (RoPE'd key biases) stay unrotated, heavy-tailed tiles rotate: flags as the reference."""
+    fmt = KVarNFormat.from_preset("kvarn_k4v2_g128", 128, dtype)
+    g = torch.Generator().manual_seed(4)
+    n = 8
+    pos = torch.arange(n * 128, dtype=torch.float32)
+    k = 0.5 * torch.randn(n * 128, 2, 128, generator=g)
+    for pair, theta in enumerate((1.0, 0.3)):
+        k[:, 0, 2 * pair] += 50 * torch.cos(pos * theta)
+        k[:, 0, 2 * pair + 1] += 50 * torch.sin(pos * theta)
+    k[:, 1] = torch.distributions.StudentT(2.0).sample((n * 128, 128))
+    v = torch.randn(n * 128, 2, 128, generator=g)
+    actual = _compare(k.to(dtype).cuda(), v.to(dtype).cuda(), fmt, n)
+    flags = ref.dequantize_records(actual, fmt)[2]
+    assert not flags[:, 0].any()
+    assert flags[:, 1].all()
