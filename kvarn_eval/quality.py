@@ -595,10 +595,11 @@ def _findings(report: dict[str, Any]) -> list[str]:
         for metric in METRICS:
             a = {m: res[lab][metric] for m, lab in labels.items()}
             out.append(f"  - {METRIC_TITLES[metric]}: KIVI {_fmt(a['kivi'])}; rotation only "
-                       f"{_fmt(a['abl-rot-only'])}; normalization only {_fmt(a['abl-norm-only'])}; rotation + "
-                       f"normalization {_fmt(a['abl-rot+norm-fp32'])} (fp32 scales) / {_fmt(a['kvarn'])} (KVarN, "
-                       f"16-bit scales); format v1 (K always rotated) {_fmt(a['kvarn-v1'])}. Normalization on top "
-                       f"of rotation: {_factor(a['abl-rot-only'] / a['abl-rot+norm-fp32'])}.")  # fmt: skip
+                       f"{_fmt(a['abl-rot-only'])}; normalization only {_fmt(a['abl-norm-only'])}; rotation "
+                       f"(K: per-tile frame) + normalization {_fmt(a['abl-rot+norm-fp32'])} (fp32 scales) / "
+                       f"{_fmt(a['kvarn'])} (KVarN, 16-bit scales); format v1 (K always rotated) "
+                       f"{_fmt(a['kvarn-v1'])}. Full KVarN (fp32 scales) vs rotation only: "
+                       f"{_factor(a['abl-rot-only'] / a['abl-rot+norm-fp32'])}.")  # fmt: skip
     return out
 
 
