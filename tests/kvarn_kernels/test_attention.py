@@ -158,3 +158,16 @@ def test_max_history_bounds_splits_without_changing_results(device):
 def test_query_blocks_count_toward_occupancy():
     assert choose_num_splits(1, 2, 255, 132, q_blocks=4096) == 1
     assert choose_num_splits(1, 2, 255, 132, q_blocks=1) == 64
+
+
+def test_self_check_passes_and_catches_a_broken_kernel(monkeypatch):
+    from kvarn_kernels import ops
+
+    fmt = KVarNFormat.from_preset("kvarn_k4v2_g64", 64, torch.float32)
+    monkeypatch.setattr(ops, "_CHECKED", set())
+    ops.self_check(fmt, torch.float32, "cpu")  # the interpreted kernels agree with the reference
+    assert len(ops._CHECKED) == 1
+    monkeypatch.setattr(ops, "_CHECKED", set())
+    monkeypatch.setattr(ops.attention, "decode_attention", lambda q, state: torch.zeros_like(q))
+    with pytest.raises(RuntimeError, match="self-check failed.*attention differs"):
+        ops.self_check(fmt, torch.float32, "cpu")
