@@ -31,12 +31,16 @@ from .state import PagedKV
 MIN_TILES_PER_SPLIT = 1
 # Launch options of the attention kernel (benchmarks/kernels/bench_decode.py --tune sweeps them).
 LAUNCH_OPTIONS = {"num_warps": 4, "num_stages": 2}
-CHUNK_LAUNCH_OPTIONS = {"num_warps": 8, "num_stages": 2}
+# Chunks: 4 warps. With 8, Triton 3.6 miscompiles the head_dim-64, 64-row chunk program on sm_90 (an
+# out-of-range shared-memory access found by compute-sanitizer in the K-plane dot).
+CHUNK_LAUNCH_OPTIONS = {"num_warps": 4, "num_stages": 2}
 # 16-bit tokens (sink, tail, new) are attended this many at a time: small blocks keep registers free.
 DENSE_BLOCK = 32
 CHUNK_ROWS = 64
 # Rows (query, head) per program of the split merge + un-rotation kernel.
 MERGE_ROWS = 16
+# Rotated channels per step of the merge kernel's un-rotation dot (a [64, D] float32 slice of H in shared memory).
+MERGE_CHANNELS = 64
 
 
 @triton.jit
@@ -77,9 +81,12 @@ def _plane(words, PLANE: tl.constexpr, BITS: tl.constexpr, DOT: tl.constexpr, MA
     removes the offset algebraically. Without MAGIC the code is converted (offset 0).
     """
     c = (words.to(tl.int32) >> (PLANE * BITS)) & (2**BITS - 1)
+    # Both branches in one if/else: Triton's code generator still compiles statements after an early return.
     if MAGIC == 0:
-        return c.to(DOT)
-    return (c | MAGIC).to(tl.int16).to(DOT, bitcast=True)
+        out = c.to(DOT)
+    else:
+        out = (c | MAGIC).to(tl.int16).to(DOT, bitcast=True)
+    return out
 
 
 @triton.jit
@@ -262,34 +269,49 @@ def _paged_attention_kernel(
 
 
 @triton.jit
+def _split_weight(part_m, part_l, s, n_rows, r, r_ok, m_safe):
+    """exp(m_s − m) of split s for rows r: 0 for a split that saw no key."""
+    m_s = tl.load(part_m + s * n_rows + r, mask=r_ok, other=float("-inf"))
+    l_s = tl.load(part_l + s * n_rows + r, mask=r_ok, other=0.0)
+    return tl.where(l_s > 0, tl.exp(m_s - m_safe), 0.0), l_s
+
+
+@triton.jit
 def _merge_splits_kernel(part_plain, part_rot, part_m, part_l, hadamard_ptr, out, n_rows,
-                         NUM_SPLITS: tl.constexpr, D: tl.constexpr, BLOCK_R: tl.constexpr,
+                         NUM_SPLITS: tl.constexpr, D: tl.constexpr, BLOCK_R: tl.constexpr, KC: tl.constexpr,
                          PRECISION: tl.constexpr):
     """Log-sum-exp merge of split partials [S, rows, D], then out = plain + rot·H (un-rotation), stored in
-    out's dtype. BLOCK_R rows per program so that the un-rotation is one tensor-core dot."""
+    out's dtype. BLOCK_R rows per program so that the un-rotation is a tensor-core dot; it runs over KC rotated
+    channels at a time, so that shared memory holds a [KC, D] slice of H (all of it, float32, would be 256 KB
+    at head_dim 256: more than an H100's 227 KB)."""
     r = tl.program_id(0).to(tl.int64) * BLOCK_R + tl.arange(0, BLOCK_R)
     r_ok = r < n_rows
     d = tl.arange(0, D)
     offs = r[:, None] * D + d[None, :]
+    # Pass 1: the running max and the normalizer, from the [S, rows] statistics only.
     m = tl.full([BLOCK_R], float("-inf"), tl.float32)
-    l_tot = tl.zeros([BLOCK_R], tl.float32)
-    plain = tl.zeros([BLOCK_R, D], tl.float32)
-    rot = tl.zeros([BLOCK_R, D], tl.float32)
     for s in range(NUM_SPLITS):
-        m_s = tl.load(part_m + s * n_rows + r, mask=r_ok, other=float("-inf"))
-        l_s = tl.load(part_l + s * n_rows + r, mask=r_ok, other=0.0)
-        m_new = tl.maximum(m, m_s)
-        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-        a = tl.exp(m - m_safe)
-        w = tl.where(l_s > 0, tl.exp(m_s - m_safe), 0.0)
-        l_tot = l_tot * a + w * l_s
-        part = s * n_rows * D + offs
-        plain = plain * a[:, None] + tl.load(part_plain + part, mask=r_ok[:, None], other=0.0) * w[:, None]
-        rot = rot * a[:, None] + tl.load(part_rot + part, mask=r_ok[:, None], other=0.0) * w[:, None]
-        m = m_new
+        m = tl.maximum(m, tl.load(part_m + s * n_rows + r, mask=r_ok, other=float("-inf")))
+    m_safe = tl.where(m == float("-inf"), 0.0, m)
+    l_tot = tl.zeros([BLOCK_R], tl.float32)
+    res = tl.zeros([BLOCK_R, D], tl.float32)
+    for s in range(NUM_SPLITS):
+        w, l_s = _split_weight(part_m, part_l, s, n_rows, r, r_ok, m_safe)
+        l_tot += w * l_s
+        res += tl.load(part_plain + s * n_rows * D + offs, mask=r_ok[:, None], other=0.0) * w[:, None]
+    # Pass 2: the rotated part, KC channels at a time, un-rotated straight into the result.
+    kc = tl.arange(0, KC)
+    unrot = tl.zeros([BLOCK_R, D], tl.float32)
+    for c0 in range(0, D, KC):
+        rot = tl.zeros([BLOCK_R, KC], tl.float32)
+        for s in range(NUM_SPLITS):
+            w, _ = _split_weight(part_m, part_l, s, n_rows, r, r_ok, m_safe)
+            rot += tl.load(part_rot + s * n_rows * D + r[:, None] * D + (c0 + kc)[None, :], mask=r_ok[:, None],
+                           other=0.0) * w[:, None]
+        h = tl.load(hadamard_ptr + (c0 + kc)[:, None] * D + d[None, :])
+        unrot = tl.dot(rot, h, unrot, input_precision=PRECISION)
+    res += unrot * (1.0 / tl.sqrt(D * 1.0))
     inv = tl.where(l_tot > 0, 1.0 / l_tot, 0.0)
-    h = tl.load(hadamard_ptr + d[:, None] * D + d[None, :])
-    res = plain + tl.dot(rot, h, input_precision=PRECISION) * (1.0 / tl.sqrt(D * 1.0))
     tl.store(out + offs, (res * inv[:, None]).to(out.dtype.element_ty), mask=r_ok[:, None])
 
 
@@ -349,7 +371,7 @@ def paged_attention(
     kn = k_new if has_new else q
     vn = v_new if has_new else q
     k_words, v_words, scales = fmt.word_views(state.cache)
-    magic = _MAGIC.get(dot, 0)
+    magic = _MAGIC.get(dot, 0) if dot in MAGIC_DTYPES else 0
     grid = (batch, q_blocks, hkv * splits)
     _paged_attention_kernel[grid](
         q, _signs(d, _TORCH_DTYPE[dot], q.device), q.stride(0), q.stride(1),
@@ -363,14 +385,14 @@ def paged_attention(
         scale, tiles_per_split,
         N_REP=n_rep, G=fmt.group, D=d, KBITS=fmt.k_bits, VBITS=fmt.v_bits,
         BLOCK_M=block_m, ROWS=rows, HAS_NEW=has_new, NUM_SPLITS=splits,
-        DOT=dot, PRECISION=precision, DENSE_BLOCK=DENSE_BLOCK, MAGIC=magic, OFFSET=_MAGIC_OFFSET.get(dot, 0.0),
+        DOT=dot, PRECISION=precision, DENSE_BLOCK=DENSE_BLOCK, MAGIC=magic, OFFSET=_MAGIC_OFFSET[dot] if magic else 0.0,
         **(LAUNCH_OPTIONS if rows <= 16 else CHUNK_LAUNCH_OPTIONS),
     )
     out = torch.empty_like(q)
     n_rows = tq * hq
     _merge_splits_kernel[(triton.cdiv(n_rows, MERGE_ROWS),)](
         part_plain, part_rot, part_m, part_l, _signs(d, torch.float32, q.device), out, n_rows,
-        NUM_SPLITS=splits, D=d, BLOCK_R=MERGE_ROWS, PRECISION=precision)
+        NUM_SPLITS=splits, D=d, BLOCK_R=MERGE_ROWS, KC=min(d, MERGE_CHANNELS), PRECISION=precision)
     return out
 
 
@@ -401,6 +423,10 @@ def chunk_attention(
 # in float16 (10 bits); OR-ing a code below 128 into it gives offset + code exactly.
 _MAGIC = {tl.bfloat16: 0x4300, tl.float16: 0x6400}
 _MAGIC_OFFSET = {tl.bfloat16: 128.0, tl.float16: 1024.0}
+# Dot dtypes that take the mantissa-OR path. Not float16: its offset 1024 cancels ~10 bits inside the
+# tensor-core sums, and on an H100 chunk outputs differed from the reference by up to 0.021 with it versus
+# 0.0039 with plain conversion (benchmarks/kernels/results/gpu_checks.log). Tests add float16 to exercise it.
+MAGIC_DTYPES = {tl.bfloat16}
 _TORCH_DTYPE = {tl.bfloat16: torch.bfloat16, tl.float16: torch.float16, tl.float32: torch.float32}
 
 

@@ -241,8 +241,11 @@ def _round_to(x, ty: tl.constexpr):
     """float32 → ty with round-to-nearest-even, also where a backend's bfloat16 cast truncates."""
     if ty == tl.bfloat16:
         bits = x.to(tl.uint32, bitcast=True)
-        bits = (bits + 0x7FFF + ((bits >> 16) & 1)) & 0xFFFF0000
-        x = bits.to(tl.float32, bitcast=True)
+        rounded = (bits + 0x7FFF + ((bits >> 16) & 1)) & 0xFFFF0000
+        # A NaN keeps its bits: the GPU's canonical NaN 0x7FFFFFFF would carry into the sign and round to −0.0,
+        # silently dropping a NaN/Inf tile's poison (integer test: float compares may be folded).
+        rounded = tl.where((bits & 0x7FFFFFFF) > 0x7F800000, bits, rounded)
+        x = rounded.to(tl.float32, bitcast=True)
     return x.to(ty)
 
 

@@ -26,12 +26,16 @@ def main() -> None:
     ap.add_argument("--kbits", type=int, default=4)
     ap.add_argument("--vbits", type=int, default=2)
     ap.add_argument("--maxnreg", type=int, default=0)
+    ap.add_argument("--chunk-rows", type=int, default=0,
+                    help="compile the chunk variant (new 16-bit tokens) with this many (query, head) rows")
     args = ap.parse_args()
     fn = _paged_attention_kernel
     sig = {}
     constexprs = {
         "N_REP": args.n_rep, "G": 128, "D": args.head_dim, "KBITS": args.kbits, "VBITS": args.vbits,
-        "BLOCK_M": 1, "ROWS": max(16, triton.next_power_of_2(args.n_rep)), "HAS_NEW": False, "NUM_SPLITS": 1,
+        "BLOCK_M": max(1, args.chunk_rows // args.n_rep) if args.chunk_rows else 1,
+        "ROWS": args.chunk_rows or max(16, triton.next_power_of_2(args.n_rep)), "HAS_NEW": bool(args.chunk_rows),
+        "NUM_SPLITS": 1,
         "DOT": tl.bfloat16, "PRECISION": "tf32", "DENSE_BLOCK": 32, "MAGIC": 0x4300, "OFFSET": 128.0,
     }
     ptr_types = {

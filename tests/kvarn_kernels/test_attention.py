@@ -128,6 +128,7 @@ def test_magic_code_conversion_path_matches_reference(preset, monkeypatch, devic
     from kvarn_kernels import attention
 
     monkeypatch.setattr(attention, "_dot_dtype", lambda dtype: tl.float16)
+    monkeypatch.setattr(attention, "MAGIC_DTYPES", {tl.float16, tl.bfloat16})
     fmt = KVarNFormat.from_preset(preset, 64, torch.float16)
     kv = [synthetic_kv(n, 2, 64, torch.float16, seed=i, device=device) for i, n in enumerate([300, 70])]
     gen = torch.Generator().manual_seed(0)
@@ -135,7 +136,10 @@ def test_magic_code_conversion_path_matches_reference(preset, monkeypatch, devic
     q = torch.randn(2, 8, 64, device=device).half()
     expected = ref.paged_attention_ref(q, state, _cu([1, 1], device))
     actual = decode_attention(q, state, num_splits=2)
-    torch.testing.assert_close(actual.float(), expected.float(), atol=8e-3, rtol=2**-10)
+    # Exact products under the interpreter; a GPU's tensor cores accumulate the offset operands (1024 + code)
+    # before the offset is removed, which costs a few more low bits (measured on an H100: 0.012 at one element).
+    atol = 8e-3 if device == "cpu" else 1.6e-2
+    torch.testing.assert_close(actual.float(), expected.float(), atol=atol, rtol=2**-10)
 
 
 def test_max_history_bounds_splits_without_changing_results(device):
@@ -160,14 +164,14 @@ def test_query_blocks_count_toward_occupancy():
     assert choose_num_splits(1, 2, 255, 132, q_blocks=1) == 64
 
 
-def test_self_check_passes_and_catches_a_broken_kernel(monkeypatch):
+def test_self_check_passes_and_catches_a_broken_kernel(monkeypatch, device):
     from kvarn_kernels import ops
 
     fmt = KVarNFormat.from_preset("kvarn_k4v2_g64", 64, torch.float32)
     monkeypatch.setattr(ops, "_CHECKED", set())
-    ops.self_check(fmt, torch.float32, "cpu")  # the interpreted kernels agree with the reference
+    ops.self_check(fmt, torch.float32, device)  # the kernels (interpreted on a CPU) agree with the reference
     assert len(ops._CHECKED) == 1
     monkeypatch.setattr(ops, "_CHECKED", set())
     monkeypatch.setattr(ops.attention, "decode_attention", lambda q, state: torch.zeros_like(q))
     with pytest.raises(RuntimeError, match="self-check failed.*attention differs"):
-        ops.self_check(fmt, torch.float32, "cpu")
+        ops.self_check(fmt, torch.float32, device)

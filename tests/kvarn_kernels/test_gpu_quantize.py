@@ -117,7 +117,11 @@ def test_k_frame_choice_matches(dtype):
     for pair, theta in enumerate((1.0, 0.3)):
         k[:, 0, 2 * pair] += 50 * torch.cos(pos * theta)
         k[:, 0, 2 * pair + 1] += 50 * torch.sin(pos * theta)
-    k[:, 1] = torch.distributions.StudentT(2.0).sample((n * 128, 128))
+    # Student-t with 4 degrees of freedom from the seeded generator (z / sqrt(χ²₄ / 4)); with 2 degrees of
+    # freedom a tile's single huge outlier sometimes makes the unrotated frame the cheaper one (the reference
+    # agrees: the choice is data-driven).
+    chi2 = torch.randn(4, n * 128, 128, generator=g).pow(2).sum(0)
+    k[:, 1] = torch.randn(n * 128, 128, generator=g) / (chi2 / 4).sqrt()
     v = torch.randn(n * 128, 2, 128, generator=g)
     actual = _compare(k.to(dtype).cuda(), v.to(dtype).cuda(), fmt, n)
     flags = ref.dequantize_records(actual, fmt)[2]

@@ -2,10 +2,12 @@
 
 import pytest
 import torch
+import triton
+import triton.language as tl
 
 from kvarn_kernels import reference as ref
 from kvarn_kernels.format import KVarNFormat
-from kvarn_kernels.quantize import quantize_into_cache
+from kvarn_kernels.quantize import _round_to, quantize_into_cache
 from kvarn_kernels.testing import synthetic_kv
 
 # Two range costs closer than this (relative) are a near tie: the kernel's rotated tile equals the reference's up
@@ -265,3 +267,26 @@ def test_k_frame_flag_round_trips(device):
     k_wrong, _ = ref.dequantize_tiles(records, fmt)
     assert (k_wrong[0, 0] - k[0, 0]).norm() > k[0, 0].norm() * 0.5
     assert torch.equal(k_wrong[0, 1], k_hat[0, 1])
+
+
+@triton.jit
+def _round_kernel(x_ptr, out_ptr, N: tl.constexpr):
+    i = tl.arange(0, N)
+    tl.store(out_ptr + i, _round_to(tl.load(x_ptr + i), tl.bfloat16))
+
+
+def test_bfloat16_scale_rounding_keeps_every_nan():
+    """A GPU's canonical NaN (0x7FFFFFFF) must not carry into the sign bit and round to −0.0: that silently
+    dropped a NaN/Inf tile's poison on an H100 (found there; the interpreter's NaNs are 0x7FC00000)."""
+    bits = torch.tensor([0x7FFFFFFF, 0xFFFFFFFF - 2**32, 0x7FC00000, 0x7F800000, 0x3F808000, 0x3F818000, 0x477FFFFF],
+                        dtype=torch.int64).to(torch.int32)
+    x = bits.view(torch.float32)
+    xp = torch.cat([x, torch.zeros(1)])  # N must be a power of two
+    outp = torch.empty(8, dtype=torch.bfloat16)
+    _round_kernel[(1,)](xp, outp, N=8)
+    out = outp[:7].float()
+    assert out[:3].isnan().all()
+    assert out[3] == float("inf")
+    # Round-to-nearest-even on ordinary values: 1 + 2^-8 (a tie) → 1.0; 1 + 3·2^-8 (a tie) → 1 + 2^-6.
+    assert out[4] == 1.0 and out[5] == 1.0 + 2**-6
+    assert out[6] == 65536.0
