@@ -14,7 +14,13 @@ python3 -m pip install -q --no-deps --no-index --no-build-isolation -e .
 export PYTHONUNBUFFERED=1
 case "${1:-check}" in
   check)
-    python3 -m pytest -q --maxfail=25 tests/kvarn_kernels tests/kvarn_hf/test_hf_gpu.py 2>&1 | tee "$OUT/gpu_tests.log" ;;
+    # One process per file: an illegal memory access poisons the CUDA context, and every later test in the same
+    # process would then fail too, hiding which one was first.
+    rc=0
+    for f in tests/kvarn_kernels/test_*.py tests/kvarn_hf/test_hf_gpu.py; do
+      python3 -m pytest -q -rf "$f" 2>&1 | tee -a "$OUT/gpu_tests.log" || rc=1
+    done
+    exit "$rc" ;;
   kernels)
     python3 benchmarks/kernels/bench_decode.py --out "$OUT" --batches 1,8,32,64 \
       --contexts 1024,2048,4096,16384,65536,131072 2>&1 | tee "$OUT/decode.log"

@@ -1,0 +1,108 @@
+"""The attention kernels compile for an H100 (sm_90) on a CPU machine, within its shared memory.
+
+The interpreter runs kernels as Python, so it misses what only the compiler sees. Two such bugs reached a GPU: a
+float32 model's kernel did not compile (statements after an early return inside a constexpr branch are still
+compiled), and the split merge needed 272 KB of shared memory at head_dim 256 (an H100 has 227 KB per block).
+Triton's bundled ptxas compiles without a GPU; the compiles run in one child process without TRITON_INTERPRET
+(under the interpreter, @triton.jit functions cannot be compiled).
+"""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+H100_SHARED_BYTES = 232448
+
+
+ATTENTION_CASES = [("float32", 64, 0),  # float32 models: plain code conversion
+                   ("bfloat16", 128, 0),  # the decode launch the benchmarks time
+                   ("float16", 256, 64)]  # chunk program at the largest head_dim
+MERGE_CASES = [64, 128, 256]
+
+
+def _compile(fn, constexprs, ptr_types, options):
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    sig = {name: "constexpr" if name in constexprs else ptr_types.get(name, "i32") for name in fn.arg_names}
+    kernel = triton.compile(ASTSource(fn, sig, constexprs, {}), target=GPUTarget("cuda", 90, 32), options=options)
+    return kernel.metadata.shared
+
+
+def _attention_shared(dot_name, head_dim, chunk_rows):
+    import triton.language as tl
+
+    from kvarn_kernels import attention
+
+    dot = getattr(tl, dot_name)
+    n_rep = 4
+    magic = attention._MAGIC.get(dot, 0) if dot in attention.MAGIC_DTYPES else 0
+    constexprs = {
+        "N_REP": n_rep, "G": 128, "D": head_dim, "KBITS": 4, "VBITS": 2,
+        "BLOCK_M": chunk_rows // n_rep if chunk_rows else 1, "ROWS": chunk_rows or 16, "HAS_NEW": bool(chunk_rows),
+        "NUM_SPLITS": 2, "DOT": dot, "PRECISION": "ieee" if dot == tl.float32 else "tf32",
+        "DENSE_BLOCK": attention.DENSE_BLOCK, "MAGIC": magic,
+        "OFFSET": attention._MAGIC_OFFSET[dot] if magic else 0.0,
+    }
+    act = "*" + {"float32": "fp32", "float16": "fp16", "bfloat16": "bf16"}[dot_name]
+    ptrs = {name: act for name in ("q", "hadamard_ptr", "k_new", "v_new", "sink_k", "sink_v", "tail_k", "tail_v")}
+    ptrs.update({name: "*i32" for name in ("cu_q", "cu_k", "seq_lens", "block_table", "dense_table")})
+    ptrs.update({"k_words": "*i16", "v_words": "*u8", "scales": "*bf16", "sm_scale": "fp32"})
+    ptrs.update({name: "*fp32" for name in ("part_plain", "part_rot", "part_m", "part_l")})
+    options = attention.CHUNK_LAUNCH_OPTIONS if chunk_rows else attention.LAUNCH_OPTIONS
+    return _compile(attention._paged_attention_kernel, constexprs, ptrs, dict(options))
+
+
+def _merge_shared(head_dim):
+    from kvarn_kernels import attention
+
+    constexprs = {"NUM_SPLITS": 4, "D": head_dim, "BLOCK_R": attention.MERGE_ROWS,
+                  "KC": min(head_dim, attention.MERGE_CHANNELS), "PRECISION": "tf32"}
+    ptrs = {name: "*fp32" for name in ("part_plain", "part_rot", "part_m", "part_l", "hadamard_ptr")}
+    ptrs["out"] = "*bf16"
+    return _compile(attention._merge_splits_kernel, constexprs, ptrs, {"num_warps": 4})
+
+
+def _run_all() -> dict:
+    """In the child: every case's shared-memory bytes, or its compile error."""
+    out = {}
+    for key, fn, args in ([(f"attention-{c}", _attention_shared, c) for c in ATTENTION_CASES]
+                          + [(f"merge-{d}", _merge_shared, (d,)) for d in MERGE_CASES]):
+        try:
+            out[key] = fn(*args)
+        except Exception as e:  # reported by the test, with the case that failed
+            out[key] = f"{type(e).__name__}: {e}"[-2000:]
+    return out
+
+
+@pytest.fixture(scope="module")
+def compiled() -> dict:
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    r = subprocess.run([sys.executable, __file__], env=env, capture_output=True, text=True, timeout=900)
+    if r.returncode != 0:
+        if "ptxas" in r.stderr.lower():
+            pytest.skip(f"Triton's ptxas is unavailable here: {r.stderr[-500:]}")
+        raise AssertionError(f"compile child failed:\n{r.stderr[-3000:]}")
+    return json.loads(r.stdout.strip().splitlines()[-1])
+
+
+@pytest.mark.parametrize("case", ATTENTION_CASES, ids=lambda c: f"{c[0]}-d{c[1]}-rows{c[2]}")
+def test_attention_kernel_compiles_within_shared_memory(compiled, case):
+    shared = compiled[f"attention-{case}"]
+    assert isinstance(shared, int), shared
+    assert shared <= H100_SHARED_BYTES
+
+
+@pytest.mark.parametrize("head_dim", MERGE_CASES)
+def test_merge_kernel_fits_shared_memory(compiled, head_dim):
+    shared = compiled[f"merge-{head_dim}"]
+    assert isinstance(shared, int), shared
+    assert shared <= H100_SHARED_BYTES
+
+
+if __name__ == "__main__":
+    print(json.dumps(_run_all()))
