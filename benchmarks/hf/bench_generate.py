@@ -18,6 +18,8 @@ vocab x context x batch floats. The loop below is what `generate()` does for gre
 a KVarNCache is sized for the whole generation up front (`reserve`), as `generate()` does.
 
 Measured per case: prefill seconds; decode tokens/s (batch * steps / summed step time), median and mean step time;
+on a GPU, kernel time and kernel launches per decode step (torch.profiler over 3 extra untimed steps: kernel time far
+below the step time means the run is bound by the host, not by attention);
 peak GPU memory (`torch.cuda.max_memory_allocated`, reset before the case) over the whole case and over the decode
 steps alone; the bytes of KV cache held after the run, summed over the cache's own tensors (DynamicCache: keys and
 values; KVarNCache: its packed tile pool, allocated and used, plus the 16-bit sink/tail blocks; quanto: the packed
@@ -315,7 +317,7 @@ def run_case(model: Any, method: Method, context: int, batch: int, new_tokens: i
     if cuda:
         torch.cuda.reset_peak_memory_stats(device)
         base = torch.cuda.memory_allocated(device)
-    cache = make_cache(method, model, context + warmup_steps + new_tokens)
+    cache = make_cache(method, model, context + warmup_steps + new_tokens + (PROFILE_STEPS if cuda else 0))
 
     def step(tokens: torch.Tensor) -> torch.Tensor:
         out = model(input_ids=tokens, past_key_values=cache, use_cache=True, logits_to_keep=1)
@@ -358,11 +360,33 @@ def run_case(model: Any, method: Method, context: int, batch: int, new_tokens: i
     row["tokens_row0"] = torch.cat(generated, dim=1)[0].tolist()
     if cuda:
         row["peak_decode_bytes"] = torch.cuda.max_memory_allocated(device)
+        row.update(_device_time_per_step(step, token, device))
         row["decode_transient_bytes"] = row["peak_decode_bytes"] - decode_start
         row["peak_bytes"] = max(row["peak_prefill_bytes"], row["peak_decode_bytes"])
         row["peak_over_start_bytes"] = row["peak_bytes"] - base
         row["allocated_after_bytes"] = torch.cuda.memory_allocated(device) - base  # ~ the cache (+ ids)
     return row
+
+
+PROFILE_STEPS = 3
+
+
+def _device_time_per_step(step: Any, token: torch.Tensor, device: torch.device) -> dict[str, Any]:
+    """GPU kernel time per decode step (torch.profiler, PROFILE_STEPS untimed steps after the timed ones) and kernel
+    launches per step: with the wall-clock step time this tells a host-bound run (kernel time << step time) from a
+    device-bound one. Never fails the case: a profiler error is recorded instead."""
+    try:
+        from torch.profiler import ProfilerActivity, profile
+
+        with profile(activities=[ProfilerActivity.CUDA]) as prof:
+            for _ in range(PROFILE_STEPS):
+                token = step(token)
+            _sync(device)
+        kernels = [e for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
+        busy_us = sum(e.device_time_total for e in kernels)
+        return {"device_ms_per_step": busy_us / 1e3 / PROFILE_STEPS, "kernels_per_step": len(kernels) / PROFILE_STEPS}
+    except Exception as e:  # diagnostics only
+        return {"device_time_error": f"{type(e).__name__}: {e}"[:300]}
 
 
 # --- ratios ----------------------------------------------------------------------------------------------------------
@@ -400,7 +424,8 @@ def _fmt(value: Any, spec: str, scale: float = 1.0) -> str:
 def markdown_table(result: dict[str, Any]) -> str:
     """The rows as a markdown table (ratios: > 1 means more bytes / faster than the reference)."""
     setup = result["setup"]
-    head = ["method", "context", "batch", "prefill s", "decode tok/s", "step ms (median)", "KV MiB", "KV / dynamic",
+    head = ["method", "context", "batch", "prefill s", "decode tok/s", "step ms (median)", "GPU ms/step",
+            "kernels/step", "KV MiB", "KV / dynamic",
             "speed / dynamic", "speed / quanto4", "speed / quanto2", "peak GiB", "decode peak GiB", "note"]
     lines = [
         f"{setup['model']['model']} ({setup['model']['weights']} weights), {setup['device']}, {setup['dtype']}, "
@@ -411,15 +436,16 @@ def markdown_table(result: dict[str, Any]) -> str:
     ]
     for r in result["rows"]:
         if "error" in r:
-            cells = [r["method"], str(r["context"]), str(r["batch"])] + ["-"] * 10 + [r["error"][:80]]
+            cells = [r["method"], str(r["context"]), str(r["batch"])] + ["-"] * 12 + [r["error"][:80]]
         else:
             cells = [
                 r["method"], str(r["context"]), str(r["batch"]), _fmt(r["prefill_s"], ".3f"),
                 _fmt(r["decode_tokens_per_s"], ".1f"), _fmt(r["step_ms_median"], ".2f"),
+                _fmt(r.get("device_ms_per_step"), ".2f"), _fmt(r.get("kernels_per_step"), ".0f"),
                 _fmt(r["kv_bytes"], ".1f", 2**20), _fmt(r.get("ratio_kv_bytes_vs_dynamic"), ".3f"),
                 _fmt(r.get("ratio_speed_vs_dynamic"), ".2f"), _fmt(r.get("ratio_speed_vs_quanto4"), ".2f"),
                 _fmt(r.get("ratio_speed_vs_quanto2"), ".2f"), _fmt(r.get("peak_bytes"), ".2f", 2**30),
-                _fmt(r.get("peak_decode_bytes"), ".2f", 2**30), "",
+                _fmt(r.get("peak_decode_bytes"), ".2f", 2**30), r.get("device_time_error", "")[:80],
             ]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
