@@ -371,7 +371,7 @@ def paged_attention(
     kn = k_new if has_new else q
     vn = v_new if has_new else q
     k_words, v_words, scales = fmt.word_views(state.cache)
-    magic = _MAGIC.get(dot, 0) if dot in MAGIC_DTYPES else 0
+    magic, offset = code_conversion(dot)
     grid = (batch, q_blocks, hkv * splits)
     _paged_attention_kernel[grid](
         q, _signs(d, _TORCH_DTYPE[dot], q.device), q.stride(0), q.stride(1),
@@ -385,7 +385,7 @@ def paged_attention(
         scale, tiles_per_split,
         N_REP=n_rep, G=fmt.group, D=d, KBITS=fmt.k_bits, VBITS=fmt.v_bits,
         BLOCK_M=block_m, ROWS=rows, HAS_NEW=has_new, NUM_SPLITS=splits,
-        DOT=dot, PRECISION=precision, DENSE_BLOCK=DENSE_BLOCK, MAGIC=magic, OFFSET=_MAGIC_OFFSET[dot] if magic else 0.0,
+        DOT=dot, PRECISION=precision, DENSE_BLOCK=DENSE_BLOCK, MAGIC=magic, OFFSET=offset,
         **(LAUNCH_OPTIONS if rows <= 16 else CHUNK_LAUNCH_OPTIONS),
     )
     out = torch.empty_like(q)
@@ -427,6 +427,16 @@ _MAGIC_OFFSET = {tl.bfloat16: 128.0, tl.float16: 1024.0}
 # tensor-core sums, and on an H100 chunk outputs differed from the reference by up to 0.021 with it versus
 # 0.0039 with plain conversion (benchmarks/kernels/results/gpu_checks.log). Tests add float16 to exercise it.
 MAGIC_DTYPES = {tl.bfloat16}
+
+
+def code_conversion(dot: tl.dtype) -> tuple[int, float]:
+    """(MAGIC, OFFSET) of the attention kernel for dot dtype `dot`: the mantissa-OR constant and the offset it
+    adds, or (0, 0.0) for plain int→float conversion."""
+    if dot in MAGIC_DTYPES:
+        return _MAGIC[dot], _MAGIC_OFFSET[dot]
+    return 0, 0.0
+
+
 _TORCH_DTYPE = {tl.bfloat16: torch.bfloat16, tl.float16: torch.float16, tl.float32: torch.float32}
 
 

@@ -11,28 +11,15 @@ VARIANTS = ["shapes_magic", "shapes_nomagic", "base", "warps4", "nomagic", "hist
 
 def shapes(magic: bool) -> None:
     """test_gpu_shapes' chunk case at head_dim 64/128, float16, with and without the mantissa-OR conversion."""
+    sys.path.insert(0, "tests/kvarn_kernels")
+    from test_gpu_shapes import chunk_case
+
     from kvarn_kernels import attention as A
-    from kvarn_kernels import reference as ref
-    from kvarn_kernels.format import KVarNFormat
-    from kvarn_kernels.quantize import quantize_into_cache
-    from kvarn_kernels.state import build_paged_kv
-    from kvarn_kernels.testing import synthetic_kv
     A.MAGIC_DTYPES = {A.tl.bfloat16, A.tl.float16} if magic else {A.tl.bfloat16}
     for hd in (64, 128):
-        hist, n_q = [0, 300, 5000], [700, 64, 5]
-        fmt = KVarNFormat.from_preset("kvarn_k4v2_g128", hd, torch.float16)
-        kv = [synthetic_kv(max(n, 1), 2, hd, torch.float16, seed=i, device="cuda") for i, n in enumerate(hist)]
-        ks = [a[:n] for (a, _), n in zip(kv, hist, strict=True)]
-        vs = [b[:n] for (_, b), n in zip(kv, hist, strict=True)]
-        state = build_paged_kv(ks, vs, fmt, quantize_into_cache)
-        cu = torch.tensor([0, *torch.tensor(n_q).cumsum(0).tolist()], dtype=torch.int32, device="cuda")
-        q = torch.randn(sum(n_q), 8, hd, device="cuda", dtype=torch.float16)
-        kn = torch.randn(sum(n_q), 2, hd, device="cuda", dtype=torch.float16)
-        vn = torch.randn_like(kn)
-        e = ref.paged_attention_ref(q, state, cu, kn, vn, cu).float()
-        a = A.chunk_attention(q, kn, vn, cu, cu, max(n_q), state).float()
-        err = (a - e).abs()
-        bad = (err > 1e-2 + 1e-2 * e.abs()).sum().item()
+        a, e, cu = chunk_case(hd)
+        err = (a.float() - e.float()).abs()
+        bad = (err > 1e-2 + 1e-2 * e.float().abs()).sum().item()
         print(f"magic={magic} D={hd} max err {err.max().item():.4g} over-tol {bad} "
               f"per-seq max {[err[cu[i]:cu[i + 1]].max().item() for i in range(3)]}")
 

@@ -40,13 +40,13 @@ def _attention_shared(dot_name, head_dim, chunk_rows):
 
     dot = getattr(tl, dot_name)
     n_rep = 4
-    magic = attention._MAGIC.get(dot, 0) if dot in attention.MAGIC_DTYPES else 0
+    magic, offset = attention.code_conversion(dot)
     constexprs = {
         "N_REP": n_rep, "G": 128, "D": head_dim, "KBITS": 4, "VBITS": 2,
         "BLOCK_M": chunk_rows // n_rep if chunk_rows else 1, "ROWS": chunk_rows or 16, "HAS_NEW": bool(chunk_rows),
         "NUM_SPLITS": 2, "DOT": dot, "PRECISION": "ieee" if dot == tl.float32 else "tf32",
         "DENSE_BLOCK": attention.DENSE_BLOCK, "MAGIC": magic,
-        "OFFSET": attention._MAGIC_OFFSET[dot] if magic else 0.0,
+        "OFFSET": offset,
     }
     act = "*" + {"float32": "fp32", "float16": "fp16", "bfloat16": "bf16"}[dot_name]
     ptrs = {name: act for name in ("q", "hadamard_ptr", "k_new", "v_new", "sink_k", "sink_v", "tail_k", "tail_v")}

@@ -60,8 +60,9 @@ def test_long_context_decode_matches_reference(context):
     torch.testing.assert_close(decode_attention(q, state).float(), expected.float(), atol=2e-2, rtol=2e-2)
 
 
-@pytest.mark.parametrize("head_dim", [64, 128, 256])
-def test_chunk_matches_reference(head_dim):
+def chunk_case(head_dim: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Chunks over no, short and long float16 history: (kernel output, reference output, cu_seqlens). Also run by
+    benchmarks/kernels/debug_chunk.py."""
     hist, n_q = [0, 300, 5000], [700, 64, 5]
     fmt = KVarNFormat.from_preset("kvarn_k4v2_g128", head_dim, torch.float16)
     kv = [synthetic_kv(max(n, 1), 2, head_dim, torch.float16, seed=i, device="cuda") for i, n in enumerate(hist)]
@@ -73,5 +74,10 @@ def test_chunk_matches_reference(head_dim):
     kn = torch.randn(sum(n_q), 2, head_dim, device="cuda", dtype=torch.float16)
     vn = torch.randn_like(kn)
     expected = ref.paged_attention_ref(q, state, cu, kn, vn, cu)
-    actual = chunk_attention(q, kn, vn, cu, cu, max(n_q), state)
+    return chunk_attention(q, kn, vn, cu, cu, max(n_q), state), expected, cu
+
+
+@pytest.mark.parametrize("head_dim", [64, 128, 256])
+def test_chunk_matches_reference(head_dim):
+    actual, expected, _ = chunk_case(head_dim)
     torch.testing.assert_close(actual.float(), expected.float(), atol=1e-2, rtol=1e-2)
