@@ -31,6 +31,8 @@ from .state import PagedKV
 MIN_TILES_PER_SPLIT = 1
 # Launch options of the attention kernel (benchmarks/kernels/bench_decode.py --tune sweeps them).
 LAUNCH_OPTIONS = {"num_warps": 4, "num_stages": 2}
+# head_dim 256: 8 warps (with 4, the sm_90 build runs out of registers and spills).
+LAUNCH_OPTIONS_D256 = {"num_warps": 8, "num_stages": 2}
 # Chunks: 4 warps. With 8, Triton 3.6 miscompiles the head_dim-64, 64-row chunk program on sm_90 (an
 # out-of-range shared-memory access found by compute-sanitizer in the K-plane dot).
 CHUNK_LAUNCH_OPTIONS = {"num_warps": 4, "num_stages": 2}
@@ -39,8 +41,14 @@ DENSE_BLOCK = 32
 CHUNK_ROWS = 64
 # Rows (query, head) per program of the split merge + un-rotation kernel.
 MERGE_ROWS = 16
-# Rotated channels per step of the merge kernel's un-rotation dot (a [64, D] float32 slice of H in shared memory).
+# Rotated channels per step of the merge kernel's un-rotation dot above head_dim 128 (a [64, D] float32 slice of H
+# in shared memory); up to head_dim 128 all of H fits and the merge is one pass over the splits.
 MERGE_CHANNELS = 64
+
+
+def merge_channels(head_dim: int) -> int:
+    """KC of the merge kernel: head_dim itself (one pass) up to 128, else MERGE_CHANNELS (two passes)."""
+    return head_dim if head_dim <= 128 else MERGE_CHANNELS
 
 
 @triton.jit
@@ -72,20 +80,41 @@ def _attend_dense(q, k_ptr, v_ptr, stride_tok, n_valid, key_pos0, q_pos, row_ok,
     return m_i, l_i, acc
 
 
+# The mantissa-OR conversion of bfloat16 codes, written as PTX on packed registers (GPU only: the interpreter
+# never sees MAGIC, its dots are float32). LOP3 immediate 0xEA is (a & b) | c.
+BF16_MAGIC_ASM = tl.constexpr(0x4300)
+_ASM_PLANE4 = tl.constexpr("{ .reg .b32 t; shr.b32 t, $1, $2; lop3.b32 $0, t, 0x000F000F, 0x43004300, 0xEA; }")
+_ASM_PLANE2 = tl.constexpr(
+    "{ .reg .b32 t, lo, hi; shr.b32 t, $2, $3; prmt.b32 lo, t, 0, 0x4140; prmt.b32 hi, t, 0, 0x4342; "
+    "lop3.b32 $0, lo, 0x00030003, 0x43004300, 0xEA; lop3.b32 $1, hi, 0x00030003, 0x43004300, 0xEA; }")
+
+
 @triton.jit
 def _plane(words, PLANE: tl.constexpr, BITS: tl.constexpr, DOT: tl.constexpr, MAGIC: tl.constexpr):
     """Plane PLANE of code words [R, W] (tokens PLANE*W + j) as DOT values code + offset.
 
     With MAGIC (a 16-bit float's exponent bits, e.g. 0x4300 = 128.0 in bfloat16) the code is OR-ed into the
-    mantissa: the value is MAGIC's float + code, exact, in two integer ops and a free bitcast; the caller
+    mantissa: the value is MAGIC's float + code, exact, in integer ops and a free bitcast; the caller
     removes the offset algebraically. Without MAGIC the code is converted (offset 0).
     """
-    c = (words.to(tl.int32) >> (PLANE * BITS)) & (2**BITS - 1)
     # Both branches in one if/else: Triton's code generator still compiles statements after an early return.
-    if MAGIC == 0:
-        out = c.to(DOT)
+    if MAGIC == BF16_MAGIC_ASM:
+        # PTX on packed registers: one shift and one LOP3 per two codes (4-bit codes in int16 words), a shift, two
+        # PRMTs and two LOP3s per four (2-bit codes in bytes); Triton's own lowering spends ~5 ops per code.
+        # The shift is a constant operand: ptxas folds it into an immediate.
+        shift = tl.full(words.shape, PLANE * BITS, tl.int32)
+        if BITS == 4:
+            out = tl.inline_asm_elementwise(_ASM_PLANE4, "=r,r,r,r", [words, shift], dtype=tl.bfloat16,
+                                            is_pure=True, pack=2)
+        else:
+            out = tl.inline_asm_elementwise(_ASM_PLANE2, "=r,=r,r,r,r,r,r", [words, shift], dtype=tl.bfloat16,
+                                            is_pure=True, pack=4)
     else:
-        out = (c | MAGIC).to(tl.int16).to(DOT, bitcast=True)
+        c = (words.to(tl.int32) >> (PLANE * BITS)) & (2**BITS - 1)
+        if MAGIC == 0:
+            out = c.to(DOT)
+        else:
+            out = (c | MAGIC).to(tl.int16).to(DOT, bitcast=True)
     return out
 
 
@@ -99,21 +128,34 @@ def _tile_scores(qs, kw, scales_ptr, PLANE: tl.constexpr, W: tl.constexpr, D: tl
 
 
 @triton.jit
-def _tile_values(pv, p, vw, scales_ptr, PLANE: tl.constexpr, W: tl.constexpr, G: tl.constexpr, D: tl.constexpr,
-                 VBITS: tl.constexpr, DOT: tl.constexpr, MAGIC: tl.constexpr, OFFSET: tl.constexpr,
+def _tile_values(pv, p, vw, row_zero, scales_ptr, PLANE: tl.constexpr, W: tl.constexpr, G: tl.constexpr,
+                 D: tl.constexpr, VBITS: tl.constexpr, DOT: tl.constexpr, MAGIC: tl.constexpr, OFFSET: tl.constexpr,
                  PRECISION: tl.constexpr):
     """pv += Σ_t p[r, t]·row_scale[t]·(code[:, t] + offset) over one plane's W tokens; also returns the
     per-element terms whose row sums complete the value rows (row zeros, minus the offset)."""
     tok = PLANE * W + tl.arange(0, W)
     pr = (p * tl.load(scales_ptr + 2 * D + G + tok).to(tl.float32)[None, :]).to(DOT)
     pv = tl.dot(pr, tl.trans(_plane(vw, PLANE, VBITS, DOT, MAGIC)), pv, input_precision=PRECISION)
-    return pv, p * tl.load(scales_ptr + 2 * D + 2 * G + tok).to(tl.float32)[None, :] - OFFSET * pr.to(tl.float32)
+    return pv, p * row_zero.to(tl.float32)[None, :] - OFFSET * pr.to(tl.float32)
 
 
 @triton.jit
-def _attend_tile(q_rot, q_plain, kw_ptr, vw_ptr, scales_ptr, key_pos0, q_pos, row_ok, m_i, l_i, acc,
-                 sm_scale, G: tl.constexpr, D: tl.constexpr, KBITS: tl.constexpr, VBITS: tl.constexpr,
-                 DOT: tl.constexpr, MAGIC: tl.constexpr, OFFSET: tl.constexpr, PRECISION: tl.constexpr):
+def _tile_extras(scales_ptr, G: tl.constexpr, D: tl.constexpr):
+    """The scales of a tile that feed no dot (K row zeros, V column scales, V row zeros per plane). Triton's
+    pipeliner leaves such loads in place, so the tile loop loads them one tile ahead itself."""
+    W: tl.constexpr = G // 4
+    d = tl.arange(0, D)
+    t = tl.arange(0, W)
+    vz = scales_ptr + 2 * D + 2 * G + t
+    return (tl.load(scales_ptr + D + d), tl.load(scales_ptr + 2 * D + 3 * G + d),
+            tl.load(vz), tl.load(vz + W), tl.load(vz + 2 * W), tl.load(vz + 3 * W))
+
+
+@triton.jit
+def _attend_tile(q_rot, q_plain, kw_ptr, vw_ptr, scales_ptr, k_row_zero, v_col_scale, vz0, vz1, vz2, vz3,
+                 key_pos0, q_pos, row_ok, m_i, l_i, acc, sm_scale, G: tl.constexpr, D: tl.constexpr,
+                 ROWS: tl.constexpr, KBITS: tl.constexpr, VBITS: tl.constexpr, DOT: tl.constexpr,
+                 MAGIC: tl.constexpr, OFFSET: tl.constexpr, PRECISION: tl.constexpr):
     """Attend to one packed tile straight from its codes; the output accumulates in the rotated frame.
 
     Word j of a channel holds tokens j, j+W, j+2W, j+3W (W = G/4): each bit plane is W consecutive tokens,
@@ -122,12 +164,16 @@ def _attend_tile(q_rot, q_plain, kw_ptr, vw_ptr, scales_ptr, key_pos0, q_pos, ro
     W: tl.constexpr = G // 4
     d = tl.arange(0, D)
     w_offs = d[:, None] * W + tl.arange(0, W)[None, :]
+    # Scales that feed a dot are loaded broadcast over the ROWS rows: at 16 bytes per thread (not 2) Triton's
+    # pipeliner turns them into asynchronous copies issued a tile ahead (1-D [D] loads stalled every tile).
     # K-frame flag (format v2): a negative col_scale[0] marks a K stored unrotated; score it with plain q.
-    k_rotated = tl.load(scales_ptr + 2 * D).to(tl.int16, bitcast=True) >= 0
-    qk = tl.where(k_rotated, q_rot, q_plain)
-    qs = (qk * tl.load(scales_ptr + d).to(tl.float32)[None, :]).to(DOT)
-    zero_term = tl.sum(qk * tl.load(scales_ptr + D + d).to(tl.float32)[None, :]
-                       - OFFSET * qs.to(tl.float32), axis=1)
+    rows0 = (tl.arange(0, ROWS) * 0)[:, None]
+    flag = tl.load(scales_ptr + 2 * D + rows0 + tl.arange(0, 2)[None, :])
+    k_rotated = tl.split(flag)[0].to(tl.int16, bitcast=True) >= 0
+    qk = tl.where(k_rotated[:, None], q_rot, q_plain.to(tl.float32))
+    t = tl.arange(0, W)
+    qs = (qk * tl.load(scales_ptr + rows0 + d[None, :]).to(tl.float32)).to(DOT)
+    zero_term = tl.sum(qk * k_row_zero.to(tl.float32)[None, :] - OFFSET * qs.to(tl.float32), axis=1)
     kw = tl.load(kw_ptr + w_offs)
     s0, c0 = _tile_scores(qs, kw, scales_ptr, 0, W, D, KBITS, DOT, MAGIC, PRECISION)
     s1, c1 = _tile_scores(qs, kw, scales_ptr, 1, W, D, KBITS, DOT, MAGIC, PRECISION)
@@ -139,7 +185,6 @@ def _attend_tile(q_rot, q_plain, kw_ptr, vw_ptr, scales_ptr, key_pos0, q_pos, ro
     s3 = tl.where(row_ok[:, None], (s3 + zero_term[:, None]) * (c3 * sm_scale)[None, :], float("-inf"))
     # History tiles precede every query of a chunk (bottom-right causal), so only padded rows are masked;
     # a query placed before the tile (n_new < q_len, never produced by the front-ends) is masked below.
-    t = tl.arange(0, W)
     s0 = tl.where((key_pos0 + t)[None, :] <= q_pos[:, None], s0, float("-inf"))
     s1 = tl.where((key_pos0 + W + t)[None, :] <= q_pos[:, None], s1, float("-inf"))
     s2 = tl.where((key_pos0 + 2 * W + t)[None, :] <= q_pos[:, None], s2, float("-inf"))
@@ -155,13 +200,12 @@ def _attend_tile(q_rot, q_plain, kw_ptr, vw_ptr, scales_ptr, key_pos0, q_pos, ro
     l_i = l_i * alpha + tl.sum((p0 + p1) + (p2 + p3), axis=1)
     vw = tl.load(vw_ptr + w_offs)
     pv = tl.zeros_like(acc)
-    pv, z0 = _tile_values(pv, p0, vw, scales_ptr, 0, W, G, D, VBITS, DOT, MAGIC, OFFSET, PRECISION)
-    pv, z1 = _tile_values(pv, p1, vw, scales_ptr, 1, W, G, D, VBITS, DOT, MAGIC, OFFSET, PRECISION)
-    pv, z2 = _tile_values(pv, p2, vw, scales_ptr, 2, W, G, D, VBITS, DOT, MAGIC, OFFSET, PRECISION)
-    pv, z3 = _tile_values(pv, p3, vw, scales_ptr, 3, W, G, D, VBITS, DOT, MAGIC, OFFSET, PRECISION)
+    pv, z0 = _tile_values(pv, p0, vw, vz0, scales_ptr, 0, W, G, D, VBITS, DOT, MAGIC, OFFSET, PRECISION)
+    pv, z1 = _tile_values(pv, p1, vw, vz1, scales_ptr, 1, W, G, D, VBITS, DOT, MAGIC, OFFSET, PRECISION)
+    pv, z2 = _tile_values(pv, p2, vw, vz2, scales_ptr, 2, W, G, D, VBITS, DOT, MAGIC, OFFSET, PRECISION)
+    pv, z3 = _tile_values(pv, p3, vw, vz3, scales_ptr, 3, W, G, D, VBITS, DOT, MAGIC, OFFSET, PRECISION)
     pv = pv + tl.sum((z0 + z1) + (z2 + z3), axis=1)[:, None]
-    v_col_scale = tl.load(scales_ptr + 2 * D + 3 * G + d).to(tl.float32)
-    acc = acc * alpha[:, None] + pv * v_col_scale[None, :]
+    acc = acc * alpha[:, None] + pv * v_col_scale.to(tl.float32)[None, :]
     return m_new, l_i, acc
 
 
@@ -223,12 +267,21 @@ def _paged_attention_kernel(
         h_offs = d[:, None] * D + d[None, :]
         qr = tl.dot(qp, tl.load(hadamard_ptr + h_offs),
                     input_precision=PRECISION) * (1.0 / tl.sqrt(D * 1.0))
+        bt = block_table + b.to(tl.int64) * stride_bt
+        head_scales = scales + kvh * scales_sh
+        k_rz, v_cs, vz0, vz1, vz2, vz3 = _tile_extras(
+            head_scales + tl.load(bt + first_tile).to(tl.int64) * scales_sb, G, D)
+        next_block = tl.load(bt + tl.minimum(first_tile + 1, last_tile - 1)).to(tl.int64)
         for i in range(first_tile, last_tile):
-            block = tl.load(block_table + b.to(tl.int64) * stride_bt + i).to(tl.int64)
+            block = tl.load(bt + i).to(tl.int64)
+            # Tile i+1's non-dot scales now (the last iteration reloads its own: harmless), used next iteration.
+            k_rz1, v_cs1, vz01, vz11, vz21, vz31 = _tile_extras(head_scales + next_block * scales_sb, G, D)
+            next_block = tl.load(bt + tl.minimum(i + 2, last_tile - 1)).to(tl.int64)
             m_q, l_q, acc_rot = _attend_tile(
-                qr, qp.to(tl.float32), k_words + block * kw_sb + kvh * kw_sh, v_words + block * vw_sb + kvh * vw_sh,
-                scales + block * scales_sb + kvh * scales_sh, G * (1 + i), q_pos, row_ok, m_q, l_q, acc_rot,
-                sm_scale, G, D, KBITS, VBITS, DOT, MAGIC, OFFSET, PRECISION)
+                qr, qp, k_words + block * kw_sb + kvh * kw_sh, v_words + block * vw_sb + kvh * vw_sh,
+                head_scales + block * scales_sb, k_rz, v_cs, vz0, vz1, vz2, vz3, G * (1 + i), q_pos, row_ok,
+                m_q, l_q, acc_rot, sm_scale, G, D, ROWS, KBITS, VBITS, DOT, MAGIC, OFFSET, PRECISION)
+            k_rz, v_cs, vz0, vz1, vz2, vz3 = k_rz1, v_cs1, vz01, vz11, vz21, vz31
 
     if split == 0:
         sink_block = tl.load(dense_table + 2 * b).to(tl.int64)
@@ -295,21 +348,31 @@ def _merge_splits_kernel(part_plain, part_rot, part_m, part_l, hadamard_ptr, out
     m_safe = tl.where(m == float("-inf"), 0.0, m)
     l_tot = tl.zeros([BLOCK_R], tl.float32)
     res = tl.zeros([BLOCK_R, D], tl.float32)
-    for s in range(NUM_SPLITS):
-        w, l_s = _split_weight(part_m, part_l, s, n_rows, r, r_ok, m_safe)
-        l_tot += w * l_s
-        res += tl.load(part_plain + s * n_rows * D + offs, mask=r_ok[:, None], other=0.0) * w[:, None]
-    # Pass 2: the rotated part, KC channels at a time, un-rotated straight into the result.
-    kc = tl.arange(0, KC)
-    unrot = tl.zeros([BLOCK_R, D], tl.float32)
-    for c0 in range(0, D, KC):
-        rot = tl.zeros([BLOCK_R, KC], tl.float32)
+    if KC == D:
+        # All of H fits in shared memory (head_dim <= 128): one pass over the splits, one un-rotation dot.
+        rot_all = tl.zeros([BLOCK_R, D], tl.float32)
         for s in range(NUM_SPLITS):
-            w, _ = _split_weight(part_m, part_l, s, n_rows, r, r_ok, m_safe)
-            rot += tl.load(part_rot + s * n_rows * D + r[:, None] * D + (c0 + kc)[None, :], mask=r_ok[:, None],
-                           other=0.0) * w[:, None]
-        h = tl.load(hadamard_ptr + (c0 + kc)[:, None] * D + d[None, :])
-        unrot = tl.dot(rot, h, unrot, input_precision=PRECISION)
+            w, l_s = _split_weight(part_m, part_l, s, n_rows, r, r_ok, m_safe)
+            l_tot += w * l_s
+            res += tl.load(part_plain + s * n_rows * D + offs, mask=r_ok[:, None], other=0.0) * w[:, None]
+            rot_all += tl.load(part_rot + s * n_rows * D + offs, mask=r_ok[:, None], other=0.0) * w[:, None]
+        unrot = tl.dot(rot_all, tl.load(hadamard_ptr + d[:, None] * D + d[None, :]), input_precision=PRECISION)
+    else:
+        for s in range(NUM_SPLITS):
+            w, l_s = _split_weight(part_m, part_l, s, n_rows, r, r_ok, m_safe)
+            l_tot += w * l_s
+            res += tl.load(part_plain + s * n_rows * D + offs, mask=r_ok[:, None], other=0.0) * w[:, None]
+        # Pass 2: the rotated part, KC channels at a time, un-rotated straight into the result.
+        kc = tl.arange(0, KC)
+        unrot = tl.zeros([BLOCK_R, D], tl.float32)
+        for c0 in range(0, D, KC):
+            rot = tl.zeros([BLOCK_R, KC], tl.float32)
+            for s in range(NUM_SPLITS):
+                w, _ = _split_weight(part_m, part_l, s, n_rows, r, r_ok, m_safe)
+                rot += tl.load(part_rot + s * n_rows * D + r[:, None] * D + (c0 + kc)[None, :],
+                               mask=r_ok[:, None], other=0.0) * w[:, None]
+            h = tl.load(hadamard_ptr + (c0 + kc)[:, None] * D + d[None, :])
+            unrot = tl.dot(rot, h, unrot, input_precision=PRECISION)
     res += unrot * (1.0 / tl.sqrt(D * 1.0))
     inv = tl.where(l_tot > 0, 1.0 / l_tot, 0.0)
     tl.store(out + offs, (res * inv[:, None]).to(out.dtype.element_ty), mask=r_ok[:, None])
@@ -386,13 +449,13 @@ def paged_attention(
         N_REP=n_rep, G=fmt.group, D=d, KBITS=fmt.k_bits, VBITS=fmt.v_bits,
         BLOCK_M=block_m, ROWS=rows, HAS_NEW=has_new, NUM_SPLITS=splits,
         DOT=dot, PRECISION=precision, DENSE_BLOCK=DENSE_BLOCK, MAGIC=magic, OFFSET=offset,
-        **(LAUNCH_OPTIONS if rows <= 16 else CHUNK_LAUNCH_OPTIONS),
+        **(CHUNK_LAUNCH_OPTIONS if rows > 16 else LAUNCH_OPTIONS_D256 if d > 128 else LAUNCH_OPTIONS),
     )
     out = torch.empty_like(q)
     n_rows = tq * hq
     _merge_splits_kernel[(triton.cdiv(n_rows, MERGE_ROWS),)](
         part_plain, part_rot, part_m, part_l, _signs(d, torch.float32, q.device), out, n_rows,
-        NUM_SPLITS=splits, D=d, BLOCK_R=MERGE_ROWS, KC=min(d, MERGE_CHANNELS), PRECISION=precision)
+        NUM_SPLITS=splits, D=d, BLOCK_R=MERGE_ROWS, KC=merge_channels(d), PRECISION=precision)
     return out
 
 

@@ -1,6 +1,6 @@
 """One decode-attention shape, run a few times: a target for Nsight Compute (ncu).
 
-    ncu --section SpeedOfLight --section LaunchStats --section Occupancy --section WarpStateStats \
+    PYTHONPATH=. ncu --section SpeedOfLight --section LaunchStats --section Occupancy --section WarpStateStats \
         -k regex:_paged_attention_kernel -c 1 python benchmarks/kernels/profile_decode.py
 """
 

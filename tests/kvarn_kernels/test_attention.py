@@ -47,6 +47,17 @@ def test_decode_head_dim_128_k4v4(device):
     torch.testing.assert_close(decode_attention(q, state, num_splits=2).float(), expected.float(), atol=8e-3, rtol=0)
 
 
+def test_decode_head_dim_256_two_pass_merge(device):
+    """head_dim 256 merges splits in two passes (H does not fit in shared memory at once); 128 and below in one."""
+    from kvarn_kernels.attention import merge_channels
+
+    assert merge_channels(256) < 256 and merge_channels(128) == 128 and merge_channels(64) == 64
+    state = _state([300, 140], 1, 256, torch.bfloat16, device, "kvarn_k4v2_g64")
+    q = torch.randn(2, 2, 256, device=device).bfloat16()
+    expected = ref.paged_attention_ref(q, state, _cu([1, 1], device))
+    torch.testing.assert_close(decode_attention(q, state, num_splits=2).float(), expected.float(), atol=2e-2, rtol=0)
+
+
 @pytest.mark.parametrize("splits", [1, 2])
 def test_chunk_matches_reference(splits, device):
     hist = [0, 10, 64 + 7, 3 * 64]
@@ -140,6 +151,33 @@ def test_magic_code_conversion_path_matches_reference(preset, monkeypatch, devic
     # before the offset is removed, which costs a few more low bits (measured on an H100: 0.012 at one element).
     atol = 8e-3 if device == "cpu" else 1.6e-2
     torch.testing.assert_close(actual.float(), expected.float(), atol=atol, rtol=2**-10)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("bits", [2, 4])
+def test_bfloat16_ptx_unpack_gives_offset_plus_code_for_every_plane(bits):
+    """The packed-register PTX unpack (bfloat16 dots on a GPU) against integer arithmetic, every code value."""
+    import triton
+    import triton.language as tl
+
+    from kvarn_kernels.attention import BF16_MAGIC_ASM, _plane
+
+    @triton.jit
+    def unpack_kernel(words_ptr, out_ptr, BITS: tl.constexpr, R: tl.constexpr, W: tl.constexpr):
+        offs = tl.arange(0, R)[:, None] * W + tl.arange(0, W)[None, :]
+        words = tl.load(words_ptr + offs)
+        for plane in tl.static_range(4):
+            tl.store(out_ptr + plane * R * W + offs, _plane(words, plane, BITS, tl.bfloat16, BF16_MAGIC_ASM))
+
+    r, w = 64, 32
+    gen = torch.Generator().manual_seed(0)
+    wdtype = torch.int16 if bits == 4 else torch.uint8
+    words = torch.randint(0, 2 ** (4 * bits), (r, w), generator=gen).to(torch.int32).to(wdtype).cuda()
+    out = torch.empty(4, r, w, dtype=torch.bfloat16, device="cuda")
+    unpack_kernel[(1,)](words, out, BITS=bits, R=r, W=w)
+    as_int = words.to(torch.int32) & (2 ** (4 * bits) - 1)
+    expected = torch.stack([128 + ((as_int >> (p * bits)) & (2**bits - 1)) for p in range(4)]).float()
+    assert torch.equal(out.float(), expected)
 
 
 def test_max_history_bounds_splits_without_changing_results(device):

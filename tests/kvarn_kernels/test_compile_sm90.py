@@ -61,7 +61,7 @@ def _merge_shared(head_dim):
     from kvarn_kernels import attention
 
     constexprs = {"NUM_SPLITS": 4, "D": head_dim, "BLOCK_R": attention.MERGE_ROWS,
-                  "KC": min(head_dim, attention.MERGE_CHANNELS), "PRECISION": "tf32"}
+                  "KC": attention.merge_channels(head_dim), "PRECISION": "tf32"}
     ptrs = {name: "*fp32" for name in ("part_plain", "part_rot", "part_m", "part_l", "hadamard_ptr")}
     ptrs["out"] = "*bf16"
     return _compile(attention._merge_splits_kernel, constexprs, ptrs, {"num_warps": 4})

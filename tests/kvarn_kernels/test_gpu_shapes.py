@@ -45,7 +45,8 @@ def test_decode_matches_reference(head_dim, n_rep):
     fmt = KVarNFormat.from_preset("kvarn_k4v2_g128", head_dim, torch.bfloat16)
     kv = [synthetic_kv(n, hkv, head_dim, torch.bfloat16, seed=i, device="cuda") for i, n in enumerate(lens)]
     state = build_paged_kv([a for a, _ in kv], [b for _, b in kv], fmt, quantize_into_cache)
-    q = torch.randn(len(lens), hkv * n_rep, head_dim, device="cuda", dtype=torch.bfloat16)
+    gen = torch.Generator(device="cuda").manual_seed(100 * n_rep + head_dim)
+    q = torch.randn(len(lens), hkv * n_rep, head_dim, device="cuda", dtype=torch.bfloat16, generator=gen)
     expected = ref.paged_attention_ref(q, state, torch.arange(len(lens) + 1, dtype=torch.int32, device="cuda"))
     torch.testing.assert_close(decode_attention(q, state).float(), expected.float(), atol=2e-2, rtol=2e-2)
 

@@ -275,16 +275,16 @@ def _round_kernel(x_ptr, out_ptr, N: tl.constexpr):
     tl.store(out_ptr + i, _round_to(tl.load(x_ptr + i), tl.bfloat16))
 
 
-def test_bfloat16_scale_rounding_keeps_every_nan():
+def test_bfloat16_scale_rounding_keeps_every_nan(device):
     """A GPU's canonical NaN (0x7FFFFFFF) must not carry into the sign bit and round to −0.0: that silently
     dropped a NaN/Inf tile's poison on an H100 (found there; the interpreter's NaNs are 0x7FC00000)."""
     bits = torch.tensor([0x7FFFFFFF, 0xFFFFFFFF - 2**32, 0x7FC00000, 0x7F800000, 0x3F808000, 0x3F818000, 0x477FFFFF],
                         dtype=torch.int64).to(torch.int32)
     x = bits.view(torch.float32)
-    xp = torch.cat([x, torch.zeros(1)])  # N must be a power of two
-    outp = torch.empty(8, dtype=torch.bfloat16)
+    xp = torch.cat([x, torch.zeros(1)]).to(device)  # N must be a power of two
+    outp = torch.empty(8, dtype=torch.bfloat16, device=device)
     _round_kernel[(1,)](xp, outp, N=8)
-    out = outp[:7].float()
+    out = outp[:7].float().cpu()
     assert out[:3].isnan().all()
     assert out[3] == float("inf")
     # Round-to-nearest-even on ordinary values: 1 + 2^-8 (a tie) → 1.0; 1 + 3·2^-8 (a tie) → 1 + 2^-6.

@@ -1,0 +1,88 @@
+"""A/B timing of attention-kernel variants and launch options on a GPU, with a correctness check per variant.
+
+    PYTHONPATH=/path/to/copy:. python benchmarks/kernels/ab_variants.py TAG '[{"decode": {"num_warps": 4}}]' [what]
+
+A variant is a copy of the `kvarn_kernels` package put first on PYTHONPATH (e.g. `git archive REV kvarn_kernels |
+tar -x -C /tmp/v0`), so several revisions run in one device call. Each config sets the launch options
+(`decode`, `chunk`), `chunk_rows` and `dims` (head dims, default [128]). One JSON line per (config, head_dim):
+max |error| of decode and a chunk against `reference.paged_attention_ref`, then microseconds per call
+(CUDA-graph medians) for a few decode shapes (32 query / 8 KV heads) and a 16K-history chunk of 8 and 512 queries.
+Results of one session: benchmarks/kernels/results/ab_session3.log.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+
+import torch
+
+import kvarn_kernels
+from benchmarks.kernels.bench_decode import graph_time_ms, make_state
+from kvarn_kernels import attention
+from kvarn_kernels.attention import decode_attention, paged_attention
+from kvarn_kernels.format import KVarNFormat
+from kvarn_kernels.reference import paged_attention_ref
+
+DECODE_SHAPES = [(1, 2048), (1, 16384), (8, 16384), (64, 16384), (64, 131072)]
+
+
+def _set_options(cfg: dict) -> None:
+    attention.LAUNCH_OPTIONS.clear()
+    attention.LAUNCH_OPTIONS.update(cfg.get("decode", {"num_warps": 4, "num_stages": 2}))
+    attention.CHUNK_LAUNCH_OPTIONS.clear()
+    attention.CHUNK_LAUNCH_OPTIONS.update(cfg.get("chunk", {"num_warps": 4, "num_stages": 2}))
+    attention.CHUNK_ROWS = cfg.get("chunk_rows", 64)
+
+
+def _errors(fmt: KVarNFormat, d: int, dtype: torch.dtype) -> tuple[float, float]:
+    state = make_state(2, 4096 + 77, 8, fmt, dtype)
+    q = torch.randn(2, 32, d, device="cuda", dtype=dtype)
+    cu = torch.arange(3, device="cuda", dtype=torch.int32)
+    err = (decode_attention(q, state).float() - paged_attention_ref(q, state, cu).float()).abs().max().item()
+    qc = torch.randn(96, 32, d, device="cuda", dtype=dtype)
+    kn = torch.randn(96, 8, d, device="cuda", dtype=dtype)
+    cuc = torch.tensor([0, 40, 96], device="cuda", dtype=torch.int32)
+    got = paged_attention(qc, state, cuc, 56, kn, kn, cuc).float()
+    err_chunk = (got - paged_attention_ref(qc, state, cuc, kn, kn, cuc).float()).abs().max().item()
+    return err, err_chunk
+
+
+def _time_decode(fmt: KVarNFormat, d: int, dtype: torch.dtype, batch: int, ctx: int) -> float:
+    state = make_state(batch, ctx, 8, fmt, dtype)
+    q = torch.randn(batch, 32, d, device="cuda", dtype=dtype)
+    return 1e3 * graph_time_ms(lambda: decode_attention(q, state))
+
+
+def _time_chunk(fmt: KVarNFormat, d: int, dtype: torch.dtype, n: int) -> float:
+    state = make_state(1, 16384, 8, fmt, dtype)
+    q = torch.randn(n, 32, d, device="cuda", dtype=dtype)
+    kn = torch.randn(n, 8, d, device="cuda", dtype=dtype)
+    cu = torch.tensor([0, n], device="cuda", dtype=torch.int32)
+    return 1e3 * graph_time_ms(lambda: paged_attention(q, state, cu, n, kn, kn, cu))
+
+
+def main() -> None:
+    tag, configs = sys.argv[1], json.loads(sys.argv[2])
+    what = sys.argv[3] if len(sys.argv) > 3 else "decode,chunk"
+    print("module", kvarn_kernels.__file__, flush=True)
+    torch.manual_seed(0)
+    dtype = torch.bfloat16
+    for cfg in configs:
+        _set_options(cfg)
+        for d in cfg.get("dims", [128]):
+            fmt = KVarNFormat.from_preset("kvarn_k4v2_g128", d, dtype)
+            err, err_chunk = _errors(fmt, d, dtype)
+            row = {"tag": tag, "cfg": cfg, "d": d, "err_decode": round(err, 4), "err_chunk": round(err_chunk, 4)}
+            if "decode" in what:
+                for batch, ctx in DECODE_SHAPES:
+                    if d == 128 or ctx <= 16384:
+                        row[f"b{batch}_{ctx // 1024}K_us"] = round(_time_decode(fmt, d, dtype, batch, ctx), 1)
+            if "chunk" in what:
+                for n in (8, 512):
+                    row[f"chunk{n}_16K_us"] = round(_time_chunk(fmt, d, dtype, n), 1)
+            print(json.dumps(row), flush=True)
+
+
+if __name__ == "__main__":
+    main()
