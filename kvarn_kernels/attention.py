@@ -495,7 +495,8 @@ MAGIC_DTYPES = {tl.bfloat16}
 def code_conversion(dot: tl.dtype) -> tuple[int, float]:
     """(MAGIC, OFFSET) of the attention kernel for dot dtype `dot`: the mantissa-OR constant and the offset it
     adds, or (0, 0.0) for plain int→float conversion."""
-    if dot in MAGIC_DTYPES:
+    # The bfloat16 mantissa-OR path is inline PTX (NVIDIA only): ROCm builds convert codes plainly.
+    if dot in MAGIC_DTYPES and torch.version.hip is None:
         return _MAGIC[dot], _MAGIC_OFFSET[dot]
     return 0, 0.0
 

@@ -180,6 +180,17 @@ def test_bfloat16_ptx_unpack_gives_offset_plus_code_for_every_plane(bits):
     assert torch.equal(out.float(), expected)
 
 
+def test_code_conversion_avoids_ptx_on_rocm(monkeypatch):
+    import triton.language as tl
+
+    from kvarn_kernels.attention import BF16_MAGIC_ASM, code_conversion
+
+    assert code_conversion(tl.bfloat16) == (BF16_MAGIC_ASM.value, 128.0)  # the PTX unpack on NVIDIA GPUs
+    assert code_conversion(tl.float32) == (0, 0.0)
+    monkeypatch.setattr(torch.version, "hip", "6.4")
+    assert code_conversion(tl.bfloat16) == (0, 0.0)
+
+
 def test_max_history_bounds_splits_without_changing_results(device):
     """A front-end may reserve block-table columns ahead; max_history sizes the split scratch by the real history."""
     hist, n_q = [3 * 64 + 5, 64 + 1], [4, 2]
