@@ -29,6 +29,8 @@ from .reference import hadamard
 from .state import PagedKV
 
 MIN_TILES_PER_SPLIT = 1
+LOG2E = tl.constexpr(1.4426950408889634)
+LN2 = tl.constexpr(0.6931471805599453)
 # Launch options of the attention kernel (benchmarks/kernels/bench_decode.py --tune sweeps them).
 LAUNCH_OPTIONS = {"num_warps": 4, "num_stages": 2}
 # head_dim 256: 8 warps (with 4, the sm_90 build runs out of registers and spills).
@@ -153,9 +155,9 @@ def _tile_extras(scales_ptr, G: tl.constexpr, D: tl.constexpr):
 
 @triton.jit
 def _attend_tile(q_rot, q_plain, kw_ptr, vw_ptr, scales_ptr, k_row_zero, v_col_scale, vz0, vz1, vz2, vz3,
-                 key_pos0, q_pos, row_ok, m_i, l_i, acc, sm_scale, G: tl.constexpr, D: tl.constexpr,
+                 key_pos0, q_pos, row_ok, m_i, l_i, acc, sm_scale_log2, G: tl.constexpr, D: tl.constexpr,
                  ROWS: tl.constexpr, KBITS: tl.constexpr, VBITS: tl.constexpr, DOT: tl.constexpr,
-                 MAGIC: tl.constexpr, OFFSET: tl.constexpr, PRECISION: tl.constexpr):
+                 MAGIC: tl.constexpr, OFFSET: tl.constexpr, PRECISION: tl.constexpr, MASK: tl.constexpr):
     """Attend to one packed tile straight from its codes; the output accumulates in the rotated frame.
 
     Word j of a channel holds tokens j, j+W, j+2W, j+3W (W = G/4): each bit plane is W consecutive tokens,
@@ -179,24 +181,28 @@ def _attend_tile(q_rot, q_plain, kw_ptr, vw_ptr, scales_ptr, k_row_zero, v_col_s
     s1, c1 = _tile_scores(qs, kw, scales_ptr, 1, W, D, KBITS, DOT, MAGIC, PRECISION)
     s2, c2 = _tile_scores(qs, kw, scales_ptr, 2, W, D, KBITS, DOT, MAGIC, PRECISION)
     s3, c3 = _tile_scores(qs, kw, scales_ptr, 3, W, D, KBITS, DOT, MAGIC, PRECISION)
-    s0 = tl.where(row_ok[:, None], (s0 + zero_term[:, None]) * (c0 * sm_scale)[None, :], float("-inf"))
-    s1 = tl.where(row_ok[:, None], (s1 + zero_term[:, None]) * (c1 * sm_scale)[None, :], float("-inf"))
-    s2 = tl.where(row_ok[:, None], (s2 + zero_term[:, None]) * (c2 * sm_scale)[None, :], float("-inf"))
-    s3 = tl.where(row_ok[:, None], (s3 + zero_term[:, None]) * (c3 * sm_scale)[None, :], float("-inf"))
-    # History tiles precede every query of a chunk (bottom-right causal), so only padded rows are masked;
-    # a query placed before the tile (n_new < q_len, never produced by the front-ends) is masked below.
-    s0 = tl.where((key_pos0 + t)[None, :] <= q_pos[:, None], s0, float("-inf"))
-    s1 = tl.where((key_pos0 + W + t)[None, :] <= q_pos[:, None], s1, float("-inf"))
-    s2 = tl.where((key_pos0 + 2 * W + t)[None, :] <= q_pos[:, None], s2, float("-inf"))
-    s3 = tl.where((key_pos0 + 3 * W + t)[None, :] <= q_pos[:, None], s3, float("-inf"))
+    # Scores in log2 units (sm_scale·log2(e) folded into the column scales; exp2 below): the tile state's
+    # m is in log2 units too and the kernel converts it once, after the tile loop.
+    s0 = (s0 + zero_term[:, None]) * (c0 * sm_scale_log2)[None, :]
+    s1 = (s1 + zero_term[:, None]) * (c1 * sm_scale_log2)[None, :]
+    s2 = (s2 + zero_term[:, None]) * (c2 * sm_scale_log2)[None, :]
+    s3 = (s3 + zero_term[:, None]) * (c3 * sm_scale_log2)[None, :]
+    if MASK:
+        # Chunks: padded rows, and (bottom-right causal) a query placed before the tile, which needs n_new < q_len
+        # (never produced by the front-ends). Decode (one query, no new tokens) skips both: its query follows every
+        # tile, and a padded row (zero query, never stored) cannot disturb the real rows.
+        s0 = tl.where(row_ok[:, None] & ((key_pos0 + t)[None, :] <= q_pos[:, None]), s0, float("-inf"))
+        s1 = tl.where(row_ok[:, None] & ((key_pos0 + W + t)[None, :] <= q_pos[:, None]), s1, float("-inf"))
+        s2 = tl.where(row_ok[:, None] & ((key_pos0 + 2 * W + t)[None, :] <= q_pos[:, None]), s2, float("-inf"))
+        s3 = tl.where(row_ok[:, None] & ((key_pos0 + 3 * W + t)[None, :] <= q_pos[:, None]), s3, float("-inf"))
     # Elementwise across planes first: one cross-thread reduction per tile, not four.
     m_new = tl.maximum(m_i, tl.max(tl.maximum(tl.maximum(s0, s1), tl.maximum(s2, s3)), axis=1))
     m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-    p0 = tl.exp(s0 - m_safe[:, None])
-    p1 = tl.exp(s1 - m_safe[:, None])
-    p2 = tl.exp(s2 - m_safe[:, None])
-    p3 = tl.exp(s3 - m_safe[:, None])
-    alpha = tl.exp(m_i - m_safe)
+    p0 = tl.exp2(s0 - m_safe[:, None])
+    p1 = tl.exp2(s1 - m_safe[:, None])
+    p2 = tl.exp2(s2 - m_safe[:, None])
+    p3 = tl.exp2(s3 - m_safe[:, None])
+    alpha = tl.exp2(m_i - m_safe)
     l_i = l_i * alpha + tl.sum((p0 + p1) + (p2 + p3), axis=1)
     vw = tl.load(vw_ptr + w_offs)
     pv = tl.zeros_like(acc)
@@ -280,8 +286,10 @@ def _paged_attention_kernel(
             m_q, l_q, acc_rot = _attend_tile(
                 qr, qp, k_words + block * kw_sb + kvh * kw_sh, v_words + block * vw_sb + kvh * vw_sh,
                 head_scales + block * scales_sb, k_rz, v_cs, vz0, vz1, vz2, vz3, G * (1 + i), q_pos, row_ok,
-                m_q, l_q, acc_rot, sm_scale, G, D, ROWS, KBITS, VBITS, DOT, MAGIC, OFFSET, PRECISION)
+                m_q, l_q, acc_rot, sm_scale * LOG2E, G, D, ROWS, KBITS, VBITS, DOT, MAGIC, OFFSET, PRECISION,
+                HAS_NEW or BLOCK_M > 1)
             k_rz, v_cs, vz0, vz1, vz2, vz3 = k_rz1, v_cs1, vz01, vz11, vz21, vz31
+        m_q = m_q * LN2  # back to natural-log units (−inf stays −inf)
 
     if split == 0:
         sink_block = tl.load(dense_table + 2 * b).to(tl.int64)

@@ -1,11 +1,13 @@
 """Compile the attention kernel for sm_90 without a GPU and print registers, spills and shared memory.
 
-    python benchmarks/kernels/compile_stats.py [--head-dim 128] [--n-rep 4] [--num-warps 4]
+    python benchmarks/kernels/compile_stats.py [--head-dim 128] [--n-rep 4] [--num-warps 4] [--loop-sass]
 Uses Triton's bundled ptxas/cuobjdump: a fast loop for register-pressure work on a CPU-only machine.
 """
 
 import argparse
+import collections
 import os
+import re
 import subprocess
 import tempfile
 
@@ -28,6 +30,8 @@ def main() -> None:
     ap.add_argument("--maxnreg", type=int, default=0)
     ap.add_argument("--chunk-rows", type=int, default=0,
                     help="compile the chunk variant (new 16-bit tokens) with this many (query, head) rows")
+    ap.add_argument("--loop-sass", action="store_true",
+                    help="also print the SASS instruction count and opcode mix of the longest loop (the tile loop)")
     args = ap.parse_args()
     fn = _paged_attention_kernel
     sig = {}
@@ -65,8 +69,32 @@ def main() -> None:
             f.write(kernel.asm["cubin"])
         cuobjdump = os.path.join(os.path.dirname(triton.__file__), "backends/nvidia/bin/cuobjdump")
         out = subprocess.run([cuobjdump, "--dump-resource-usage", path], capture_output=True, text=True).stdout
+        sass = ""
+        if args.loop_sass:
+            sass = subprocess.run([cuobjdump, "-sass", path], capture_output=True, text=True).stdout
     print(out.strip().splitlines()[-1].strip())
     print("shared bytes:", kernel.metadata.shared)
+    if args.loop_sass:
+        count, mix = longest_loop(sass)
+        print(f"longest loop: {count} SASS instructions per warp per iteration;",
+              ", ".join(f"{op} {n}" for op, n in mix))
+
+
+def longest_loop(sass: str) -> tuple[int, list[tuple[str, int]]]:
+    """(instructions, opcode mix) of the longest backward branch's body in a cuobjdump -sass listing. The attention
+    kernel is issue-bound, so the tile loop's length is a proxy of its speed that needs no GPU."""
+    ins = [(int(m.group(1), 16), m.group(2).strip()) for m in
+           (re.match(r"\s+/\*([0-9a-f]{4,})\*/\s+(.*?);", line) for line in sass.splitlines()) if m]
+    index = {addr: i for i, (addr, _) in enumerate(ins)}
+    best = (0, 0)
+    for i, (addr, text) in enumerate(ins):
+        target = re.search(r"BRA.*?0x([0-9a-f]+)", text)
+        if target and int(target.group(1), 16) < addr and int(target.group(1), 16) in index:
+            start = index[int(target.group(1), 16)]
+            best = max(best, (i - start + 1, start), key=lambda b: b[0])
+    body = ins[best[1]:best[1] + best[0]]
+    ops = collections.Counter(t.split()[1 if t.startswith("@") else 0].split(".")[0] for _, t in body)
+    return best[0], ops.most_common(12)
 
 
 if __name__ == "__main__":
