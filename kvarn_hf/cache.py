@@ -157,7 +157,8 @@ class _Paging:
         """Advance by `num_new` positions: place every new token and allocate the tiles they complete."""
         if self.pads is None:
             self.set_pads(padding)
-        parts, new_tiles, nq1 = _placement(self.pads, from_len, num_new, self.group, self.next_block)
+        fast = _decode_placement(self.pads.tolist(), from_len, self.group) if num_new == 1 else None
+        parts, new_tiles, nq1 = fast or _placement(self.pads, from_len, num_new, self.group, self.next_block)
         batch, num_tiles = self.batch, int(new_tiles.sum())
         l0 = self.real_lengths(from_len)
         n_real = parts["seq_lens"] - l0
@@ -288,6 +289,35 @@ def _placement(
     if not bool(real.all()):
         parts["real_index"] = torch.nonzero(real.flatten()).flatten()
     return parts, new_tiles, nq1
+
+
+_PLACEMENT_KEYS = ("dense_row", "dense_t", "dense_blk", "dense_slot", "stage_row", "stage_t", "stage_flat", "move_blk",
+                   "move_slot", "move_flat", "tile_starts", "tile_blocks", "tile_rows", "tile_cols", "shadow_row",
+                   "shadow_tile", "cu", "seq_lens")
+
+
+def _decode_placement(
+    pads: list[int], from_len: int, g: int
+) -> tuple[dict[str, torch.Tensor], torch.Tensor, torch.Tensor] | None:
+    """`_placement` of one new position per row, from Python ints, for the common decode step: every row's token is
+    real and none completes a tile (127 steps in 128), so each goes to its row's sink or tail block. None when
+    that does not hold (the general `_placement` handles it). Saves ~150 small host tensor ops per step."""
+    blocks, slots, after, full = [], [], [], []
+    for b, pad in enumerate(pads):
+        l0 = from_len - pad  # real tokens before the step = the new token's index
+        if l0 < 0 or (l0 + 1 >= 2 * g and (l0 + 1) % g == 0):
+            return None
+        blocks.append(2 * b if l0 < g else 2 * b + 1)
+        slots.append(l0 if l0 < g else (l0 - g) % g)
+        after.append(l0 + 1)
+        full.append(max(l0 + 1 - g, 0) // g)
+    batch = len(pads)
+    empty = torch.zeros(0, dtype=torch.long)
+    parts = dict.fromkeys(_PLACEMENT_KEYS, empty)
+    parts.update(dense_row=torch.arange(batch), dense_t=torch.zeros(batch, dtype=torch.long),
+                 dense_blk=torch.tensor(blocks, dtype=torch.long), dense_slot=torch.tensor(slots, dtype=torch.long),
+                 cu=torch.arange(batch + 1), seq_lens=torch.tensor(after, dtype=torch.long))
+    return parts, torch.zeros(batch, dtype=torch.long), torch.tensor(full, dtype=torch.long)
 
 
 def _dense_table(batch: int, device: torch.device) -> torch.Tensor:

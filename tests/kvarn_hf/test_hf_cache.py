@@ -295,3 +295,28 @@ def test_reference_attention_over_the_cache_state():
     keys, values = (torch.stack(x) for x in zip(*(expected_history(k[b], v[b]) for b in range(2)), strict=True))
     want = causal_attention(q[:, :, None], keys, values, DIM**-0.5)[:, 0]
     torch.testing.assert_close(out, want, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("group", [64, 128])
+def test_decode_placement_fast_path_equals_the_general_placement(group):
+    """The one-token decode placement (Python ints) must produce exactly what `_placement` does, and decline every
+    step where a row completes a tile or its new position is still padding."""
+    gen = torch.Generator().manual_seed(group)
+    declined = taken = 0
+    for _ in range(40):
+        batch = int(torch.randint(1, 6, (1,), generator=gen))
+        pads = torch.randint(0, 3 * group, (batch,), generator=gen)
+        for from_len in list(range(0, 4 * group + 2, 7)) + [2 * group - 1, 3 * group - 1, 4 * group - 1]:
+            general, new_tiles, nq1 = cache_module._placement(pads, from_len, 1, group, next_block=5)
+            fast = cache_module._decode_placement(pads.tolist(), from_len, group)
+            if fast is None:
+                declined += 1
+                assert int(new_tiles.sum()) > 0 or "real_index" in general
+                continue
+            taken += 1
+            parts, fast_tiles, fast_nq1 = fast
+            assert torch.equal(fast_tiles, new_tiles) and torch.equal(fast_nq1, nq1)
+            assert set(parts) == set(general)
+            for key, value in general.items():
+                assert torch.equal(parts[key], value.long()), key
+    assert declined and taken
