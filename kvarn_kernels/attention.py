@@ -41,6 +41,15 @@ CHUNK_LAUNCH_OPTIONS = {"num_warps": 4, "num_stages": 2}
 # 16-bit tokens (sink, tail, new) are attended this many at a time: small blocks keep registers free.
 DENSE_BLOCK = 32
 CHUNK_ROWS = 64
+
+
+def launch_options(rows: int, head_dim: int) -> dict:
+    """num_warps/num_stages of the attention kernel for `rows` (query, head) rows per program (16: decode)."""
+    if rows > 16:
+        return CHUNK_LAUNCH_OPTIONS
+    return LAUNCH_OPTIONS_D256 if head_dim > 128 else LAUNCH_OPTIONS
+
+
 # Rows (query, head) per program of the split merge + un-rotation kernel.
 MERGE_ROWS = 16
 # Rotated channels per step of the merge kernel's un-rotation dot above head_dim 128 (a [64, D] float32 slice of H
@@ -457,7 +466,7 @@ def paged_attention(
         N_REP=n_rep, G=fmt.group, D=d, KBITS=fmt.k_bits, VBITS=fmt.v_bits,
         BLOCK_M=block_m, ROWS=rows, HAS_NEW=has_new, NUM_SPLITS=splits,
         DOT=dot, PRECISION=precision, DENSE_BLOCK=DENSE_BLOCK, MAGIC=magic, OFFSET=offset,
-        **(CHUNK_LAUNCH_OPTIONS if rows > 16 else LAUNCH_OPTIONS_D256 if d > 128 else LAUNCH_OPTIONS),
+        **launch_options(rows, d),
     )
     out = torch.empty_like(q)
     n_rows = tq * hq

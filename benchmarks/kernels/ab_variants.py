@@ -4,9 +4,10 @@
 
 A variant is a copy of the `kvarn_kernels` package put first on PYTHONPATH (e.g. `git archive REV kvarn_kernels |
 tar -x -C /tmp/v0`), so several revisions run in one device call. Each config sets the launch options
-(`decode`, `chunk`), `chunk_rows` and `dims` (head dims, default [128]). One JSON line per (config, head_dim):
-max |error| of decode and a chunk against `reference.paged_attention_ref`, then microseconds per call
-(CUDA-graph medians) for a few decode shapes (32 query / 8 KV heads) and a 16K-history chunk of 8 and 512 queries.
+(`decode` up to head_dim 128, `decode_d256` above, `chunk`), `chunk_rows` and `dims` (head dims, default [128]).
+One JSON line per (config, head_dim): max |error| of decode and a chunk against `reference.paged_attention_ref`,
+then microseconds per call (CUDA-graph medians) for a few decode shapes (32 query / 8 KV heads) and a 16K-history
+chunk of 8 and 512 queries.
 Results of one session: benchmarks/kernels/results/ab_session3.log.
 """
 
@@ -30,6 +31,8 @@ DECODE_SHAPES = [(1, 2048), (1, 16384), (8, 16384), (64, 16384), (64, 131072)]
 def _set_options(cfg: dict) -> None:
     attention.LAUNCH_OPTIONS.clear()
     attention.LAUNCH_OPTIONS.update(cfg.get("decode", {"num_warps": 4, "num_stages": 2}))
+    attention.LAUNCH_OPTIONS_D256.clear()
+    attention.LAUNCH_OPTIONS_D256.update(cfg.get("decode_d256", {"num_warps": 8, "num_stages": 2}))
     attention.CHUNK_LAUNCH_OPTIONS.clear()
     attention.CHUNK_LAUNCH_OPTIONS.update(cfg.get("chunk", {"num_warps": 4, "num_stages": 2}))
     attention.CHUNK_ROWS = cfg.get("chunk_rows", 64)

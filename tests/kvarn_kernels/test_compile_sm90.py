@@ -19,6 +19,7 @@ H100_SHARED_BYTES = 232448
 
 ATTENTION_CASES = [("float32", 64, 0),  # float32 models: plain code conversion
                    ("bfloat16", 128, 0),  # the decode launch the benchmarks time
+                   ("bfloat16", 256, 0),  # decode at the largest head_dim (its own launch options)
                    ("float16", 256, 64)]  # chunk program at the largest head_dim
 MERGE_CASES = [64, 128, 256]
 
@@ -53,7 +54,7 @@ def _attention_shared(dot_name, head_dim, chunk_rows):
     ptrs.update({name: "*i32" for name in ("cu_q", "cu_k", "seq_lens", "block_table", "dense_table")})
     ptrs.update({"k_words": "*i16", "v_words": "*u8", "scales": "*bf16", "sm_scale": "fp32"})
     ptrs.update({name: "*fp32" for name in ("part_plain", "part_rot", "part_m", "part_l")})
-    options = attention.CHUNK_LAUNCH_OPTIONS if chunk_rows else attention.LAUNCH_OPTIONS
+    options = attention.launch_options(constexprs["ROWS"], head_dim)
     return _compile(attention._paged_attention_kernel, constexprs, ptrs, dict(options))
 
 

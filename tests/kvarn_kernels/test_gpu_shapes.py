@@ -37,14 +37,19 @@ def test_quantize_matches_reference(head_dim, preset):
         assert abs(err_a - err_e) <= 0.01 * err_e
 
 
+def _decode_state(lens: list[int], hkv: int, head_dim: int):
+    """A bf16 k4v2_g128 state of synthetic sequences of `lens` tokens, quantized by the Triton kernel."""
+    fmt = KVarNFormat.from_preset("kvarn_k4v2_g128", head_dim, torch.bfloat16)
+    kv = [synthetic_kv(n, hkv, head_dim, torch.bfloat16, seed=i, device="cuda") for i, n in enumerate(lens)]
+    return build_paged_kv([a for a, _ in kv], [b for _, b in kv], fmt, quantize_into_cache)
+
+
 @pytest.mark.parametrize("head_dim", [64, 128, 256])
 @pytest.mark.parametrize("n_rep", [1, 4, 8])
 def test_decode_matches_reference(head_dim, n_rep):
     hkv = 4
     lens = [1, 128, 129, 1000, 4096 + 77]
-    fmt = KVarNFormat.from_preset("kvarn_k4v2_g128", head_dim, torch.bfloat16)
-    kv = [synthetic_kv(n, hkv, head_dim, torch.bfloat16, seed=i, device="cuda") for i, n in enumerate(lens)]
-    state = build_paged_kv([a for a, _ in kv], [b for _, b in kv], fmt, quantize_into_cache)
+    state = _decode_state(lens, hkv, head_dim)
     gen = torch.Generator(device="cuda").manual_seed(100 * n_rep + head_dim)
     q = torch.randn(len(lens), hkv * n_rep, head_dim, device="cuda", dtype=torch.bfloat16, generator=gen)
     expected = ref.paged_attention_ref(q, state, torch.arange(len(lens) + 1, dtype=torch.int32, device="cuda"))
@@ -56,9 +61,7 @@ def test_decode_is_repeatable_and_within_tolerance_over_many_queries(head_dim):
     """GQA 8: the shape that once missed its tolerance on an H100 (unseeded queries; it passed in the next two runs).
     Repeated launches must give identical bits (a race would not), and 16 query draws must all stay in tolerance."""
     hkv, n_rep, lens = 4, 8, [129, 1000, 4096 + 77]
-    fmt = KVarNFormat.from_preset("kvarn_k4v2_g128", head_dim, torch.bfloat16)
-    kv = [synthetic_kv(n, hkv, head_dim, torch.bfloat16, seed=i, device="cuda") for i, n in enumerate(lens)]
-    state = build_paged_kv([a for a, _ in kv], [b for _, b in kv], fmt, quantize_into_cache)
+    state = _decode_state(lens, hkv, head_dim)
     cu = torch.arange(len(lens) + 1, dtype=torch.int32, device="cuda")
     gen = torch.Generator(device="cuda").manual_seed(head_dim)
     worst = 0.0
