@@ -35,6 +35,9 @@ LN2 = tl.constexpr(0.6931471805599453)
 LAUNCH_OPTIONS = {"num_warps": 4, "num_stages": 2}
 # head_dim 256: 8 warps (with 4, the sm_90 build runs out of registers and spills).
 LAUNCH_OPTIONS_D256 = {"num_warps": 8, "num_stages": 2}
+# head_dim 64 (16-bit models): capped at 128 registers (no spill), so that four programs share an SM; uncapped,
+# ptxas takes 162 and three fit (batch 64 x 16K on an H100: 414 us capped, 609 us uncapped; results/ab_session4.log).
+LAUNCH_OPTIONS_D64 = {"num_warps": 4, "num_stages": 2, "maxnreg": 128}
 # Chunks: 4 warps. With 8, Triton 3.6 miscompiles the head_dim-64, 64-row chunk program on sm_90 (an
 # out-of-range shared-memory access found by compute-sanitizer in the K-plane dot).
 CHUNK_LAUNCH_OPTIONS = {"num_warps": 4, "num_stages": 2}
@@ -43,23 +46,21 @@ DENSE_BLOCK = 32
 CHUNK_ROWS = 64
 
 
-def launch_options(rows: int, head_dim: int) -> dict:
-    """num_warps/num_stages of the attention kernel for `rows` (query, head) rows per program (16: decode)."""
+def launch_options(rows: int, head_dim: int, dot: tl.dtype = tl.bfloat16) -> dict:
+    """Launch options of the attention kernel for `rows` (query, head) rows per program (16: decode) and tensor-core
+    operand dtype `dot`."""
     if rows > 16:
         return CHUNK_LAUNCH_OPTIONS
-    return LAUNCH_OPTIONS_D256 if head_dim > 128 else LAUNCH_OPTIONS
+    if head_dim > 128:
+        return LAUNCH_OPTIONS_D256
+    # float32 models' IEEE dots spill anyway; a register cap would only make them spill more.
+    return LAUNCH_OPTIONS_D64 if head_dim <= 64 and dot != tl.float32 else LAUNCH_OPTIONS
 
 
-# Rows (query, head) per program of the split merge + un-rotation kernel.
-MERGE_ROWS = 16
-# Rotated channels per step of the merge kernel's un-rotation dot above head_dim 128 (a [64, D] float32 slice of H
-# in shared memory); up to head_dim 128 all of H fits and the merge is one pass over the splits.
-MERGE_CHANNELS = 64
-
-
-def merge_channels(head_dim: int) -> int:
-    """KC of the merge kernel: head_dim itself (one pass) up to 128, else MERGE_CHANNELS (two passes)."""
-    return head_dim if head_dim <= 128 else MERGE_CHANNELS
+def merge_meta(splits: int, head_dim: int) -> dict:
+    """Constexprs and launch options of the merge kernel (one row per program, all `splits` in one load)."""
+    p2 = triton.next_power_of_2(splits)
+    return {"NUM_SPLITS": splits, "SPLITS_P2": p2, "D": head_dim, "num_warps": 4 if p2 * head_dim <= 8192 else 8}
 
 
 @triton.jit
@@ -231,12 +232,12 @@ def _paged_attention_kernel(
     cu_q, cu_k, seq_lens, block_table, stride_bt, dense_table,
     k_words, v_words, scales, kw_sb, kw_sh, vw_sb, vw_sh, scales_sb, scales_sh,
     sink_k, sink_v, tail_k, tail_v, stride_db, stride_dh,
-    part_plain, part_rot, part_m, part_l, stride_ps, stride_pt, stride_ph,
+    part, part_m, part_l, out, stride_ps, stride_pt, stride_ph,
     sm_scale, tiles_per_split,
     N_REP: tl.constexpr, G: tl.constexpr, D: tl.constexpr, KBITS: tl.constexpr, VBITS: tl.constexpr,
     BLOCK_M: tl.constexpr, ROWS: tl.constexpr, HAS_NEW: tl.constexpr, NUM_SPLITS: tl.constexpr,
     DOT: tl.constexpr, PRECISION: tl.constexpr, DENSE_BLOCK: tl.constexpr, MAGIC: tl.constexpr,
-    OFFSET: tl.constexpr,
+    OFFSET: tl.constexpr, UNROTATE_F32: tl.constexpr,
 ):
     b = tl.program_id(0)
     m_block = tl.program_id(1)
@@ -266,7 +267,7 @@ def _paged_attention_kernel(
     # Two online-softmax states, merged at the end: quantized tiles (rotated frame) and 16-bit tokens.
     m_q = tl.full([ROWS], float("-inf"), tl.float32)
     l_q = tl.zeros([ROWS], tl.float32)
-    acc_rot = tl.zeros([ROWS, D], tl.float32)
+    acc_q = tl.zeros([ROWS, D], tl.float32)
     m_d = tl.full([ROWS], float("-inf"), tl.float32)
     l_d = tl.zeros([ROWS], tl.float32)
     acc_plain = tl.zeros([ROWS, D], tl.float32)
@@ -292,13 +293,16 @@ def _paged_attention_kernel(
             # Tile i+1's non-dot scales now (the last iteration reloads its own: harmless), used next iteration.
             k_rz1, v_cs1, vz01, vz11, vz21, vz31 = _tile_extras(head_scales + next_block * scales_sb, G, D)
             next_block = tl.load(bt + tl.minimum(i + 2, last_tile - 1)).to(tl.int64)
-            m_q, l_q, acc_rot = _attend_tile(
+            m_q, l_q, acc_q = _attend_tile(
                 qr, qp, k_words + block * kw_sb + kvh * kw_sh, v_words + block * vw_sb + kvh * vw_sh,
                 head_scales + block * scales_sb, k_rz, v_cs, vz0, vz1, vz2, vz3, G * (1 + i), q_pos, row_ok,
-                m_q, l_q, acc_rot, sm_scale * LOG2E, G, D, ROWS, KBITS, VBITS, DOT, MAGIC, OFFSET, PRECISION,
+                m_q, l_q, acc_q, sm_scale * LOG2E, G, D, ROWS, KBITS, VBITS, DOT, MAGIC, OFFSET, PRECISION,
                 HAS_NEW or BLOCK_M > 1)
             k_rz, v_cs, vz0, vz1, vz2, vz3 = k_rz1, v_cs1, vz01, vz11, vz21, vz31
         m_q = m_q * LN2  # back to natural-log units (−inf stays −inf)
+        # Un-rotate here (·H), not in the merge: the merge is then a plain weighted sum that spreads over
+        # every row (a dot needs 16 rows per program; batch-1 decode has 32 rows and up to 64 splits).
+        acc_q = _unrotate(acc_q, hadamard_ptr, D, UNROTATE_F32)
 
     if split == 0:
         sink_block = tl.load(dense_table + 2 * b).to(tl.int64)
@@ -327,72 +331,57 @@ def _paged_attention_kernel(
     w_q = tl.exp(m_q - m_safe)
     w_d = tl.exp(m_d - m_safe)
     l_i = l_q * w_q + l_d * w_d
-    acc_rot = acc_rot * w_q[:, None]
-    acc_plain = acc_plain * w_d[:, None]
+    acc = acc_plain * w_d[:, None] + acc_q * w_q[:, None]
     t_idx = (q_start + m_idx).to(tl.int64)
-    out_offs = split * stride_ps + t_idx[:, None] * stride_pt + head[:, None] * stride_ph + d[None, :]
-    ml_offs = split * (stride_ps // D) + t_idx * (stride_pt // D) + head * (stride_ph // D)
-    tl.store(part_m + ml_offs, m_i, mask=row_ok)
-    tl.store(part_l + ml_offs, l_i, mask=row_ok)
-    tl.store(part_plain + out_offs, acc_plain, mask=row_ok[:, None])
-    tl.store(part_rot + out_offs, acc_rot, mask=row_ok[:, None])
-
-
-@triton.jit
-def _split_weight(part_m, part_l, s, n_rows, r, r_ok, m_safe):
-    """exp(m_s − m) of split s for rows r: 0 for a split that saw no key."""
-    m_s = tl.load(part_m + s * n_rows + r, mask=r_ok, other=float("-inf"))
-    l_s = tl.load(part_l + s * n_rows + r, mask=r_ok, other=0.0)
-    return tl.where(l_s > 0, tl.exp(m_s - m_safe), 0.0), l_s
-
-
-@triton.jit
-def _merge_splits_kernel(part_plain, part_rot, part_m, part_l, hadamard_ptr, out, n_rows,
-                         NUM_SPLITS: tl.constexpr, D: tl.constexpr, BLOCK_R: tl.constexpr, KC: tl.constexpr,
-                         PRECISION: tl.constexpr):
-    """Log-sum-exp merge of split partials [S, rows, D], then out = plain + rot·H (un-rotation), stored in
-    out's dtype. BLOCK_R rows per program so that the un-rotation is a tensor-core dot; it runs over KC rotated
-    channels at a time, so that shared memory holds a [KC, D] slice of H (all of it, float32, would be 256 KB
-    at head_dim 256: more than an H100's 227 KB)."""
-    r = tl.program_id(0).to(tl.int64) * BLOCK_R + tl.arange(0, BLOCK_R)
-    r_ok = r < n_rows
-    d = tl.arange(0, D)
-    offs = r[:, None] * D + d[None, :]
-    # Pass 1: the running max and the normalizer, from the [S, rows] statistics only.
-    m = tl.full([BLOCK_R], float("-inf"), tl.float32)
-    for s in range(NUM_SPLITS):
-        m = tl.maximum(m, tl.load(part_m + s * n_rows + r, mask=r_ok, other=float("-inf")))
-    m_safe = tl.where(m == float("-inf"), 0.0, m)
-    l_tot = tl.zeros([BLOCK_R], tl.float32)
-    res = tl.zeros([BLOCK_R, D], tl.float32)
-    if KC == D:
-        # All of H fits in shared memory (head_dim <= 128): one pass over the splits, one un-rotation dot.
-        rot_all = tl.zeros([BLOCK_R, D], tl.float32)
-        for s in range(NUM_SPLITS):
-            w, l_s = _split_weight(part_m, part_l, s, n_rows, r, r_ok, m_safe)
-            l_tot += w * l_s
-            res += tl.load(part_plain + s * n_rows * D + offs, mask=r_ok[:, None], other=0.0) * w[:, None]
-            rot_all += tl.load(part_rot + s * n_rows * D + offs, mask=r_ok[:, None], other=0.0) * w[:, None]
-        unrot = tl.dot(rot_all, tl.load(hadamard_ptr + d[:, None] * D + d[None, :]), input_precision=PRECISION)
+    out_offs = t_idx[:, None] * stride_pt + head[:, None] * stride_ph + d[None, :]
+    if NUM_SPLITS == 1:
+        # Nothing to merge: the output straight from here (out has part's [T, Hq, D] strides).
+        tl.store(out + out_offs, (acc * tl.where(l_i > 0, 1.0 / l_i, 0.0)[:, None]).to(out.dtype.element_ty),
+                 mask=row_ok[:, None])
     else:
-        for s in range(NUM_SPLITS):
-            w, l_s = _split_weight(part_m, part_l, s, n_rows, r, r_ok, m_safe)
-            l_tot += w * l_s
-            res += tl.load(part_plain + s * n_rows * D + offs, mask=r_ok[:, None], other=0.0) * w[:, None]
-        # Pass 2: the rotated part, KC channels at a time, un-rotated straight into the result.
-        kc = tl.arange(0, KC)
-        unrot = tl.zeros([BLOCK_R, D], tl.float32)
-        for c0 in range(0, D, KC):
-            rot = tl.zeros([BLOCK_R, KC], tl.float32)
-            for s in range(NUM_SPLITS):
-                w, _ = _split_weight(part_m, part_l, s, n_rows, r, r_ok, m_safe)
-                rot += tl.load(part_rot + s * n_rows * D + r[:, None] * D + (c0 + kc)[None, :],
-                               mask=r_ok[:, None], other=0.0) * w[:, None]
-            h = tl.load(hadamard_ptr + (c0 + kc)[:, None] * D + d[None, :])
-            unrot = tl.dot(rot, h, unrot, input_precision=PRECISION)
-    res += unrot * (1.0 / tl.sqrt(D * 1.0))
-    inv = tl.where(l_tot > 0, 1.0 / l_tot, 0.0)
-    tl.store(out + offs, (res * inv[:, None]).to(out.dtype.element_ty), mask=r_ok[:, None])
+        ml_offs = split * (stride_ps // D) + t_idx * (stride_pt // D) + head * (stride_ph // D)
+        tl.store(part_m + ml_offs, m_i, mask=row_ok)
+        tl.store(part_l + ml_offs, l_i, mask=row_ok)
+        tl.store(part + split * stride_ps + out_offs, acc, mask=row_ok[:, None])
+
+
+@triton.jit
+def _unrotate(x, hadamard_ptr, D: tl.constexpr, F32: tl.constexpr):
+    """x·H/sqrt(D) for float32 x [R, D] (H: ±1 entries at hadamard_ptr). On a GPU with 16-bit dots x is split
+    into two bfloat16 parts (hi + lo: 16 significant bits and float32's range, so nothing overflows) whose
+    products with H are exact: more precise than one tf32 dot. F32 (float32 models, the interpreter): an IEEE
+    float32 dot."""
+    d = tl.arange(0, D)
+    # H is symmetric: loading it through transposed offsets gives the same matrix but keeps the compiler from
+    # merging this load with the prologue's (q·H), which kept H live in registers across the tile loop.
+    h = tl.load(hadamard_ptr + d[None, :] * D + d[:, None])
+    if F32:
+        y = tl.dot(x, h.to(tl.float32), input_precision="ieee")
+    else:
+        hb = h.to(tl.bfloat16)
+        hi = x.to(tl.bfloat16)
+        y = tl.dot(hi, hb)
+        y = tl.dot((x - hi.to(tl.float32)).to(tl.bfloat16), hb, y)
+    return y * (1.0 / tl.sqrt(D * 1.0))
+
+
+@triton.jit
+def _merge_splits_kernel(part, part_m, part_l, out, n_rows, NUM_SPLITS: tl.constexpr, SPLITS_P2: tl.constexpr,
+                         D: tl.constexpr):
+    """Log-sum-exp merge of one (query, head) row's split partials [S, rows, D] (already un-rotated), stored in
+    out's dtype: all splits in one [S, D] load, so a row costs one memory round trip."""
+    row = tl.program_id(0).to(tl.int64)
+    s = tl.arange(0, SPLITS_P2)
+    s_ok = s < NUM_SPLITS
+    m_s = tl.load(part_m + s * n_rows + row, mask=s_ok, other=float("-inf"))
+    l_s = tl.load(part_l + s * n_rows + row, mask=s_ok, other=0.0)
+    m = tl.max(m_s, axis=0)
+    w = tl.where(l_s > 0, tl.exp(m_s - tl.where(m == float("-inf"), 0.0, m)), 0.0)  # 0: a split saw no key
+    l_tot = tl.sum(w * l_s, axis=0)
+    d = tl.arange(0, D)
+    acc = tl.load(part + (s[:, None] * n_rows + row) * D + d[None, :], mask=s_ok[:, None], other=0.0)
+    res = tl.sum(acc * w[:, None], axis=0)
+    tl.store(out + row * D + d, (res * tl.where(l_tot > 0, 1.0 / l_tot, 0.0)).to(out.dtype.element_ty))
 
 
 def choose_num_splits(batch: int, num_kv_heads: int, max_tiles: int, num_sms: int = 132, q_blocks: int = 1) -> int:
@@ -443,10 +432,14 @@ def paged_attention(
     rows = max(16, triton.next_power_of_2(block_m * n_rep))
     dot = _dot_dtype(q.dtype)
     precision = "ieee" if dot == tl.float32 else "tf32"
-    part_plain = torch.empty(splits, tq, hq, d, device=q.device, dtype=torch.float32)
-    part_rot = torch.empty_like(part_plain)
-    part_m = torch.empty(splits, tq, hq, device=q.device, dtype=torch.float32)
-    part_l = torch.empty_like(part_m)
+    out = torch.empty(tq, hq, d, device=q.device, dtype=q.dtype)
+    # One split writes the output itself; more write partials (un-rotated, unnormalized) for the merge.
+    # (With one split the kernel never touches part, part_m, part_l: `out` stands in for them.)
+    part = part_m = part_l = out
+    if splits > 1:
+        part = torch.empty(splits, tq, hq, d, device=q.device, dtype=torch.float32)
+        part_m = torch.empty(splits, tq, hq, device=q.device, dtype=torch.float32)
+        part_l = torch.empty_like(part_m)
     has_new = k_new is not None
     kn = k_new if has_new else q
     vn = v_new if has_new else q
@@ -461,18 +454,15 @@ def paged_attention(
         k_words, v_words, scales, k_words.stride(0), k_words.stride(1), v_words.stride(0), v_words.stride(1),
         scales.stride(0), scales.stride(1),
         state.sink_k, state.sink_v, state.tail_k, state.tail_v, state.sink_k.stride(0), state.sink_k.stride(1),
-        part_plain, part_rot, part_m, part_l, part_plain.stride(0), part_plain.stride(1), part_plain.stride(2),
+        part, part_m, part_l, out, tq * hq * d, hq * d, d,
         scale, tiles_per_split,
         N_REP=n_rep, G=fmt.group, D=d, KBITS=fmt.k_bits, VBITS=fmt.v_bits,
         BLOCK_M=block_m, ROWS=rows, HAS_NEW=has_new, NUM_SPLITS=splits,
         DOT=dot, PRECISION=precision, DENSE_BLOCK=DENSE_BLOCK, MAGIC=magic, OFFSET=offset,
-        **launch_options(rows, d),
+        UNROTATE_F32=dot == tl.float32 or _interpreted(), **launch_options(rows, d, dot),
     )
-    out = torch.empty_like(q)
-    n_rows = tq * hq
-    _merge_splits_kernel[(triton.cdiv(n_rows, MERGE_ROWS),)](
-        part_plain, part_rot, part_m, part_l, _signs(d, torch.float32, q.device), out, n_rows,
-        NUM_SPLITS=splits, D=d, BLOCK_R=MERGE_ROWS, KC=merge_channels(d), PRECISION=precision)
+    if splits > 1:
+        _merge_splits_kernel[(tq * hq,)](part, part_m, part_l, out, tq * hq, **merge_meta(splits, d))
     return out
 
 
@@ -530,9 +520,14 @@ def _signs(d: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
 def _dot_dtype(dtype: torch.dtype) -> tl.dtype:
     """Tensor-core operand dtype: the model's 16-bit dtype (codes are exact in it); float32 for float32
     models and under the interpreter, whose bfloat16 dots are wrong."""
-    if dtype == torch.float32 or os.environ.get("TRITON_INTERPRET") == "1":
+    if dtype == torch.float32 or _interpreted():
         return tl.float32
     return tl.float16 if dtype == torch.float16 else tl.bfloat16
+
+
+def _interpreted() -> bool:
+    """Kernels run under the Triton interpreter (its bfloat16 dots are wrong)."""
+    return os.environ.get("TRITON_INTERPRET") == "1"
 
 
 @functools.lru_cache(maxsize=8)

@@ -1,8 +1,12 @@
-"""Synthetic K/V with the statistics that make KV quantization hard (outlier channels, token spikes)."""
+"""Test helpers: synthetic K/V with the statistics that make KV quantization hard (outlier channels, token spikes),
+and the precision floor of 16-bit attention against which GPU kernel errors are judged."""
 
 from __future__ import annotations
 
 import torch
+
+from .reference import gather_history
+from .state import PagedKV
 
 
 def synthetic_kv(
@@ -29,3 +33,19 @@ def synthetic_kv(
     spikes = torch.rand(length, num_heads, head_dim, generator=g) < 0.002
     v = torch.where(spikes, v * 10, v)
     return k.to(dtype=dtype, device=device), v.to(dtype=dtype, device=device)
+
+
+def sixteen_bit_decode(q: torch.Tensor, state: PagedKV) -> torch.Tensor:
+    """Decode attention (one query per sequence, q [B, Hq, D]) as a FlashAttention-style kernel computes it from
+    the dequantized history: keys and values rounded to q.dtype, probabilities rounded to q.dtype before P·V,
+    float32 accumulation. Its distance from `reference.paged_attention_ref` (all float32) is the precision floor of
+    any kernel with 16-bit tensor-core operands, the yardstick for the Triton kernels' error on a GPU."""
+    out = torch.empty(q.shape, dtype=torch.float32, device=q.device)
+    for b in range(q.shape[0]):
+        k, v = gather_history(state, b)
+        rep = q.shape[1] // k.shape[0]
+        k = k.to(q.dtype).float().repeat_interleave(rep, 0)
+        v = v.to(q.dtype).float().repeat_interleave(rep, 0)
+        p = torch.softmax((q[b].float()[:, None, :] @ k.transpose(1, 2)) * q.shape[-1] ** -0.5, dim=-1)
+        out[b] = (p.to(q.dtype).float() @ v)[:, 0]
+    return out

@@ -4,7 +4,8 @@
 
 A variant is a copy of the `kvarn_kernels` package put first on PYTHONPATH (e.g. `git archive REV kvarn_kernels |
 tar -x -C /tmp/v0`), so several revisions run in one device call. Each config sets the launch options
-(`decode` up to head_dim 128, `decode_d256` above, `chunk`), `chunk_rows` and `dims` (head dims, default [128]).
+(`decode` at head_dim 128, `decode_d64`, `decode_d256`, `chunk`), `chunk_rows`, `min_tiles_per_split` and `dims`
+(head dims, default [128]). `what` (default decode,chunk) may add `split`: per-kernel times of batch-1 decode.
 One JSON line per (config, head_dim): max |error| of decode and a chunk against `reference.paged_attention_ref`,
 then microseconds per call (CUDA-graph medians) for a few decode shapes (32 query / 8 KV heads) and a 16K-history
 chunk of 8 and 512 queries.
@@ -25,7 +26,7 @@ from kvarn_kernels.attention import decode_attention, paged_attention
 from kvarn_kernels.format import KVarNFormat
 from kvarn_kernels.reference import paged_attention_ref
 
-DECODE_SHAPES = [(1, 2048), (1, 16384), (8, 16384), (64, 16384), (64, 131072)]
+DECODE_SHAPES = [(1, 1024), (1, 2048), (1, 4096), (1, 16384), (8, 2048), (8, 16384), (64, 16384), (64, 131072)]
 
 
 def _set_options(cfg: dict) -> None:
@@ -33,9 +34,14 @@ def _set_options(cfg: dict) -> None:
     attention.LAUNCH_OPTIONS.update(cfg.get("decode", {"num_warps": 4, "num_stages": 2}))
     attention.LAUNCH_OPTIONS_D256.clear()
     attention.LAUNCH_OPTIONS_D256.update(cfg.get("decode_d256", {"num_warps": 8, "num_stages": 2}))
+    if hasattr(attention, "LAUNCH_OPTIONS_D64"):  # older revisions use LAUNCH_OPTIONS at head_dim 64 too
+        attention.LAUNCH_OPTIONS_D64.clear()
+        attention.LAUNCH_OPTIONS_D64.update(cfg.get("decode_d64", {"num_warps": 4, "num_stages": 2, "maxnreg": 128}))
     attention.CHUNK_LAUNCH_OPTIONS.clear()
     attention.CHUNK_LAUNCH_OPTIONS.update(cfg.get("chunk", {"num_warps": 4, "num_stages": 2}))
     attention.CHUNK_ROWS = cfg.get("chunk_rows", 64)
+    if "min_tiles_per_split" in cfg:
+        attention.MIN_TILES_PER_SPLIT = cfg["min_tiles_per_split"]
 
 
 def _errors(fmt: KVarNFormat, d: int, dtype: torch.dtype) -> tuple[float, float]:
@@ -55,6 +61,26 @@ def _time_decode(fmt: KVarNFormat, d: int, dtype: torch.dtype, batch: int, ctx: 
     state = make_state(batch, ctx, 8, fmt, dtype)
     q = torch.randn(batch, 32, d, device="cuda", dtype=dtype)
     return 1e3 * graph_time_ms(lambda: decode_attention(q, state))
+
+
+def _kernel_split(fmt: KVarNFormat, d: int, dtype: torch.dtype, batch: int, ctx: int) -> dict[str, float]:
+    """Microseconds per call of each kernel of one decode call (torch.profiler over 20 calls)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    state = make_state(batch, ctx, 8, fmt, dtype)
+    q = torch.randn(batch, 32, d, device="cuda", dtype=dtype)
+    decode_attention(q, state)
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(20):
+            decode_attention(q, state)
+        torch.cuda.synchronize()
+    per: dict[str, float] = {}
+    for e in prof.events():
+        if e.device_type == torch.autograd.DeviceType.CUDA:
+            name = "merge" if "merge" in e.name else "attention" if "attention" in e.name else e.name[:24]
+            per[name] = per.get(name, 0.0) + e.device_time_total / 20
+    return {k: round(v, 1) for k, v in per.items()}
 
 
 def _time_chunk(fmt: KVarNFormat, d: int, dtype: torch.dtype, n: int) -> float:
@@ -81,6 +107,9 @@ def main() -> None:
                 for batch, ctx in DECODE_SHAPES:
                     if d == 128 or ctx <= 16384:
                         row[f"b{batch}_{ctx // 1024}K_us"] = round(_time_decode(fmt, d, dtype, batch, ctx), 1)
+            if "split" in what:
+                for batch, ctx in DECODE_SHAPES[:4]:
+                    row[f"kernels_b{batch}_{ctx // 1024}K_us"] = _kernel_split(fmt, d, dtype, batch, ctx)
             if "chunk" in what:
                 for n in (8, 512):
                     row[f"chunk{n}_16K_us"] = round(_time_chunk(fmt, d, dtype, n), 1)

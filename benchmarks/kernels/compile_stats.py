@@ -41,13 +41,14 @@ def main() -> None:
         "ROWS": args.chunk_rows or max(16, triton.next_power_of_2(args.n_rep)), "HAS_NEW": bool(args.chunk_rows),
         "NUM_SPLITS": 1,
         "DOT": tl.bfloat16, "PRECISION": "tf32", "DENSE_BLOCK": 32, "MAGIC": 0x4300, "OFFSET": 128.0,
+        "UNROTATE_F32": False,
     }
     ptr_types = {
         "q": "*bf16", "hadamard_ptr": "*bf16", "k_new": "*bf16", "v_new": "*bf16", "cu_q": "*i32", "cu_k": "*i32",
         "seq_lens": "*i32", "block_table": "*i32", "dense_table": "*i32",
         "k_words": "*i16" if args.kbits == 4 else "*u8", "v_words": "*i16" if args.vbits == 4 else "*u8",
         "scales": "*bf16", "sink_k": "*bf16", "sink_v": "*bf16", "tail_k": "*bf16", "tail_v": "*bf16",
-        "part_plain": "*fp32", "part_rot": "*fp32", "part_m": "*fp32", "part_l": "*fp32", "sm_scale": "fp32",
+        "part": "*fp32", "part_m": "*fp32", "part_l": "*fp32", "out": "*bf16", "sm_scale": "fp32",
     }
     for name in fn.arg_names:
         if name in constexprs:

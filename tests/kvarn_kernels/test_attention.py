@@ -9,7 +9,7 @@ from kvarn_kernels import reference as ref
 from kvarn_kernels.attention import choose_num_splits, chunk_attention, decode_attention, paged_attention
 from kvarn_kernels.format import KVarNFormat
 from kvarn_kernels.state import build_paged_kv
-from kvarn_kernels.testing import synthetic_kv
+from kvarn_kernels.testing import sixteen_bit_decode, synthetic_kv
 
 # Kernels use tf32 tensor-core dots on the GPU (exact in the interpreter): tolerances cover tf32 rounding,
 # plus one unit in the last place of the 16-bit output (a different summation order may flip a rounding).
@@ -29,7 +29,7 @@ def _cu(lens, device):
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32])
-@pytest.mark.parametrize("n_rep,splits", [(1, 1), (3, 2), (4, 4)])
+@pytest.mark.parametrize("n_rep,splits", [(1, 1), (3, 2), (4, 3)])
 def test_decode_matches_reference(dtype, n_rep, splits, device):
     lens = [5, 64, 64 + 3, 128, 4 * 64 + 17]  # sink only, exact tile edges, tails, several tiles
     state = _state(lens, 2, 64, dtype, device)
@@ -37,7 +37,14 @@ def test_decode_matches_reference(dtype, n_rep, splits, device):
     expected = ref.paged_attention_ref(q, state, _cu([1] * len(lens), device))
     actual = decode_attention(q, state, num_splits=splits)
     assert actual.dtype == dtype
-    torch.testing.assert_close(actual.float(), expected.float(), atol=TOL[dtype], rtol=RTOL[dtype])
+    if device == "cuda" and dtype != torch.float32:
+        # 16-bit tensor-core operands: judged against the floor of 16-bit attention over the same history (once
+        # 0.0225 at one of 2560 bfloat16 elements on an H100, above TOL's 0.02).
+        err = (actual.float() - expected.float()).abs().max().item()
+        floor = (sixteen_bit_decode(q, state) - expected.float()).abs().max().item()
+        assert err <= max(TOL[dtype], 2 * floor), f"error {err:.4f}; 16-bit attention's {floor:.4f}"
+    else:
+        torch.testing.assert_close(actual.float(), expected.float(), atol=TOL[dtype], rtol=RTOL[dtype])
 
 
 def test_decode_head_dim_128_k4v4(device):
@@ -47,15 +54,15 @@ def test_decode_head_dim_128_k4v4(device):
     torch.testing.assert_close(decode_attention(q, state, num_splits=2).float(), expected.float(), atol=8e-3, rtol=0)
 
 
-def test_decode_head_dim_256_two_pass_merge(device):
-    """head_dim 256 merges splits in two passes (H does not fit in shared memory at once); 128 and below in one."""
-    from kvarn_kernels.attention import merge_channels
-
-    assert merge_channels(256) < 256 and merge_channels(128) == 128 and merge_channels(64) == 64
+@pytest.mark.parametrize("splits", [1, 3])
+def test_decode_head_dim_256(splits, device):
+    """head_dim 256: one split stores the output from the attention kernel; 3 (not a power of two) go through the
+    merge, whose one [splits, D] load is padded to 4 splits and masked."""
     state = _state([300, 140], 1, 256, torch.bfloat16, device, "kvarn_k4v2_g64")
     q = torch.randn(2, 2, 256, device=device).bfloat16()
     expected = ref.paged_attention_ref(q, state, _cu([1, 1], device))
-    torch.testing.assert_close(decode_attention(q, state, num_splits=2).float(), expected.float(), atol=2e-2, rtol=0)
+    actual = decode_attention(q, state, num_splits=splits)
+    torch.testing.assert_close(actual.float(), expected.float(), atol=2e-2, rtol=0)
 
 
 @pytest.mark.parametrize("splits", [1, 2])
@@ -224,3 +231,14 @@ def test_self_check_passes_and_catches_a_broken_kernel(monkeypatch, device):
     monkeypatch.setattr(ops.attention, "decode_attention", lambda q, state: torch.zeros_like(q))
     with pytest.raises(RuntimeError, match="self-check failed.*attention differs"):
         ops.self_check(fmt, torch.float32, device)
+
+
+def test_sixteen_bit_decode_is_the_reference_at_float32_and_close_at_bfloat16():
+    """The GPU tests' precision floor: at float32 nothing is rounded, so it is the reference itself."""
+    state = _state([5, 200, 300], 2, 64, torch.float32, "cpu")
+    q = torch.randn(3, 8, 64, generator=torch.Generator().manual_seed(0))
+    expected = ref.paged_attention_ref(q, state, _cu([1, 1, 1], "cpu")).float()
+    torch.testing.assert_close(sixteen_bit_decode(q, state), expected, atol=1e-5, rtol=1e-5)
+    qb = q.bfloat16()
+    floor = sixteen_bit_decode(qb, state) - ref.paged_attention_ref(qb, state, _cu([1, 1, 1], "cpu")).float()
+    assert 1e-4 < floor.abs().mean() < 5e-3  # bfloat16 keeps 8 bits; the GPU tests measured ~1e-3

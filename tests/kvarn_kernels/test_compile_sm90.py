@@ -18,6 +18,7 @@ H100_SHARED_BYTES = 232448
 
 
 ATTENTION_CASES = [("float32", 64, 0),  # float32 models: plain code conversion
+                   ("bfloat16", 64, 0),  # head_dim-64 decode (capped registers)
                    ("bfloat16", 128, 0),  # the decode launch the benchmarks time
                    ("bfloat16", 256, 0),  # decode at the largest head_dim (its own launch options)
                    ("float16", 256, 64)]  # chunk program at the largest head_dim
@@ -45,27 +46,29 @@ def _attention_shared(dot_name, head_dim, chunk_rows):
     constexprs = {
         "N_REP": n_rep, "G": 128, "D": head_dim, "KBITS": 4, "VBITS": 2,
         "BLOCK_M": chunk_rows // n_rep if chunk_rows else 1, "ROWS": chunk_rows or 16, "HAS_NEW": bool(chunk_rows),
-        "NUM_SPLITS": 2, "DOT": dot, "PRECISION": "ieee" if dot == tl.float32 else "tf32",
+        "NUM_SPLITS": 2,  # the split-partial epilogue (one split stores the output instead)
+        "DOT": dot, "PRECISION": "ieee" if dot == tl.float32 else "tf32",
         "DENSE_BLOCK": attention.DENSE_BLOCK, "MAGIC": magic,
-        "OFFSET": offset,
+        "OFFSET": offset, "UNROTATE_F32": dot == tl.float32,
     }
     act = "*" + {"float32": "fp32", "float16": "fp16", "bfloat16": "bf16"}[dot_name]
     ptrs = {name: act for name in ("q", "hadamard_ptr", "k_new", "v_new", "sink_k", "sink_v", "tail_k", "tail_v")}
     ptrs.update({name: "*i32" for name in ("cu_q", "cu_k", "seq_lens", "block_table", "dense_table")})
     ptrs.update({"k_words": "*i16", "v_words": "*u8", "scales": "*bf16", "sm_scale": "fp32"})
-    ptrs.update({name: "*fp32" for name in ("part_plain", "part_rot", "part_m", "part_l")})
-    options = attention.launch_options(constexprs["ROWS"], head_dim)
+    ptrs.update({name: "*fp32" for name in ("part", "part_m", "part_l")})
+    ptrs["out"] = act
+    options = attention.launch_options(constexprs["ROWS"], head_dim, dot)
     return _compile(attention._paged_attention_kernel, constexprs, ptrs, dict(options))
 
 
 def _merge_shared(head_dim):
     from kvarn_kernels import attention
 
-    constexprs = {"NUM_SPLITS": 4, "D": head_dim, "BLOCK_R": attention.MERGE_ROWS,
-                  "KC": attention.merge_channels(head_dim), "PRECISION": "tf32"}
-    ptrs = {name: "*fp32" for name in ("part_plain", "part_rot", "part_m", "part_l", "hadamard_ptr")}
+    constexprs = attention.merge_meta(64, head_dim)  # the most splits choose_num_splits picks
+    options = {"num_warps": constexprs.pop("num_warps")}
+    ptrs = {name: "*fp32" for name in ("part", "part_m", "part_l")}
     ptrs["out"] = "*bf16"
-    return _compile(attention._merge_splits_kernel, constexprs, ptrs, {"num_warps": 4})
+    return _compile(attention._merge_splits_kernel, constexprs, ptrs, options)
 
 
 def _run_all() -> dict:

@@ -8,7 +8,7 @@ from kvarn_kernels.attention import chunk_attention, decode_attention
 from kvarn_kernels.format import KVarNFormat
 from kvarn_kernels.quantize import quantize_into_cache
 from kvarn_kernels.state import build_paged_kv
-from kvarn_kernels.testing import synthetic_kv
+from kvarn_kernels.testing import sixteen_bit_decode, synthetic_kv
 
 pytestmark = pytest.mark.gpu
 
@@ -57,22 +57,28 @@ def test_decode_matches_reference(head_dim, n_rep):
 
 
 @pytest.mark.parametrize("head_dim", [64, 128])
-def test_decode_is_repeatable_and_within_tolerance_over_many_queries(head_dim):
-    """GQA 8: the shape that once missed its tolerance on an H100 (unseeded queries; it passed in the next two runs).
-    Repeated launches must give identical bits (a race would not), and 16 query draws must all stay in tolerance."""
+def test_decode_is_repeatable_and_as_precise_as_16bit_attention(head_dim):
+    """GQA 8 at head_dim 64 once missed atol = rtol = 2e-2 on an H100 (worst 1.01x). Measured there, FlashAttention-
+    style attention over the same dequantized history with 16-bit operands misses it too (worst 1.68x): 2e-2 is
+    below bfloat16's floor at outputs near 1.5. So the kernel is held to that floor instead: over 16 query draws its
+    worst and mean errors must not exceed those of `testing.sixteen_bit_decode` (measured: 0.055 vs 0.126 worst,
+    8e-4 vs 1.2e-3 mean). Repeated launches must give identical bits (a race would not)."""
     hkv, n_rep, lens = 4, 8, [129, 1000, 4096 + 77]
     state = _decode_state(lens, hkv, head_dim)
     cu = torch.arange(len(lens) + 1, dtype=torch.int32, device="cuda")
     gen = torch.Generator(device="cuda").manual_seed(head_dim)
-    worst = 0.0
+    errs, floors = [], []
     for _ in range(16):
         q = torch.randn(len(lens), hkv * n_rep, head_dim, device="cuda", dtype=torch.bfloat16, generator=gen)
         first = decode_attention(q, state)
         for _ in range(3):
             assert torch.equal(decode_attention(q, state), first)
         expected = ref.paged_attention_ref(q, state, cu).float()
-        worst = max(worst, ((first.float() - expected).abs() / (2e-2 + 2e-2 * expected.abs())).max().item())
-    assert worst <= 1.0, f"worst error is {worst:.2f}x the tolerance (atol=rtol=2e-2)"
+        errs.append((first.float() - expected).abs())
+        floors.append((sixteen_bit_decode(q, state) - expected).abs())
+    err, floor = torch.stack(errs), torch.stack(floors)
+    assert err.max() <= floor.max(), f"worst error {err.max():.4f} > 16-bit attention's {floor.max():.4f}"
+    assert err.mean() <= floor.mean(), f"mean error {err.mean():.2e} > 16-bit attention's {floor.mean():.2e}"
 
 
 @pytest.mark.parametrize("context", [32768, 131072])
