@@ -41,6 +41,9 @@ from kvarn_kernels.reference import dequantize_tiles
 
 __all__ = ["KVarNCache", "KVarNLayer", "PendingKV"]
 
+# Fused prefills without history or padding go through torch's SDPA (flash on a GPU); False forces the paged kernel.
+PREFILL_SDPA = True
+
 @dataclass
 class PendingKV:
     """New keys/values [B, H, T, D] handed to attention in fused mode; the layer appends them after attending."""
@@ -418,6 +421,13 @@ class KVarNLayer(CacheLayerMixin):
         self.pending = None
         batch, heads_q, num_new, d = query.shape
         step = self._step(num_new, padding)
+        if PREFILL_SDPA and step.real_index is None and not any(step.real_before):
+            # A prefill (no row has history, none is padded) attends only to its own 16-bit tokens: plain causal
+            # attention, which torch's flash SDPA does faster than the paged kernel's 16-bit path.
+            out = torch.nn.functional.scaled_dot_product_attention(
+                query, pending.keys, pending.values, is_causal=True, scale=scaling, enable_gqa=True)
+            self._append(step, pending.keys, pending.values)
+            return out.transpose(1, 2)
         q = query.transpose(1, 2).reshape(batch * num_new, heads_q, d)
         k = pending.keys.transpose(1, 2).reshape(batch * num_new, -1, d)
         v = pending.values.transpose(1, 2).reshape(batch * num_new, -1, d)

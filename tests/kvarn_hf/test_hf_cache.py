@@ -141,6 +141,34 @@ def test_fused_attend_matches_attention_over_the_dense_history():
             torch.testing.assert_close(a, s, rtol=0, atol=0)
 
 
+def test_unpadded_prefill_takes_sdpa_and_equals_the_paged_kernel(monkeypatch):
+    """A fused prefill with no history and no padding is plain causal attention over its own tokens (torch SDPA);
+    the paged kernel computes the same thing (its 16-bit path), and both store the same tiles."""
+    k, v = kv(300, seed=7, batch=2)
+    q = torch.randn(2, 4, 300, DIM, generator=torch.Generator().manual_seed(1))
+    outs, states = [], []
+    real = cache_module.ops.paged_attention
+    for use_sdpa in (True, False):
+        monkeypatch.setattr(cache_module, "PREFILL_SDPA", use_sdpa)
+        calls: list[int] = []
+
+        def counted(*args, calls=calls, **kwargs):
+            calls.append(1)
+            return real(*args, **kwargs)
+
+        monkeypatch.setattr(cache_module.ops, "paged_attention", counted)
+        cache = fused_cache()
+        pending, _ = cache.update(k, v, 0)
+        outs.append(cache.layers[0].attend(q, pending, 0.125, None))
+        states.append(gather_history(cache.layers[0].paged_state(), 1))
+        assert bool(calls) != use_sdpa
+        pending, _ = cache.update(k[:, :, :1], v[:, :, :1], 0)  # the next step has history: the paged kernel
+        cache.layers[0].attend(q[:, :, :1], pending, 0.125, None)
+        assert calls
+    torch.testing.assert_close(outs[0], outs[1], rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(states[0], states[1], rtol=0, atol=0)
+
+
 def test_fused_update_without_kvarn_attention_is_refused():
     cache = fused_cache()
     k, v = kv(10, seed=5)
