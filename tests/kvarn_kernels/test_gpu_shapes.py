@@ -112,3 +112,18 @@ def chunk_case(head_dim: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]
 def test_chunk_matches_reference(head_dim):
     actual, expected, _ = chunk_case(head_dim)
     torch.testing.assert_close(actual.float(), expected.float(), atol=1e-2, rtol=1e-2)
+
+
+def test_decode_replays_from_a_cuda_graph():
+    """Front-ends capture decode in CUDA graphs (vLLM does): a captured call replays to the eager result, bit for bit,
+    and the eager path still works after the capture."""
+    state = _decode_state([300, 1000], 2, 128)
+    q = torch.randn(2, 8, 128, device="cuda", dtype=torch.bfloat16, generator=torch.Generator("cuda").manual_seed(3))
+    expected = decode_attention(q, state)  # compiles the kernels outside the capture
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        captured = decode_attention(q, state)
+    graph.replay()
+    torch.cuda.synchronize()
+    assert torch.equal(captured, expected)
+    assert torch.equal(decode_attention(q, state), expected)
