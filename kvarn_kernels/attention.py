@@ -9,9 +9,10 @@ One kernel serves decode (one query per sequence, split-K over tiles with a log-
 (q_rot is q itself for a tile whose K-frame flag says K is stored unrotated; format v2) and the value side
 is folded the same way (V is always rotated). Each bit plane of a tile (W = G/4 consecutive tokens) is one
 tensor-core operand; on the GPU a code becomes a 16-bit float by OR-ing it into a constant's mantissa (no
-int→float conversion). Two launches per call: the attention kernel rotates its queries (q·H, a dot with the
-±1 Hadamard matrix) and writes split partials; the merge kernel combines the splits (log-sum-exp), un-rotates
-the quantized part (·H) and stores the output in the query's dtype. The oracle is `reference.paged_attention_ref`.
+int→float conversion). The attention kernel rotates its queries (q·H, a dot with the ±1 Hadamard matrix), attends,
+un-rotates its quantized part (·H) and either stores the output in the query's dtype (one split) or writes a split
+partial; with several splits a second launch merges them (log-sum-exp, one program per (query, head) row). The
+oracle is `reference.paged_attention_ref`.
 """
 
 from __future__ import annotations
