@@ -65,6 +65,24 @@ def test_decode_head_dim_256(splits, device):
     torch.testing.assert_close(actual.float(), expected.float(), atol=2e-2, rtol=0)
 
 
+@pytest.mark.parametrize("splits", [5, 64])
+def test_idle_and_many_splits_merge_exactly(splits, device):
+    """More splits than tiles: most programs see no key (l = 0, m = -inf) and must weigh 0 in the merge; 5 splits
+    pad the merge's one [splits, D] load to 8 rows, 64 is the most `choose_num_splits` picks. Decode and a chunk."""
+    lens = [5, 300, 129]
+    state = _state(lens, 2, 64, torch.float32, device)
+    gen = torch.Generator().manual_seed(11)
+    q = torch.randn(3, 4, 64, generator=gen).to(device)
+    expected = ref.paged_attention_ref(q, state, _cu([1, 1, 1], device))
+    torch.testing.assert_close(decode_attention(q, state, num_splits=splits), expected, atol=1e-5, rtol=1e-5)
+    n = [3, 1, 4]
+    qc = torch.randn(sum(n), 4, 64, generator=gen).to(device)
+    kn = torch.randn(sum(n), 2, 64, generator=gen).to(device)
+    expected = ref.paged_attention_ref(qc, state, _cu(n, device), kn, kn, _cu(n, device))
+    actual = chunk_attention(qc, kn, kn, _cu(n, device), _cu(n, device), max(n), state, num_splits=splits)
+    torch.testing.assert_close(actual, expected, atol=1e-5, rtol=1e-5)
+
+
 @pytest.mark.parametrize("splits", [1, 2])
 def test_chunk_matches_reference(splits, device):
     hist = [0, 10, 64 + 7, 3 * 64]
