@@ -108,11 +108,7 @@ def choose_k_rotation(
     return w.mean(-1) * k_range_cost(rotated) < margin * plain
 
 
-def sink_query_weights(q_sink: torch.Tensor, num_kv_heads: int) -> torch.Tensor:
-    """Mean squared query per channel of the sink's queries q_sink [Hq, S, D] (post-RoPE), pooled over the query
-    heads that share a KV head (head h*rep + r uses KV head h) → [num_kv_heads, D]. Computed once at prefill."""
-    hq, s, d = q_sink.shape
-    return q_sink.float().reshape(num_kv_heads, hq // num_kv_heads * s, d).square().mean(1)
+sink_query_weights = reference.sink_query_weights
 
 
 # --- K paths through the record round trip -------------------------------------------------------------------------

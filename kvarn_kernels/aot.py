@@ -77,12 +77,13 @@ def merge_kernel(head_dim: int, splits: int = 64, out_dtype: str = "bf16") -> An
 
 
 def quantize_kernel(dtype: torch.dtype, head_dim: int = 128, group: int = 128, kbits: int = 4, vbits: int = 2,
-                    num_warps: int | None = None, maxnreg: int = 0) -> tuple[Any, dict]:
-    """The quantize kernel as `quantize_into_cache` launches it for a `dtype` model; (kernel, launch options)."""
+                    num_warps: int | None = None, maxnreg: int = 0, weights: bool = False) -> tuple[Any, dict]:
+    """The quantize kernel as `quantize_into_cache` launches it for a `dtype` model, with K-frame channel weights
+    or without; (kernel, launch options)."""
     fmt = KVarNFormat(f"k{kbits}v{vbits}", kbits, vbits, group, head_dim,
                       torch.float16 if dtype == torch.float16 else torch.bfloat16)
     options = quantize.launch_options(fmt, dtype)
-    constexprs = dict(options.pop("constexprs"))
+    constexprs = dict(options.pop("constexprs"), HAS_WEIGHTS=weights)
     options.pop("interpreted", None)
     if num_warps:
         options["num_warps"] = num_warps
@@ -93,6 +94,7 @@ def quantize_kernel(dtype: torch.dtype, head_dim: int = 128, group: int = 128, k
         "signs": "*fp16" if dtype == torch.float16 else "*bf16", "tile_starts": "*i32",
         "block_ids": "*i32", "k_words": "*" + TRITON_TYPES[word_dtype(kbits)],
         "v_words": "*" + TRITON_TYPES[word_dtype(vbits)], "scales": "*" + TRITON_TYPES[fmt.scale_dtype],
+        "k_weights": "*fp32" if weights else "*" + TRITON_TYPES[fmt.scale_dtype],
     }
     fn = quantize._quantize_tiles_kernel
     aligned = {name for name in fn.arg_names

@@ -78,13 +78,15 @@ def quantize_into_cache(
     block_ids: torch.Tensor,
     cache: torch.Tensor,
     fmt: KVarNFormat,
+    k_weights: torch.Tensor | None = None,
 ) -> None:
-    """Quantize G-token tiles of k_src/v_src [T, H, D] starting at tile_starts into cache[block_ids]."""
+    """Quantize G-token tiles of k_src/v_src [T, H, D] starting at tile_starts into cache[block_ids]; k_weights
+    [N, H, D] float32 (optional): each tile's channel weights of the K-frame choice (`reference.choose_k_rotation`)."""
     if _use_triton(cache):
         self_check(fmt, k_src.dtype, cache.device)
-        quantize.quantize_into_cache(k_src, v_src, tile_starts, block_ids, cache, fmt)
+        quantize.quantize_into_cache(k_src, v_src, tile_starts, block_ids, cache, fmt, k_weights)
     else:
-        reference.quantize_into_cache_ref(k_src, v_src, tile_starts, block_ids, cache, fmt)
+        reference.quantize_into_cache_ref(k_src, v_src, tile_starts, block_ids, cache, fmt, k_weights)
 
 
 def paged_attention(

@@ -135,8 +135,9 @@ def _log_ratio(log_std, COMPILED: tl.constexpr):
 
 # --- normalize, round, pack, store ------------------------------------------------------------------
 @triton.jit
-def _range_cost(x, AXIS: tl.constexpr, COMPILED: tl.constexpr):
-    """Σ of the squared ranges of x along AXIS (`reference.k_range_cost` of a tile or a chunk of its channels).
+def _range_cost(x, AXIS: tl.constexpr, COMPILED: tl.constexpr, w=None):
+    """Σ of the squared ranges of x along AXIS (`reference.k_range_cost` of a tile or a chunk of its channels),
+    each weighted by w (one weight per range; None: unweighted).
 
     NaN when x holds a NaN or an Inf, as in the reference (compiled max/min would silently drop NaNs)."""
     if COMPILED:
@@ -144,7 +145,11 @@ def _range_cost(x, AXIS: tl.constexpr, COMPILED: tl.constexpr):
     else:
         lo = tl.min(x, axis=AXIS)
         hi = tl.max(x, axis=AXIS)
-    return tl.sum((hi - lo) * (hi - lo), axis=0)
+    if w is None:
+        cost = tl.sum((hi - lo) * (hi - lo), axis=0)
+    else:
+        cost = tl.sum((hi - lo) * (hi - lo) * w, axis=0)
+    return cost
 
 
 @triton.jit
@@ -262,11 +267,12 @@ def _store_words(q, words_ptr, ROWS: tl.constexpr, N: tl.constexpr, BITS: tl.con
 # --- rotation --------------------------------------------------------------------------------------
 @triton.jit
 def _rotate(src_ptr, stride_t, signs_ptr, G: tl.constexpr, D: tl.constexpr, SCALE: tl.constexpr,
-            TRANSPOSED: tl.constexpr, INTERPRETED: tl.constexpr, RANGE_COST: tl.constexpr):
+            TRANSPOSED: tl.constexpr, INTERPRETED: tl.constexpr, RANGE_COST: tl.constexpr, w_ptr=None):
     """(rotated tile, float32: [G, D] (x·H), or [D, G] ((x·H)ᵀ = H·xᵀ) when TRANSPOSED; raw cost).
 
     raw cost: with RANGE_COST, `reference.k_range_cost` of the unrotated tile, taken from the chunks the dot
-    loads anyway (NaN when the tile holds a NaN or an Inf); 0.0 otherwise.
+    loads anyway (NaN when the tile holds a NaN or an Inf), its channels weighted by w_ptr[:D] if given (TRANSPOSED
+    only: `reference.choose_k_rotation`'s channel weights); 0.0 otherwise.
 
     The ±1 matrix (bfloat16) and 16-bit inputs multiply exactly on tensor cores, with float32 sums: the float32
     reference up to summation order. A float32 input is split exactly into three bfloat16 parts (8 significant
@@ -287,7 +293,11 @@ def _rotate(src_ptr, stride_t, signs_ptr, G: tl.constexpr, D: tl.constexpr, SCAL
             x = tl.load(src_ptr + tl.arange(0, G)[:, None] * stride_t + kc[None, :])  # x[:, kc]
         if RANGE_COST:
             # The chunk's channels run along axis 0 of xᵀ[kc, :] (TRANSPOSED) or axis 1 of x[:, kc].
-            raw_cost += _range_cost(x.to(tl.float32), 1 if TRANSPOSED else 0, not INTERPRETED)
+            if w_ptr is None:
+                raw_cost += _range_cost(x.to(tl.float32), 1 if TRANSPOSED else 0, not INTERPRETED)
+            else:
+                raw_cost += _range_cost(x.to(tl.float32), 1 if TRANSPOSED else 0, not INTERPRETED,
+                                        tl.load(w_ptr + kc))
         if INTERPRETED:
             rot = _signs_dot(x.to(tl.float32), signs.to(tl.float32), rot, TRANSPOSED)
         elif x.dtype == tl.float32:
@@ -321,8 +331,9 @@ def _quantize_tiles_kernel(
     k_src, v_src, stride_t, stride_h, signs,
     tile_starts, block_ids,
     k_words, v_words, scales, kw_stride_b, kw_stride_h, vw_stride_b, vw_stride_h, scales_stride_b, scales_stride_h,
+    k_weights,
     G: tl.constexpr, D: tl.constexpr, KBITS: tl.constexpr, VBITS: tl.constexpr, ITERS: tl.constexpr,
-    SCALE: tl.constexpr, INTERPRETED: tl.constexpr,
+    SCALE: tl.constexpr, INTERPRETED: tl.constexpr, HAS_WEIGHTS: tl.constexpr,
 ):
     n = tl.program_id(0)
     h = tl.program_id(1)
@@ -333,10 +344,17 @@ def _quantize_tiles_kernel(
     # K and V of a tile are independent: separate programs double the parallelism of this latency-bound
     # kernel (its tile-wide reductions each wait on a barrier).
     if tl.program_id(2) == 0:
-        k_rot, raw_cost = _rotate(k_src + offset, stride_t, signs, G, D, SCALE, True, INTERPRETED, True)
-        # The K frame (`reference.choose_k_rotation`): rotated iff that lowers the per-channel range cost. A
-        # NaN/Inf tile has a NaN raw cost, so it stays unrotated as in the reference (and poisons its scales).
-        rotated = _range_cost(k_rot, 1, not INTERPRETED) < raw_cost
+        # The K frame (`reference.choose_k_rotation`): rotated iff that lowers the per-channel range cost (with
+        # channel weights w: Σ w·range² unrotated against mean(w)·Σ range² rotated). A NaN/Inf tile has a NaN raw
+        # cost, so it stays unrotated as in the reference (and poisons its scales).
+        if HAS_WEIGHTS:
+            w_ptr = k_weights + (n * tl.num_programs(1) + h) * D
+            k_rot, raw_cost = _rotate(k_src + offset, stride_t, signs, G, D, SCALE, True, INTERPRETED, True, w_ptr)
+            w_mean = tl.sum(tl.load(w_ptr + tl.arange(0, D)), axis=0) / D
+            rotated = w_mean * _range_cost(k_rot, 1, not INTERPRETED) < raw_cost
+        else:
+            k_rot, raw_cost = _rotate(k_src + offset, stride_t, signs, G, D, SCALE, True, INTERPRETED, True)
+            rotated = _range_cost(k_rot, 1, not INTERPRETED) < raw_cost
         unrotated = rotated == 0
         # The unrotated frame reloads the tile in the rotated tile's layout (no load when rotated): a second
         # copy of the tile is live only here, before the normalization's working set.
@@ -365,13 +383,19 @@ def quantize_into_cache(
     block_ids: torch.Tensor,
     cache: torch.Tensor,
     fmt: KVarNFormat,
+    k_weights: torch.Tensor | None = None,
 ) -> None:
     """Quantize tiles of G tokens from k_src/v_src [T, H, D] into cache blocks, all in one launch.
 
     Tile i holds tokens tile_starts[i] .. tile_starts[i] + G - 1 of the source and is written to
     cache[block_ids[i]] (all KV heads). The caller guarantees the tokens exist (no host sync here).
+    k_weights (optional, float32 [N, H, D], contiguous): tile i's channel weights of the K-frame choice
+    (`reference.choose_k_rotation`).
     """
     _check_sources(k_src, v_src, tile_starts, block_ids, cache, fmt)
+    reference._check_k_weights(k_weights, (tile_starts.numel(), k_src.shape[1], fmt.head_dim))
+    if k_weights is not None and (not k_weights.is_contiguous() or k_weights.device != k_src.device):
+        raise ValueError(f"k_weights must be contiguous and on {k_src.device}")
     n = tile_starts.numel()
     if n == 0:
         return
@@ -383,7 +407,8 @@ def quantize_into_cache(
         k_src, v_src, k_src.stride(0), k_src.stride(1), signs,
         tile_starts, block_ids,
         k_words, v_words, scales, k_words.stride(0), k_words.stride(1), v_words.stride(0), v_words.stride(1),
-        scales.stride(0), scales.stride(1),
+        scales.stride(0), scales.stride(1), k_weights if k_weights is not None else scales,
+        HAS_WEIGHTS=k_weights is not None,
         **opts["constexprs"], **{k: v for k, v in opts.items() if k != "constexprs"},
     )
 

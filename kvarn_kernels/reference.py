@@ -154,31 +154,52 @@ def k_range_cost(k_tiles: torch.Tensor) -> torch.Tensor:
     return (x.amax(-2) - x.amin(-2)).square().sum(-1)
 
 
-def choose_k_rotation(k_tiles: torch.Tensor, k_rot: torch.Tensor | None = None) -> torch.Tensor:
+def choose_k_rotation(
+    k_tiles: torch.Tensor, k_rot: torch.Tensor | None = None, channel_weights: torch.Tensor | None = None
+) -> torch.Tensor:
     """Whether each K tile [..., G, D] (original frame) is stored rotated → bool [...].
 
     Rotate iff it lowers the per-channel range cost: k_range_cost(k·H) < k_range_cost(k). Loud, bounded channels
     (RoPE'd key biases: sinusoids over positions) are cheapest in their own channel, and rotating them floods the
     quiet channels the queries use; heavy-tailed or spread-out energy is cheaper rotated. Ties (constant or zero
     tiles) stay unrotated. Calibration-free: it looks only at the tile. See reports/rotation_choice.
+
+    channel_weights [..., D] (optional; broadcast over the tile's leading dims): the expected squared query per
+    channel (`sink_query_weights`). The score error of per-channel RTN is then Σ_d w_d range_d² unrotated and
+    mean(w)·Σ_d range(kH)_d² rotated (a rotated tile's errors land evenly on all channels).
     """
     rotated = rotate(k_tiles) if k_rot is None else k_rot
-    return k_range_cost(rotated) < k_range_cost(k_tiles)
+    if channel_weights is None:
+        return k_range_cost(rotated) < k_range_cost(k_tiles)
+    w = channel_weights.float()
+    x = k_tiles.float()
+    plain = ((x.amax(-2) - x.amin(-2)).square() * w).sum(-1)
+    return w.mean(-1) * k_range_cost(rotated) < plain
+
+
+def sink_query_weights(q_sink: torch.Tensor, num_kv_heads: int) -> torch.Tensor:
+    """Channel weights of `choose_k_rotation` from the sink's queries q_sink [Hq, S, D] (post-RoPE): the mean squared
+    query per channel, pooled over the query heads that share a KV head (head h*rep + r uses KV head h) → [num_kv_heads,
+    D] float32."""
+    hq, s, d = q_sink.shape
+    return q_sink.float().reshape(num_kv_heads, hq // num_kv_heads * s, d).square().mean(1)
 
 
 def quantize_tile_records(
-    k: torch.Tensor, v: torch.Tensor, fmt: KVarNFormat, rotate_k: bool | None = None
+    k: torch.Tensor, v: torch.Tensor, fmt: KVarNFormat, rotate_k: bool | None = None,
+    k_weights: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Quantize tiles k, v [N, H, G, D] (original frame) into records uint8 [N, H, record_bytes].
 
-    rotate_k: None chooses K's frame per record (`choose_k_rotation`); True/False force it (ablations, and the
-    always-rotated K of format version 1).
+    rotate_k: None chooses K's frame per record (`choose_k_rotation`, with channel weights k_weights [N, H, D] if
+    given); True/False force it (ablations, and the always-rotated K of format version 1).
     """
     _check_tiles(k, v, fmt)
     n, h, g, d = k.shape
+    _check_k_weights(k_weights, (n, h, d))
     k_rot = rotate(k)
     if rotate_k is None:
-        k_rotated = choose_k_rotation(k, k_rot)  # [N, H]
+        k_rotated = choose_k_rotation(k, k_rot, k_weights)  # [N, H]
     else:
         k_rotated = torch.full((n, h), rotate_k, dtype=torch.bool, device=k.device)
     k_frame = torch.where(k_rotated[..., None, None], k_rot, k.float())
@@ -222,6 +243,12 @@ def dequantize_tiles(records: torch.Tensor, fmt: KVarNFormat) -> tuple[torch.Ten
     return torch.where(k_rotated[..., None, None], rotate(k), k), rotate(v_rot)
 
 
+def _check_k_weights(k_weights: torch.Tensor | None, shape: tuple[int, ...]) -> None:
+    if k_weights is not None and (tuple(k_weights.shape) != shape or k_weights.dtype != torch.float32):
+        raise ValueError(f"k_weights must be float32 {list(shape)} (tiles, KV heads, head_dim), got "
+                         f"{k_weights.dtype} {list(k_weights.shape)}")
+
+
 def _check_tiles(k: torch.Tensor, v: torch.Tensor, fmt: KVarNFormat) -> None:
     expected = (fmt.group, fmt.head_dim)
     if k.dim() != 4 or tuple(k.shape[2:]) != expected or k.shape != v.shape:
@@ -239,14 +266,16 @@ def quantize_into_cache_ref(
     block_ids: torch.Tensor,
     cache: torch.Tensor,
     fmt: KVarNFormat,
+    k_weights: torch.Tensor | None = None,
 ) -> None:
-    """Quantize the G tokens of k_src/v_src [T, H, D] starting at each tile_starts[i] into cache[block_ids[i]]."""
+    """Quantize the G tokens of k_src/v_src [T, H, D] starting at each tile_starts[i] into cache[block_ids[i]];
+    k_weights [N, H, D] (optional): tile i's channel weights of the K-frame choice (`choose_k_rotation`)."""
     if tile_starts.numel() == 0:
         return
     offs = tile_starts.long()[:, None] + torch.arange(fmt.group, device=k_src.device)
     k = k_src[offs].transpose(1, 2)  # [N, H, G, D]
     v = v_src[offs].transpose(1, 2)
-    cache[block_ids.long()] = quantize_tile_records(k, v, fmt)
+    cache[block_ids.long()] = quantize_tile_records(k, v, fmt, k_weights=k_weights)
 
 
 def gather_history(state: PagedKV, b: int) -> tuple[torch.Tensor, torch.Tensor]:

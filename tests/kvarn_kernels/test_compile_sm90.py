@@ -43,12 +43,21 @@ def _attention_one_split_shared():
     return aot.attention_kernel("bfloat16", 128, num_splits=1).metadata.shared
 
 
+def _quantize_weighted_shared():
+    import torch
+
+    from kvarn_kernels import aot
+
+    return aot.quantize_kernel(torch.bfloat16, 128, weights=True)[0].metadata.shared
+
+
 def _run_all() -> dict:
     """In the child: every case's shared-memory bytes, or its compile error."""
     out = {}
     for key, fn, args in ([(f"attention-{c}", _attention_shared, c) for c in ATTENTION_CASES]
                           + [(f"merge-{d}", _merge_shared, (d,)) for d in MERGE_CASES]
-                          + [("attention-one-split", _attention_one_split_shared, ())]):
+                          + [("attention-one-split", _attention_one_split_shared, ()),
+                             ("quantize-weighted", _quantize_weighted_shared, ())]):
         try:
             out[key] = fn(*args)
         except Exception as e:  # reported by the test, with the case that failed
@@ -78,8 +87,10 @@ def test_attention_kernel_compiles_within_shared_memory(compiled, case):
     assert shared <= H100_SHARED_BYTES
 
 
-def test_attention_kernel_storing_its_output_compiles(compiled):
-    shared = compiled["attention-one-split"]
+@pytest.mark.parametrize("case", ["attention-one-split", "quantize-weighted"])
+def test_other_variants_compile(compiled, case):
+    """The attention epilogue that stores the output (one split); quantize with K-frame channel weights."""
+    shared = compiled[case]
     assert isinstance(shared, int), shared
     assert shared <= H100_SHARED_BYTES
 

@@ -26,14 +26,14 @@ def _flags(records, fmt):
     return ref.dequantize_records(records, fmt)[2]
 
 
-def _quantize_tiles(k_tiles, v_tiles, fmt):
+def _quantize_tiles(k_tiles, v_tiles, fmt, k_weights=None):
     """Kernel records of tiles [N, H, G, D] (laid out as sources [T, H, D], one tile after another)."""
     n, h, g, d = k_tiles.shape
     src_k = k_tiles.transpose(1, 2).reshape(n * g, h, d).contiguous()
     src_v = v_tiles.transpose(1, 2).reshape(n * g, h, d).contiguous()
     starts = torch.arange(n, dtype=torch.int32, device=k_tiles.device) * g
     cache = fmt.allocate(n, h, k_tiles.device)
-    quantize_into_cache(src_k, src_v, starts, starts // g, cache, fmt)
+    quantize_into_cache(src_k, src_v, starts, starts // g, cache, fmt, k_weights)
     return cache
 
 
@@ -101,6 +101,41 @@ def test_kernel_matches_reference(preset, head_dim, dtype, device):
         assert abs(err_a - err_e) <= 0.01 * err_e + 1e-6
         err_e_same = (hat_e[same] - true[same]).norm() / true[same].norm()
         assert (hat_a[same] - hat_e[same]).norm() / true[same].norm() <= 0.5 * err_e_same
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.float32])
+def test_channel_weighted_k_frame_matches_reference(dtype, device):
+    """With per-tile channel weights (the expected squared query per channel) the kernel's K-frame flags are the
+    reference's `choose_k_rotation(..., channel_weights)`, outside near ties; the weights do change flags; uniform
+    weights give the unweighted rule's flags."""
+    fmt = KVarNFormat.from_preset("kvarn_k4v2_g64", 64, dtype)
+    pairs = [synthetic_kv(64, 2, 64, dtype, seed=s, device=device) for s in range(8)]
+    k = torch.stack([p[0] for p in pairs]).transpose(1, 2).contiguous()  # [N, H, G, D]
+    v = torch.stack([p[1] for p in pairs]).transpose(1, 2).contiguous()
+    gen = torch.Generator().manual_seed(0)
+    w = (torch.rand(8, 2, 64, generator=gen) ** 4 * 10).to(device)
+    kf = k.float()
+    want = ref.choose_k_rotation(kf, channel_weights=w)
+    assert not torch.equal(want, ref.choose_k_rotation(kf))
+    assert torch.equal(ref.choose_k_rotation(kf, channel_weights=torch.full_like(w, 3.0)), ref.choose_k_rotation(kf))
+    got = _flags(_quantize_tiles(k, v, fmt, w), fmt)
+    plain = (((kf.amax(-2) - kf.amin(-2)) ** 2) * w).sum(-1)
+    rotated = w.mean(-1) * ref.k_range_cost(ref.rotate(kf))
+    near_tie = (rotated - plain).abs() <= NEAR_TIE * plain
+    assert torch.equal(got[~near_tie], want[~near_tie])
+    assert torch.equal(_flags(ref.quantize_tile_records(k, v, fmt, k_weights=w), fmt), want)
+
+
+def test_bad_channel_weights_are_refused():
+    fmt = KVarNFormat.from_preset("kvarn_k4v2_g64", 64)
+    cache = fmt.allocate(2, 1)
+    k = torch.zeros(64, 1, 64, dtype=torch.float16)
+    starts = torch.zeros(1, dtype=torch.int32)
+    for bad in (torch.ones(1, 1, 32), torch.ones(1, 1, 64, dtype=torch.float16), torch.ones(2, 1, 64)):
+        with pytest.raises(ValueError, match="k_weights must be float32"):
+            quantize_into_cache(k, k, starts, starts, cache, fmt, bad)
+    with pytest.raises(ValueError, match="contiguous"):
+        quantize_into_cache(k, k, starts, starts, cache, fmt, torch.ones(1, 1, 128)[..., ::2])
 
 
 def test_kernel_writes_only_its_blocks(device):
