@@ -173,14 +173,20 @@ ABLATIONS: dict[str, Callable[[], tuple[TileCodec, int, int]]] = {
 }
 
 
+SINK_QUERIES = "+sink-queries"
+
+
 def make_cache(method: str, config: Any) -> Cache:
-    """A fresh cache for `method`: "16-bit", a KVarN preset, "sim:<preset>", a KIVI baseline or an ABLATIONS key."""
+    """A fresh cache for `method`: "16-bit", a KVarN preset (with "+sink-queries": KVarNCache(k_frame=
+    "sink-queries")), "sim:<preset>", a KIVI baseline or an ABLATIONS key."""
     from kvarn_hf import KVarNCache
 
     if method == "16-bit":
         return DynamicCache()
     if method in PRESETS:
         return KVarNCache(preset=method, config=config)
+    if method.endswith(SINK_QUERIES) and method.removesuffix(SINK_QUERIES) in PRESETS:
+        return KVarNCache(preset=method.removesuffix(SINK_QUERIES), config=config, k_frame="sink-queries")
     if method in KIVI_BASELINES:
         return SimulatedTileCache(kivi_codec(*KIVI_BASELINES[method]), 128, config)
     if method.startswith("sim:") and method[4:] in PRESETS:
@@ -188,7 +194,8 @@ def make_cache(method: str, config: Any) -> Cache:
     if method in ABLATIONS:
         codec, group, sink = ABLATIONS[method]()
         return SimulatedTileCache(codec, group, config, sink)
-    raise ValueError(f"method {method!r} is unknown: use 16-bit, a preset ({', '.join(PRESETS)}), sim:<preset>, "
+    raise ValueError(f"method {method!r} is unknown: use 16-bit, a preset ({', '.join(PRESETS)}) [+sink-queries], "
+                     "sim:<preset>, "
                      f"{', '.join(KIVI_BASELINES)} or one of {', '.join(ABLATIONS)}")
 
 

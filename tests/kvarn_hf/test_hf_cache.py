@@ -11,6 +11,7 @@ from kvarn_hf import KVarNCache
 from kvarn_hf import cache as cache_module
 from kvarn_kernels import KVarNFormat
 from kvarn_kernels.reference import dequantize_tiles, gather_history, paged_attention_ref, quantize_tile_records
+from kvarn_kernels.reference import sink_query_weights as ref_sink_query_weights
 from kvarn_kernels.testing import synthetic_kv
 
 HEADS, DIM, LAYERS = 2, 64, 2
@@ -74,9 +75,9 @@ def test_each_tile_quantized_once_in_one_call_per_update(monkeypatch):
     calls: list[int] = []
     real = cache_module.ops.quantize_into_cache
 
-    def counting(k_src, v_src, tile_starts, block_ids, cache, fmt):
+    def counting(k_src, v_src, tile_starts, block_ids, cache, fmt, k_weights=None):
         calls.append(tile_starts.numel())
-        real(k_src, v_src, tile_starts, block_ids, cache, fmt)
+        real(k_src, v_src, tile_starts, block_ids, cache, fmt, k_weights)
 
     monkeypatch.setattr(cache_module.ops, "quantize_into_cache", counting)
     cache = KVarNCache(PRESET)
@@ -348,3 +349,67 @@ def test_decode_placement_fast_path_equals_the_general_placement(group):
             for key, value in general.items():
                 assert torch.equal(parts[key], value.long()), key
     assert declined and taken
+
+
+def _records_of_row(layer, b: int, n_tiles: int) -> torch.Tensor:
+    blocks = layer.paging.block_table[b, :n_tiles].long()
+    return layer.tiles[blocks]
+
+
+def test_sink_query_k_frame_weighs_each_row_by_its_own_sink_queries():
+    """k_frame='sink-queries': every tile of a row is quantized with the K-frame weights of that row's sink queries
+    (`reference.sink_query_weights` of its first G real tokens' queries), also after a left-padded start and a
+    batch reorder; the weights change some frames against the tile-only rule."""
+    config = LlamaConfig(hidden_size=128, num_attention_heads=4, num_key_value_heads=HEADS, head_dim=DIM,
+                         num_hidden_layers=LAYERS)
+    config._attn_implementation = "kvarn"
+    cache = KVarNCache(PRESET, config=config, k_frame="sink-queries")
+    k, v = kv(600, seed=5, batch=2)
+    gen = torch.Generator().manual_seed(2)
+    q = torch.randn(2, 4, 600, DIM, generator=gen)
+    q[..., :3] *= 8  # a few loud query channels: the weights matter
+    pad = 40  # row 1 is left-padded: its sink is its first G real tokens
+    padding = torch.ones(2, 600, dtype=torch.long)
+    padding[1, :pad] = 0
+    pos = 0
+    for n in (300, 1, 99):
+        for layer in range(LAYERS):
+            pending, _ = cache.update(k[:, :, pos : pos + n] + layer, v[:, :, pos : pos + n], layer)
+            cache.layers[layer].attend(q[:, :, pos : pos + n], pending, 0.125, padding[:, : pos + n])
+        pos += n
+    cache.reorder_cache(torch.tensor([1, 0]))  # rows swap: each keeps its own sink energies
+    k, v, q, padding = k.flip(0), v.flip(0), q.flip(0), padding.flip(0)
+    for n in (200,):
+        for layer in range(LAYERS):
+            pending, _ = cache.update(k[:, :, pos : pos + n] + layer, v[:, :, pos : pos + n], layer)
+            cache.layers[layer].attend(q[:, :, pos : pos + n], pending, 0.125, padding[:, : pos + n])
+        pos += n
+    fmt = KVarNFormat.from_preset(PRESET, DIM, torch.float32)
+    changed = 0
+    for layer in range(LAYERS):
+        lay = cache.layers[layer]
+        for b in range(2):
+            start = int((padding[b] == 0).sum())
+            real_k = (k[b, :, start:pos] + layer)
+            real_v = v[b, :, start:pos]
+            n_tiles = (real_k.shape[1] - G) // G
+            tiles_k = real_k[:, G : G * (1 + n_tiles)].reshape(HEADS, n_tiles, G, DIM).transpose(0, 1)
+            tiles_v = real_v[:, G : G * (1 + n_tiles)].reshape(HEADS, n_tiles, G, DIM).transpose(0, 1)
+            w = ref_sink_query_weights(q[b, :, start : start + G], HEADS)  # [H, D]
+            weights = w.expand(n_tiles, HEADS, DIM).contiguous()
+            want = quantize_tile_records(tiles_k, tiles_v, fmt, k_weights=weights)
+            got = _records_of_row(lay, b, n_tiles)
+            assert torch.equal(got, want)
+            plain = quantize_tile_records(tiles_k, tiles_v, fmt)
+            changed += int((fmt.split(plain)[1][..., 2 * DIM].signbit() != fmt.split(got)[1][..., 2 * DIM].signbit())
+                           .sum())
+    assert changed > 0
+
+
+def test_sink_query_k_frame_needs_the_fused_path():
+    cache = KVarNCache(PRESET, k_frame="sink-queries")
+    k, v = kv(10, seed=1)
+    with pytest.raises(ValueError, match="only the fused path sees"):
+        cache.update(k, v, 0)
+    with pytest.raises(ValueError, match="k_frame 'tile' is unknown"):
+        KVarNCache(PRESET, k_frame="tile")

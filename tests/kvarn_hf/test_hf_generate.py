@@ -111,6 +111,19 @@ def test_cache_implementation_kvarn(attn):
     assert torch.equal(out.sequences, generate(model, prompt, KVarNCache(PRESET), max_new_tokens=20))
 
 
+def test_generate_with_the_sink_query_k_frame():
+    """cache_config={"k_frame": "sink-queries"} reaches the cache; a fused generation over quantized tiles (300
+    tokens: two tiles per row) runs with it and starts like the tile-only rule."""
+    model = make_model("llama", "kvarn")
+    prompt = tokens(300)
+    out = model.generate(prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=20, do_sample=False,
+                         cache_implementation="kvarn", cache_config={"preset": PRESET, "k_frame": "sink-queries"},
+                         return_dict_in_generate=True)
+    cache = out.past_key_values
+    assert cache._paging.k_frame == "sink-queries" and cache.layers[0].query_energy is not None
+    assert_agree("kvarn", out.sequences, generate(model, prompt, KVarNCache(PRESET), max_new_tokens=20), 300)
+
+
 def test_kvarn_attention_without_a_kvarn_cache_is_plain_attention():
     """A "kvarn" model still runs with DynamicCache or no cache (dense fallback), identical to sdpa."""
     sdpa, kvarn = make_model("llama", "sdpa"), make_model("llama", "kvarn")
