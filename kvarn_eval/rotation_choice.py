@@ -99,13 +99,8 @@ def choose_k_rotation(
     sum_d w_d range_d^2 unrotated, and mean_d(w) · sum_d range(kH)_d^2 rotated (rotated errors land evenly on
     all channels); rotate iff the latter is below margin × the former. None means uniform weights (the rule).
     """
-    rotated = reference.rotate(k_tiles) if k_rot is None else k_rot
-    if channel_weights is None:
-        return k_range_cost(rotated) < margin * k_range_cost(k_tiles)
-    w = channel_weights.float()
-    x = k_tiles.float()
-    plain = ((x.amax(-2) - x.amin(-2)).square() * w).sum(-1)
-    return w.mean(-1) * k_range_cost(rotated) < margin * plain
+    rotated, unrotated = reference.k_frame_costs(k_tiles, k_rot, channel_weights)
+    return rotated < margin * unrotated
 
 
 sink_query_weights = reference.sink_query_weights

@@ -145,13 +145,30 @@ def unpack(packed: torch.Tensor, bits: int) -> torch.Tensor:
     return planes.reshape(*packed.shape[:-1], -1).to(torch.uint8)
 
 
-def k_range_cost(k_tiles: torch.Tensor) -> torch.Tensor:
-    """Σ over channels of the squared per-channel range over the tile's tokens: tiles [..., G, D] → [...].
+def k_range_cost(k_tiles: torch.Tensor, channel_weights: torch.Tensor | None = None) -> torch.Tensor:
+    """Σ over channels of the squared per-channel range over the tile's tokens (each weighted by channel_weights
+    [..., D] if given): tiles [..., G, D] → [...].
 
     Proportional to the mean squared error of per-channel min-max RTN of the tile.
     """
     x = k_tiles.float()
-    return (x.amax(-2) - x.amin(-2)).square().sum(-1)
+    ranges = (x.amax(-2) - x.amin(-2)).square()
+    return (ranges if channel_weights is None else ranges * channel_weights.float()).sum(-1)
+
+
+def k_frame_costs(
+    k_tiles: torch.Tensor, k_rot: torch.Tensor | None = None, channel_weights: torch.Tensor | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(rotated, unrotated) predicted RTN score-error costs of K tiles [..., G, D] (original frame) → [...] each.
+
+    Unweighted: k_range_cost(k·H) and k_range_cost(k). With channel_weights [..., D] (the expected squared query per
+    channel, `sink_query_weights`; broadcast over the tile's leading dims): Σ_d w_d range_d² unrotated and
+    mean(w)·Σ_d range(kH)_d² rotated (a rotated tile's errors land evenly on all channels).
+    """
+    rotated = k_range_cost(rotate(k_tiles) if k_rot is None else k_rot)
+    if channel_weights is not None:
+        rotated = channel_weights.float().mean(-1) * rotated
+    return rotated, k_range_cost(k_tiles, channel_weights)
 
 
 def choose_k_rotation(
@@ -159,22 +176,14 @@ def choose_k_rotation(
 ) -> torch.Tensor:
     """Whether each K tile [..., G, D] (original frame) is stored rotated → bool [...].
 
-    Rotate iff it lowers the per-channel range cost: k_range_cost(k·H) < k_range_cost(k). Loud, bounded channels
-    (RoPE'd key biases: sinusoids over positions) are cheapest in their own channel, and rotating them floods the
-    quiet channels the queries use; heavy-tailed or spread-out energy is cheaper rotated. Ties (constant or zero
-    tiles) stay unrotated. Calibration-free: it looks only at the tile. See reports/rotation_choice.
-
-    channel_weights [..., D] (optional; broadcast over the tile's leading dims): the expected squared query per
-    channel (`sink_query_weights`). The score error of per-channel RTN is then Σ_d w_d range_d² unrotated and
-    mean(w)·Σ_d range(kH)_d² rotated (a rotated tile's errors land evenly on all channels).
+    Rotate iff it lowers the per-channel range cost (`k_frame_costs`; channel_weights optional). Loud, bounded
+    channels (RoPE'd key biases: sinusoids over positions) are cheapest in their own channel, and rotating them floods
+    the quiet channels the queries use; heavy-tailed or spread-out energy is cheaper rotated. Ties (constant or zero
+    tiles) stay unrotated. Calibration-free: it looks only at the tile (and, weighted, at the row's sink queries).
+    See reports/rotation_choice.
     """
-    rotated = rotate(k_tiles) if k_rot is None else k_rot
-    if channel_weights is None:
-        return k_range_cost(rotated) < k_range_cost(k_tiles)
-    w = channel_weights.float()
-    x = k_tiles.float()
-    plain = ((x.amax(-2) - x.amin(-2)).square() * w).sum(-1)
-    return w.mean(-1) * k_range_cost(rotated) < plain
+    rotated, unrotated = k_frame_costs(k_tiles, k_rot, channel_weights)
+    return rotated < unrotated
 
 
 def sink_query_weights(q_sink: torch.Tensor, num_kv_heads: int) -> torch.Tensor:

@@ -16,11 +16,6 @@ from kvarn_kernels.testing import synthetic_kv
 NEAR_TIE = 1e-5
 
 
-def _frame_costs(k_tiles):
-    """(rotated, unrotated) `reference.k_range_cost` of K tiles [..., G, D]."""
-    return ref.k_range_cost(ref.rotate(k_tiles)), ref.k_range_cost(k_tiles)
-
-
 def _flags(records, fmt):
     """K-frame flags (True = rotated) of records [N, H, record_bytes]."""
     return ref.dequantize_records(records, fmt)[2]
@@ -79,7 +74,7 @@ def test_kernel_matches_reference(preset, head_dim, dtype, device):
     flags_e, flags_a = _flags(rec_e, fmt), _flags(rec_a, fmt)
     assert torch.equal(flags_e, ref.choose_k_rotation(k_true))
     assert 0 < int(flags_e.sum()) < flags_e.numel()  # both frames are exercised
-    cost_rot, cost_raw = _frame_costs(k_true)
+    cost_rot, cost_raw = ref.k_frame_costs(k_true)
     near_tie = (cost_rot - cost_raw).abs() <= NEAR_TIE * cost_raw
     assert torch.equal(flags_e[~near_tie], flags_a[~near_tie])
     # fp32 reductions in another order may flip a rounding boundary: allow ≤ 0.5 % of codes to differ (a record
@@ -119,8 +114,7 @@ def test_channel_weighted_k_frame_matches_reference(dtype, device):
     assert not torch.equal(want, ref.choose_k_rotation(kf))
     assert torch.equal(ref.choose_k_rotation(kf, channel_weights=torch.full_like(w, 3.0)), ref.choose_k_rotation(kf))
     got = _flags(_quantize_tiles(k, v, fmt, w), fmt)
-    plain = (((kf.amax(-2) - kf.amin(-2)) ** 2) * w).sum(-1)
-    rotated = w.mean(-1) * ref.k_range_cost(ref.rotate(kf))
+    rotated, plain = ref.k_frame_costs(kf, channel_weights=w)
     near_tie = (rotated - plain).abs() <= NEAR_TIE * plain
     assert torch.equal(got[~near_tie], want[~near_tie])
     assert torch.equal(_flags(ref.quantize_tile_records(k, v, fmt, k_weights=w), fmt), want)
@@ -248,7 +242,7 @@ def test_loud_sinusoid_channels_stay_unrotated(preset, head_dim, device):
     and the record's K error beats the always-rotated format v1."""
     fmt = KVarNFormat.from_preset(preset, head_dim, torch.float32)
     k = _loud_channel_tile(fmt.group, head_dim)
-    cost_rot, cost_raw = _frame_costs(k)
+    cost_rot, cost_raw = ref.k_frame_costs(k)
     assert cost_rot > 1.5 * cost_raw  # far from a tie
     v = torch.randn(fmt.group, head_dim, generator=torch.Generator().manual_seed(1))
     records = _quantize_tiles(k[None, None].to(device), v[None, None].to(device), fmt)
@@ -270,7 +264,7 @@ def test_heavy_tailed_tile_is_rotated(dtype, device):
     fmt = KVarNFormat.from_preset("kvarn_k4v2_g64", 64, dtype)
     torch.manual_seed(0)
     k = torch.distributions.StudentT(2.0).sample((1, 1, 64, 64)).to(dtype)
-    cost_rot, cost_raw = _frame_costs(k.float())
+    cost_rot, cost_raw = ref.k_frame_costs(k.float())
     assert cost_rot < 0.8 * cost_raw
     records = _quantize_tiles(k.to(device), torch.randn(1, 1, 64, 64).to(dtype).to(device), fmt)
     assert _flags(records, fmt).item()
