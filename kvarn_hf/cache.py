@@ -76,6 +76,7 @@ class _Step:
     num_tiles: int
     num_dense: int
     num_move: int
+    history_bound: int | None = None  # bounds every row's history for the kernel's grid; None: max(real_before)
 
 
 class _Paging:
@@ -101,6 +102,8 @@ class _Paging:
         self.dense_table: torch.Tensor | None = None
         self.shadow_tile = torch.zeros(0, dtype=torch.long)  # per row: tile held in 16-bit by the shadow, or -1
         self.last_step: _Step | None = None  # the latest step, replayed by the layers that reach it later
+        self.static: _StaticDecode | None = None  # device buffers of CUDA-graph decode steps (graphs.py)
+        self.static_step: _Step | None = None  # the static decode step in progress, if any
 
     def start(self, batch: int, device: torch.device) -> None:
         if self.device is None:
@@ -202,6 +205,33 @@ class _Paging:
         )
         return self.last_step
 
+    def begin_static_step(self, history_bound: int) -> _Step | None:
+        """Advance by one decode token per row through the static device buffers of `self.static` (which a
+        captured CUDA graph reads), or return None when the step is not a plain decode step: a row completes a
+        tile (the quantize launch and the block-table update run eagerly) or has no real token yet.
+
+        The returned step is what every layer uses until `end_static_step`; history_bound must be at least every
+        row's history (it sizes the kernel's split grid, fixed in a graph)."""
+        if self.device is None or self.pads is None:
+            return None
+        fast = _decode_placement(self.pads.tolist(), self.length, self.group)
+        if fast is None:
+            return None
+        parts, _, _ = fast
+        if self.static is None:
+            self.static = _StaticDecode(self.batch, self.device)
+        before = self.real_lengths(self.length)
+        self.static.load(parts["dense_blk"], parts["dense_slot"], before, parts["seq_lens"])
+        step = self.static.step(self.length, before.tolist(), history_bound)
+        self.seq_lens = self.static.lens[1]
+        self.length += 1
+        self.last_step = None
+        self.static_step = step
+        return step
+
+    def end_static_step(self) -> None:
+        self.static_step = None
+
     def _widen(self, tiles: int) -> None:
         have = self.block_table.shape[1]
         if tiles > have:
@@ -241,6 +271,7 @@ class _Paging:
         self.dense_table = _dense_table(self.batch, self.device)
         self.shadow_tile = self.shadow_tile[rows]
         self.last_step = None
+        self.static = None
         return rows_dev
 
     def reset(self) -> None:
@@ -326,6 +357,39 @@ def _decode_placement(
                  dense_blk=torch.tensor(blocks, dtype=torch.long), dense_slot=torch.tensor(slots, dtype=torch.long),
                  cu=torch.arange(batch + 1), seq_lens=torch.tensor(after, dtype=torch.long))
     return parts, torch.zeros(batch, dtype=torch.long), torch.tensor(full, dtype=torch.long)
+
+
+class _StaticDecode:
+    """Device buffers of a decode step (one token per row) that keep their storage from step to step, so that a
+    captured CUDA graph reads each new step's values: where each row's token goes (pool block, slot) and the row's
+    real length before and after the step, in one int32 [4, B] tensor loaded by one host-to-device copy."""
+
+    def __init__(self, batch: int, device: torch.device) -> None:
+        self.device = device
+        self.meta = torch.zeros(4, batch, dtype=torch.int32, device=device)
+        self.rows = torch.arange(batch, device=device)
+        self.t0 = torch.zeros(batch, dtype=torch.long, device=device)
+        self.cu = torch.arange(batch + 1, dtype=torch.int32, device=device)
+        self.empty = torch.zeros(0, dtype=torch.long, device=device)
+
+    @property
+    def lens(self) -> torch.Tensor:
+        return self.meta[2:]
+
+    def load(self, blocks: torch.Tensor, slots: torch.Tensor, before: torch.Tensor, after: torch.Tensor) -> None:
+        host = torch.stack([blocks, slots, before, after]).to(torch.int32)
+        if self.device.type == "cuda":  # the caching host allocator keeps the pinned copy alive until it is done
+            host = host.pin_memory()
+        self.meta.copy_(host, non_blocking=True)
+
+    def step(self, from_len: int, real_before: list[int], history_bound: int) -> _Step:
+        e, batch = self.empty, self.rows.numel()
+        return _Step(
+            from_len=from_len, num_new=1, real_before=real_before, seq_lens_before=self.meta[2], cu_seqlens=self.cu,
+            max_new=1, real_index=None, dense=(self.rows, self.t0, self.meta[0], self.meta[1]), stage=(e, e, e),
+            move=(e, e, e), tile_starts=e.int(), tile_blocks=e.int(), tile_rows=e, shadow=(e, e), num_tiles=0,
+            num_dense=batch, num_move=0, history_bound=history_bound,
+        )
 
 
 def _dense_table(batch: int, device: torch.device) -> torch.Tensor:
@@ -454,7 +518,7 @@ class KVarNLayer(CacheLayerMixin):
             state = self._state(step.seq_lens_before)
             out = ops.paged_attention(
                 q.contiguous(), state, step.cu_seqlens, step.max_new, k.contiguous(), v.contiguous(), step.cu_seqlens,
-                scaling, max_history=max(step.real_before, default=0),
+                scaling, max_history=step.history_bound or max(step.real_before, default=0),
             )
         else:
             out = q.new_zeros(q.shape)
@@ -510,6 +574,9 @@ class KVarNLayer(CacheLayerMixin):
     def _step(self, num_new: int, padding: torch.Tensor | None) -> _Step:
         """The shared step from this layer's length: computed by the first layer to get there, reused by the rest."""
         paging, last = self.paging, self.paging.last_step
+        static = paging.static_step
+        if static is not None and static.from_len == self.length and num_new == 1:
+            return static
         if paging.length == self.length:
             return paging.step(self.length, num_new, padding)
         if last is not None and last.from_len == self.length and last.num_new == num_new:
@@ -662,13 +729,18 @@ class KVarNCache(Cache):
 
     def __init__(
         self, preset: str = DEFAULT_PRESET, config: Any | None = None, keep_last_tile: bool = False,
-        k_frame: str = "range",
+        k_frame: str = "range", decode_graphs: bool | None = None,
     ) -> None:
         if preset not in PRESETS:
             raise ValueError(f"preset {preset!r} is unknown: use one of {', '.join(PRESETS)}")
         if k_frame not in K_FRAME_RULES:
             raise ValueError(f"k_frame {k_frame!r} is unknown: use one of {', '.join(K_FRAME_RULES)}")
+        if decode_graphs not in (None, True, False):
+            raise ValueError(f"decode_graphs must be None (auto), True or False, got {decode_graphs!r}")
         self.preset = preset
+        self.decode_graphs = decode_graphs
+        self._decoder: Any = None  # graphs.DecodeGraphs of the model that generates with this cache
+        self._graphs_off = False  # set by batch edits of a filled cache (beam search): decode runs eagerly
         self._paging = _Paging(PRESETS[preset][2], keep_last_tile, k_frame)
         if config is None:
             super().__init__(layer_class_to_replicate=partial(KVarNLayer, self._paging, preset))
@@ -730,8 +802,26 @@ class KVarNCache(Cache):
     # --- whole-cache edits (the shared paging first, then every layer) ----------------------------------
     def reset(self) -> None:
         self._paging.reset()
+        self._decoder = None
+        self._graphs_off = False
         for layer in self.layers:
             layer.reset()
+
+    # --- CUDA-graph decode (graphs.py) -------------------------------------------------------------------
+    def wants_decode_graphs(self, model: Any) -> bool:
+        """Whether `generate()` should run this cache's decode steps through `graphs.DecodeGraphs`: fused mode and
+        decode_graphs=True, or decode_graphs=None (the default) on a CUDA model."""
+        if not _is_fused(model.config) or self.decode_graphs is False or self._graphs_off:
+            return False
+        return self.decode_graphs is True or getattr(model, "device", torch.device("cpu")).type == "cuda"
+
+    def decode_graphs_for(self, model: Any) -> Any:
+        """The `graphs.DecodeGraphs` runner of `model` over this cache (made once per model)."""
+        from .graphs import DecodeGraphs
+
+        if self._decoder is None or self._decoder._model() is not model:
+            self._decoder = DecodeGraphs(model, self)
+        return self._decoder
 
     def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
         self._select_rows(beam_idx.to("cpu", torch.long), lambda layer: layer.reorder_cache(beam_idx))
@@ -747,6 +837,9 @@ class KVarNCache(Cache):
 
     def _select_rows(self, rows: torch.Tensor, other: Any) -> None:
         rows_dev = self._paging.select(rows) if self._paging.device is not None else None
+        if rows_dev is not None:  # beam search reorders every step: capturing graphs would not pay
+            self._graphs_off = True
+            self._decoder = None
         for layer in self.layers:
             if isinstance(layer, KVarNLayer):
                 if rows_dev is not None:

@@ -15,7 +15,7 @@ import functools
 import inspect
 from typing import Any
 
-from transformers import AttentionInterface, GenerationMixin
+from transformers import AttentionInterface, GenerationMixin, PreTrainedModel
 from transformers.generation import configuration_utils
 from transformers.masking_utils import AttentionMaskInterface
 
@@ -65,3 +65,37 @@ def register() -> None:
 
     prepare_cache._kvarn = True
     GenerationMixin._prepare_cache_for_generation = prepare_cache
+    _route_decode_to_graphs()
+
+
+def _route_decode_to_graphs() -> None:
+    """Make `generate()` run a KVarNCache's decode steps through `graphs.DecodeGraphs`.
+
+    generate() asks `_valid_auto_compile_criteria` whether to decode with `get_compiled_call(...)` (torch.compile)
+    instead of the model; for a KVarNCache that wants graphs (`KVarNCache.wants_decode_graphs`) the first answers
+    yes and the second returns the cache's graph runner. `generation_config.disable_compile=True` turns it off.
+    """
+    valid, compiled = GenerationMixin._valid_auto_compile_criteria, PreTrainedModel.get_compiled_call
+    if getattr(valid, "_kvarn", False):
+        return
+
+    @functools.wraps(valid)
+    def valid_auto_compile_criteria(self: Any, model_kwargs: dict, generation_config: Any) -> bool:
+        cache = model_kwargs.get("past_key_values")
+        if (isinstance(cache, KVarNCache) and not generation_config.disable_compile
+                and cache.wants_decode_graphs(self)):
+            self._kvarn_graph_cache = cache
+            return True
+        self.__dict__.pop("_kvarn_graph_cache", None)
+        return valid(self, model_kwargs, generation_config)
+
+    @functools.wraps(compiled)
+    def get_compiled_call(self: Any, compile_config: Any) -> Any:
+        cache = self.__dict__.pop("_kvarn_graph_cache", None)
+        if cache is not None:
+            return cache.decode_graphs_for(self)
+        return compiled(self, compile_config)
+
+    valid_auto_compile_criteria._kvarn = True
+    GenerationMixin._valid_auto_compile_criteria = valid_auto_compile_criteria
+    PreTrainedModel.get_compiled_call = get_compiled_call

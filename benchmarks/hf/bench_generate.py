@@ -6,10 +6,13 @@ Run on a GPU, from the repository root:
 
 For every method x context x batch it feeds `context` random token ids (fixed seed, no padding) through the model in
 one prefill, then decodes greedily token by token (a couple of untimed warm-up steps, then `--new-tokens` timed
-steps, each between two `torch.cuda.synchronize()`). Methods:
+steps, each between two `torch.cuda.synchronize()`; every step passes position_ids, as `generate()` does). Methods:
 
 - `dynamic`: transformers' DynamicCache, attn_implementation="sdpa" (the 16-bit baseline);
-- `kvarn-<preset>`: KVarNCache with the fused attn_implementation="kvarn" (attention reads the packed tiles);
+- `kvarn-<preset>`: KVarNCache with the fused attn_implementation="kvarn" (attention reads the packed tiles), its
+  decode steps replayed from CUDA graphs (`kvarn_hf.graphs.DecodeGraphs`, what `generate()` does on a GPU);
+- `kvarn-<preset>-eager` (method `kvarn-eager`): the same cache with decode_graphs=False, every step launched from
+  Python like the other methods (no CUDA graphs);
 - `quanto4` / `quanto2`: transformers' QuantizedCache(backend="quanto", nbits=4 / 2) with sdpa attention, at its
   documented defaults (q_group_size 64, residual_length 128, axis_key = axis_value = 0).
 
@@ -70,7 +73,7 @@ from tqdm.auto import tqdm
 
 CONFIG_DIR = Path(__file__).resolve().parent / "configs"
 DEFAULT_MODEL = "qwen2.5-coder-0.5b"
-DEFAULT_METHODS = ("dynamic", "kvarn", "quanto4", "quanto2")
+DEFAULT_METHODS = ("dynamic", "kvarn", "kvarn-eager", "quanto4", "quanto2")
 DEFAULT_PRESETS = ("kvarn_k4v2_g128",)
 QUANTO_GROUP_SIZE = 64  # QuantizedCache's documented defaults (transformers 5.17 and 5.23 alike)
 QUANTO_RESIDUAL_LENGTH = 128
@@ -87,21 +90,24 @@ class Method:
     attn: str
     preset: str | None = None
     nbits: int | None = None
+    graphs: bool = False  # KVarN: decode steps replayed from CUDA graphs
 
 
 def expand_methods(names: list[str], presets: list[str]) -> list[Method]:
-    """Method names (dynamic, kvarn, quanto4, quanto2) to Methods; `kvarn` gives one method per preset."""
+    """Method names (dynamic, kvarn, kvarn-eager, quanto4, quanto2) to Methods; `kvarn` and `kvarn-eager` give one
+    method per preset."""
     from kvarn_kernels import PRESETS
 
     methods: list[Method] = []
     for name in names:
         if name == "dynamic":
             methods.append(Method("dynamic", "dynamic", "sdpa"))
-        elif name == "kvarn":
+        elif name in ("kvarn", "kvarn-eager"):
             for preset in presets:
                 if preset not in PRESETS:
                     raise ValueError(f"unknown KVarN preset {preset!r}; choose from {', '.join(PRESETS)}")
-                methods.append(Method("kvarn-" + preset.removeprefix("kvarn_"), "kvarn", "kvarn", preset=preset))
+                label = "kvarn-" + preset.removeprefix("kvarn_") + ("-eager" if name == "kvarn-eager" else "")
+                methods.append(Method(label, "kvarn", "kvarn", preset=preset, graphs=name == "kvarn"))
         elif name in ("quanto4", "quanto2"):
             methods.append(Method(name, "quanto", "sdpa", nbits=int(name[-1])))
         else:
@@ -120,7 +126,8 @@ def make_cache(method: Method, model: Any, max_length: int) -> Any:
     if method.family == "kvarn":
         from kvarn_hf import KVarNCache
 
-        cache = KVarNCache(preset=method.preset, config=model.config)  # fused: the config says attn "kvarn"
+        # fused: the config says attn "kvarn"
+        cache = KVarNCache(preset=method.preset, config=model.config, decode_graphs=method.graphs)
         if not cache.fused:
             raise RuntimeError("KVarNCache is not in fused mode: the model did not switch to attn 'kvarn'")
         cache.reserve(max_length)  # what generate() does before its prefill
@@ -319,8 +326,15 @@ def run_case(model: Any, method: Method, context: int, batch: int, new_tokens: i
         base = torch.cuda.memory_allocated(device)
     cache = make_cache(method, model, context + warmup_steps + new_tokens + (PROFILE_STEPS if cuda else 0))
 
+    # KVarN with graphs: generate() calls the cache's DecodeGraphs runner in place of the model (register.py).
+    forward = cache.decode_graphs_for(model) if method.graphs else model
+    position = [0]
+
     def step(tokens: torch.Tensor) -> torch.Tensor:
-        out = model(input_ids=tokens, past_key_values=cache, use_cache=True, logits_to_keep=1)
+        n = tokens.shape[1]
+        pos = torch.arange(position[0], position[0] + n, device=device).expand(batch, n)
+        position[0] += n
+        out = forward(input_ids=tokens, position_ids=pos, past_key_values=cache, use_cache=True, logits_to_keep=1)
         return out.logits[:, -1].argmax(-1, keepdim=True)
 
     _sync(device)
@@ -358,6 +372,8 @@ def run_case(model: Any, method: Method, context: int, batch: int, new_tokens: i
     row["kv_bytes"] = held.pop("total")
     row["kv_parts"] = held
     row["tokens_row0"] = torch.cat(generated, dim=1)[0].tolist()
+    if method.graphs:
+        row["graph_stats"] = dict(forward.stats)
     if cuda:
         row["peak_decode_bytes"] = torch.cuda.max_memory_allocated(device)
         row.update(_device_time_per_step(step, token, device))
@@ -407,6 +423,11 @@ def add_ratios(rows: list[dict[str, Any]]) -> None:
             same = [a == b for a, b in zip(r["tokens_row0"], base["tokens_row0"], strict=False)]
             r["match_tokens_vs_dynamic"] = sum(same) / len(same) if same else float("nan")
         if r["family"] == "kvarn":
+            eager = ok.get((r["method"] + "-eager", r["context"], r["batch"]))
+            if eager is not None:
+                r["ratio_speed_vs_eager"] = r["decode_tokens_per_s"] / eager["decode_tokens_per_s"]
+                same = [a == b for a, b in zip(r["tokens_row0"], eager["tokens_row0"], strict=False)]
+                r["match_tokens_vs_eager"] = sum(same) / len(same) if same else float("nan")
             for q in ("quanto4", "quanto2"):
                 other = ok.get((q, r["context"], r["batch"]))
                 if other is not None:
@@ -426,7 +447,8 @@ def markdown_table(result: dict[str, Any]) -> str:
     setup = result["setup"]
     head = ["method", "context", "batch", "prefill s", "decode tok/s", "step ms (median)", "GPU ms/step",
             "kernels/step", "KV MiB", "KV / dynamic",
-            "speed / dynamic", "speed / quanto4", "speed / quanto2", "peak GiB", "decode peak GiB", "note"]
+            "speed / dynamic", "speed / quanto4", "speed / quanto2", "speed / eager", "peak GiB", "decode peak GiB",
+            "note"]
     lines = [
         f"{setup['model']['model']} ({setup['model']['weights']} weights), {setup['device']}, {setup['dtype']}, "
         f"{setup['new_tokens']} timed decode steps after {setup['warmup_steps']} warm-up steps",
@@ -436,7 +458,7 @@ def markdown_table(result: dict[str, Any]) -> str:
     ]
     for r in result["rows"]:
         if "error" in r:
-            cells = [r["method"], str(r["context"]), str(r["batch"])] + ["-"] * 12 + [r["error"][:80]]
+            cells = [r["method"], str(r["context"]), str(r["batch"])] + ["-"] * 13 + [r["error"][:80]]
         else:
             cells = [
                 r["method"], str(r["context"]), str(r["batch"]), _fmt(r["prefill_s"], ".3f"),
@@ -444,7 +466,8 @@ def markdown_table(result: dict[str, Any]) -> str:
                 _fmt(r.get("device_ms_per_step"), ".2f"), _fmt(r.get("kernels_per_step"), ".0f"),
                 _fmt(r["kv_bytes"], ".1f", 2**20), _fmt(r.get("ratio_kv_bytes_vs_dynamic"), ".3f"),
                 _fmt(r.get("ratio_speed_vs_dynamic"), ".2f"), _fmt(r.get("ratio_speed_vs_quanto4"), ".2f"),
-                _fmt(r.get("ratio_speed_vs_quanto2"), ".2f"), _fmt(r.get("peak_bytes"), ".2f", 2**30),
+                _fmt(r.get("ratio_speed_vs_quanto2"), ".2f"), _fmt(r.get("ratio_speed_vs_eager"), ".2f"),
+                _fmt(r.get("peak_bytes"), ".2f", 2**30),
                 _fmt(r.get("peak_decode_bytes"), ".2f", 2**30), r.get("device_time_error", "")[:80],
             ]
         lines.append("| " + " | ".join(cells) + " |")

@@ -36,7 +36,7 @@ def test_bench_generate_cpu(tmp_path: Path) -> None:
     bench = _load_script()
     config = tmp_path / "tiny_qwen2.json"
     config.write_text(json.dumps(TINY_QWEN2))
-    methods = ["dynamic", "kvarn"] + (["quanto4", "quanto2"] if _quanto_available() else [])
+    methods = ["dynamic", "kvarn", "kvarn-eager"] + (["quanto4", "quanto2"] if _quanto_available() else [])
     out = tmp_path / "out"
     # 600 positions: the 128-token sink, 3 quantized tiles and a 16-bit tail; float32 on the CPU.
     result = bench.main([
@@ -49,7 +49,8 @@ def test_bench_generate_cpu(tmp_path: Path) -> None:
     assert (out / "generate.png").stat().st_size > 0
     assert "| kvarn-k4v2_g128 | 600 | 2 |" in (out / "generate.md").read_text()
     rows = {r["method"]: r for r in written["rows"]}
-    assert set(rows) == {"dynamic", "kvarn-k4v2_g128"} | ({"quanto4", "quanto2"} if _quanto_available() else set())
+    quanto = {"quanto4", "quanto2"} if _quanto_available() else set()
+    assert set(rows) == {"dynamic", "kvarn-k4v2_g128", "kvarn-k4v2_g128-eager"} | quanto
     for row in rows.values():
         assert "error" not in row, row
         assert row["decode_tokens_per_s"] > 0 and row["prefill_s"] > 0
@@ -62,6 +63,10 @@ def test_bench_generate_cpu(tmp_path: Path) -> None:
     assert kvarn["kv_parts"]["tiles_used"] > 0  # tiles were quantized
     assert kvarn["ratio_kv_bytes_vs_dynamic"] == pytest.approx(kvarn["kv_bytes"] / dynamic["kv_bytes"])
     assert dynamic["ratio_speed_vs_dynamic"] == pytest.approx(1.0)
+    # The graphed KVarN method: its decode steps went through DecodeGraphs (run eagerly on the CPU, no capture),
+    # the prefill to the model; same tokens as the eager method.
+    assert kvarn["graph_stats"] == {"replays": 0, "captures": 0, "static_eager": 4, "eager": 1}
+    assert kvarn["match_tokens_vs_eager"] == 1.0 and "graph_stats" not in rows["kvarn-k4v2_g128-eager"]
     if _quanto_available():
         for name in ("quanto4", "quanto2"):
             assert rows[name]["kv_parts"]["quantized"] > 0

@@ -7,7 +7,7 @@ import torch
 from hf_models import CHUNKS_QUANT, GROUP, PRESET, make_model, max_diff, run, tokens
 
 from kvarn_eval.hf_eval import SimulatedTileCache, kvarn_codec
-from kvarn_hf import KVarNCache
+from kvarn_hf import KVarNCache, graphs
 
 pytestmark = pytest.mark.gpu
 
@@ -41,3 +41,38 @@ def test_generate_on_cuda_with_padding_and_beams():
     beams = model.generate(prompts[0].cuda(), max_new_tokens=20, num_beams=3, do_sample=False,
                            past_key_values=KVarNCache(PRESET))
     assert beams.shape == (1, 170)
+
+
+def test_decode_from_cuda_graphs(monkeypatch):
+    """generate() on CUDA decodes from captured graphs by default (decode_graphs=None). Replays equal the same
+    static steps run eagerly (graphs.CAPTURE=False), bit for bit, across history buckets (one per tile here), tile
+    completions (eager steps between replays) and a reallocation of the tile storage (graphs recaptured); and they
+    agree with the plain fused path, whose split grid follows the history instead of a bucket."""
+    monkeypatch.setattr(graphs, "MIN_BUCKET_TILES", 1)
+    model = on_cuda(make_model("llama", "kvarn", torch.bfloat16))
+    prompts = [tokens(150, seed=1), tokens(85, seed=2)]
+    ids = torch.cat([torch.nn.functional.pad(p, (150 - p.shape[1], 0)) for p in prompts]).cuda()
+    mask = (ids != 0).long()
+
+    def two_calls(cache):
+        first = model.generate(ids, attention_mask=mask, past_key_values=cache, max_new_tokens=200, do_sample=False,
+                               output_logits=True, return_dict_in_generate=True)
+        cache.reserve(2048)  # reallocates tiles and block table: the captured graphs are stale
+        more = torch.cat([first.sequences, tokens(1, batch=2, seed=3).cuda()], dim=1)
+        second = model.generate(more, attention_mask=torch.cat([mask, torch.ones_like(more[:, 150:])], dim=1),
+                                past_key_values=cache, max_new_tokens=40, do_sample=False, output_logits=True,
+                                return_dict_in_generate=True)
+        return [*first.logits, *second.logits], second.sequences
+
+    cache = KVarNCache(PRESET)
+    graphed, seq = two_calls(cache)
+    stats = cache._decoder.stats
+    assert stats["captures"] >= 5 and stats["replays"] >= 180, stats
+    monkeypatch.setattr(graphs, "CAPTURE", False)
+    static, static_seq = two_calls(KVarNCache(PRESET))
+    assert torch.equal(seq, static_seq)
+    assert all(torch.equal(a, b) for a, b in zip(graphed, static, strict=True))
+    eager, eager_seq = two_calls(KVarNCache(PRESET, decode_graphs=False))
+    assert torch.equal(seq[:, :170], eager_seq[:, :170])  # bf16, another split grid: compare the first tokens
+    scale = max(float(x.abs().max()) for x in eager[:20])
+    assert max(float((a - b).abs().max()) for a, b in zip(graphed[:20], eager[:20], strict=True)) < 0.02 * scale

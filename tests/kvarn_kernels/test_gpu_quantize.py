@@ -23,18 +23,19 @@ pytestmark = pytest.mark.gpu
 NEAR_TIE = 1e-5
 
 
-def _compare(k, v, fmt, n):
+def _compare(k, v, fmt, n, k_weights=None):
     starts = torch.arange(n, dtype=torch.int32, device="cuda") * fmt.group
     blocks = torch.randperm(n, device="cuda").to(torch.int32)
     h = k.shape[1]
     expected, actual = fmt.allocate(n, h, "cuda"), fmt.allocate(n, h, "cuda")
-    ref.quantize_into_cache_ref(k, v, starts, blocks, expected, fmt)
-    quantize_into_cache(k, v, starts, blocks, actual, fmt)
+    ref.quantize_into_cache_ref(k, v, starts, blocks, expected, fmt, k_weights)
+    quantize_into_cache(k, v, starts, blocks, actual, fmt, k_weights)
     offs = (starts.long()[blocks.argsort()])[:, None] + torch.arange(fmt.group, device="cuda")
     kt, vt = k[offs].transpose(1, 2).float(), v[offs].transpose(1, 2).float()
     # K-frame flags (sign of K col_scale[0]) agree but for near ties; codes are compared where the frames agree.
     flags_e, flags_a = ref.dequantize_records(expected, fmt)[2], ref.dequantize_records(actual, fmt)[2]
-    cost_rot, cost_raw = ref.k_frame_costs(kt)
+    w = None if k_weights is None else k_weights[blocks.argsort()]  # in block order, like kt
+    cost_rot, cost_raw = ref.k_frame_costs(kt, channel_weights=w)
     decided = (cost_rot - cost_raw).abs() > NEAR_TIE * cost_raw
     assert torch.equal(flags_e[decided], flags_a[decided])
     same = flags_e == flags_a
@@ -127,3 +128,18 @@ def test_k_frame_choice_matches(dtype):
     flags = ref.dequantize_records(actual, fmt)[2]
     assert not flags[:, 0].any()
     assert flags[:, 1].all()
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("head_dim", [64, 128, 256])
+def test_weighted_k_frame_matches_reference(dtype, head_dim):
+    """The HAS_WEIGHTS variant (k_frame="sink-queries"): per-tile channel weights, flags as the reference's
+    outside near ties, and the weights really move flags (some differ from the unweighted kernel's)."""
+    fmt = KVarNFormat.from_preset("kvarn_k4v2_g128", head_dim, dtype)
+    n, heads = 32, 4
+    k, v = synthetic_kv(n * fmt.group, heads, head_dim, dtype, seed=5, device="cuda")
+    g = torch.Generator(device="cuda").manual_seed(6)
+    w = torch.rand(n, heads, head_dim, device="cuda", generator=g).pow(4) * 10  # a few loud channels per tile
+    weighted = _compare(k, v, fmt, n, w)
+    plain = _compare(k, v, fmt, n)
+    assert not torch.equal(ref.dequantize_records(weighted, fmt)[2], ref.dequantize_records(plain, fmt)[2])
