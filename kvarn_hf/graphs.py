@@ -23,6 +23,7 @@ reset), which `_pointers` checks before every replay.
 from __future__ import annotations
 
 import os
+import warnings
 import weakref
 from typing import Any
 
@@ -61,12 +62,18 @@ class DecodeGraphs:
     def __init__(self, model: torch.nn.Module, cache: KVarNCache) -> None:
         self._model = weakref.ref(model)
         self.cache = cache
-        self.capture = CAPTURE and cache_device(cache).type == "cuda"
         self._graphs: dict[tuple, tuple[Any, torch.Tensor, torch.Tensor, torch.Tensor]] = {}
         self._warm: set[tuple] = set()
         self._pool: Any = None
         self._pointers: tuple[int, ...] | None = None
         self.stats = {"replays": 0, "captures": 0, "static_eager": 0, "eager": 0}
+
+    @property
+    def capture(self) -> bool:
+        """Whether static steps are captured and replayed (CUDA, CAPTURE) or run eagerly. Decided per call: the
+        runner is made before the prefill, when the cache does not know its device yet."""
+        device = self.cache._paging.device
+        return CAPTURE and device is not None and device.type == "cuda"
 
     @property
     def model(self) -> torch.nn.Module:
@@ -142,8 +149,18 @@ class DecodeGraphs:
             return CausalLMOutputWithPast(logits=out.logits, past_key_values=self.cache)
         lengths = [layer.length for layer in layers]
         graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph, pool=self._pool):
+        try:
+            with torch.cuda.graph(graph, pool=self._pool):
+                out = self.model(**static)
+        except Exception as e:  # noqa: BLE001 - e.g. a model whose forward synchronizes: decode eagerly instead
+            for layer, length in zip(layers, lengths, strict=True):
+                layer.length = length
+            self.cache._graphs_off = True
+            warnings.warn(f"KVarNCache: capturing a decode step in a CUDA graph failed ({type(e).__name__}: {e}); "
+                          "decoding without graphs from here on", RuntimeWarning, stacklevel=2)
+            self.stats["static_eager"] += 1
             out = self.model(**static)
+            return CausalLMOutputWithPast(logits=out.logits, past_key_values=self.cache)
         self._pool = graph.pool()
         for layer, length in zip(layers, lengths, strict=True):  # the capture ran the Python, not the kernels
             layer.length = length
@@ -159,6 +176,3 @@ class DecodeGraphs:
                 ptrs.append(0 if t is None else t.data_ptr())
         return tuple(ptrs)
 
-
-def cache_device(cache: KVarNCache) -> torch.device:
-    return cache._paging.device or torch.device("cpu")
