@@ -126,6 +126,7 @@ class DecodeGraphs:
         pointers = self._current_pointers()
         if pointers != self._pointers:  # a tensor the graphs read was reallocated: they are stale
             self._graphs.clear()
+            self._pool = None  # released with its last graph: a new capture must not name it
             self._pointers = pointers
         if key in self._graphs:
             graph, ids, pos, logits = self._graphs[key]
