@@ -234,7 +234,7 @@ def _paged_attention_kernel(
     k_words, v_words, scales, kw_sb, kw_sh, vw_sb, vw_sh, scales_sb, scales_sh,
     sink_k, sink_v, tail_k, tail_v, stride_db, stride_dh,
     part, part_m, part_l, out, stride_ps, stride_pt, stride_ph,
-    sm_scale, tiles_per_split,
+    sm_scale,
     N_REP: tl.constexpr, G: tl.constexpr, D: tl.constexpr, KBITS: tl.constexpr, VBITS: tl.constexpr,
     BLOCK_M: tl.constexpr, ROWS: tl.constexpr, HAS_NEW: tl.constexpr, NUM_SPLITS: tl.constexpr,
     DOT: tl.constexpr, PRECISION: tl.constexpr, DENSE_BLOCK: tl.constexpr, MAGIC: tl.constexpr,
@@ -275,8 +275,14 @@ def _paged_attention_kernel(
 
     rest = tl.maximum(hist - G, 0)
     n_tiles = rest // G
-    first_tile = split * tiles_per_split
-    last_tile = tl.minimum(first_tile + tiles_per_split, n_tiles)
+    # The sequence's work in units: its 16-bit sink (unit 0), its tiles (units 1..n_tiles) and its 16-bit tail with
+    # the new tokens (unit n_tiles + 1), spread evenly over the splits. A 16-bit block costs about what a tile
+    # does, so at short contexts (a split per unit) no split does a tile and a 16-bit block one after the other.
+    per_split = tl.cdiv(n_tiles + 2, NUM_SPLITS)
+    u0 = split * per_split
+    u1 = tl.minimum(u0 + per_split, n_tiles + 2)
+    first_tile = tl.maximum(u0 - 1, 0)
+    last_tile = tl.minimum(u1 - 1, n_tiles)
     # Loaded once: the offsets tensor is dead before the tile loop (registers are what limit this kernel).
     qp = tl.load(q + q_offs, mask=row_ok[:, None], other=0.0).to(DOT)
     if first_tile < last_tile:
@@ -305,13 +311,13 @@ def _paged_attention_kernel(
         # every row (a dot needs 16 rows per program; batch-1 decode has 32 rows and up to 64 splits).
         acc_q = _unrotate(acc_q, hadamard_ptr, D, UNROTATE_F32)
 
-    if split == 0:
+    if u0 == 0:
         sink_block = tl.load(dense_table + 2 * b).to(tl.int64)
         base = sink_block * stride_db + kvh * stride_dh
         m_d, l_d, acc_plain = _attend_dense(qp, sink_k + base, sink_v + base, D, tl.minimum(hist, G), 0,
                                             q_pos, row_ok, m_d, l_d, acc_plain, sm_scale, DENSE_BLOCK, D, DOT,
                                             PRECISION)
-    if split == NUM_SPLITS - 1:
+    if (u0 <= n_tiles + 1) & (n_tiles + 1 < u1):
         tail_block = tl.load(dense_table + 2 * b + 1).to(tl.int64)
         base = tail_block * stride_db + kvh * stride_dh
         tail_pos = G * (1 + n_tiles)
@@ -374,20 +380,22 @@ def _merge_splits_kernel(part, part_m, part_l, out, n_rows, NUM_SPLITS: tl.const
     row = tl.program_id(0).to(tl.int64)
     s = tl.arange(0, SPLITS_P2)
     s_ok = s < NUM_SPLITS
+    d = tl.arange(0, D)
+    # All three loads issued before any use: one memory round trip, not two.
     m_s = tl.load(part_m + s * n_rows + row, mask=s_ok, other=float("-inf"))
     l_s = tl.load(part_l + s * n_rows + row, mask=s_ok, other=0.0)
+    acc = tl.load(part + (s[:, None] * n_rows + row) * D + d[None, :], mask=s_ok[:, None], other=0.0)
     m = tl.max(m_s, axis=0)
     w = tl.where(l_s > 0, tl.exp(m_s - tl.where(m == float("-inf"), 0.0, m)), 0.0)  # 0: a split saw no key
     l_tot = tl.sum(w * l_s, axis=0)
-    d = tl.arange(0, D)
-    acc = tl.load(part + (s[:, None] * n_rows + row) * D + d[None, :], mask=s_ok[:, None], other=0.0)
     res = tl.sum(acc * w[:, None], axis=0)
     tl.store(out + row * D + d, (res * tl.where(l_tot > 0, 1.0 / l_tot, 0.0)).to(out.dtype.element_ty))
 
 
 def choose_num_splits(batch: int, num_kv_heads: int, max_tiles: int, num_sms: int = 132, q_blocks: int = 1) -> int:
-    """A power of two: enough programs to fill the GPU twice over, none with fewer than MIN_TILES_PER_SPLIT tiles
-    (a program walks its tiles one after another, so short contexts want one tile per program). q_blocks query
+    """A power of two: enough programs to fill the GPU twice over, none with fewer than MIN_TILES_PER_SPLIT work
+    units (a program walks its units one after another, so short contexts want one per program). max_tiles counts
+    the longest sequence's work units (its tiles + its sink and tail, see the attention kernel). q_blocks query
     blocks per sequence already multiply the programs (chunks, prefills)."""
     by_work = triton.next_power_of_2(max(1, max_tiles // MIN_TILES_PER_SPLIT))
     programs = batch * num_kv_heads * max(1, q_blocks)
@@ -428,8 +436,8 @@ def paged_attention(
     # (query, head) pairs, so each program re-reads the quantized history for 64 rows, not 16.
     block_m = max(1, min(CHUNK_ROWS // n_rep, triton.next_power_of_2(max_q_len)))
     q_blocks = triton.cdiv(max_q_len, block_m)
-    splits = num_splits or choose_num_splits(batch, hkv, max_tiles, _num_sms(q.device), q_blocks)
-    tiles_per_split = max(1, math.ceil(max(max_tiles, 1) / splits))
+    # Splits share out work units (sink, tiles, tail: see the kernel), so they are chosen for max_tiles + 2 units.
+    splits = num_splits or choose_num_splits(batch, hkv, max_tiles + 2, _num_sms(q.device), q_blocks)
     rows = max(16, triton.next_power_of_2(block_m * n_rep))
     dot = _dot_dtype(q.dtype)
     precision = "ieee" if dot == tl.float32 else "tf32"
@@ -456,7 +464,7 @@ def paged_attention(
         scales.stride(0), scales.stride(1),
         state.sink_k, state.sink_v, state.tail_k, state.tail_v, state.sink_k.stride(0), state.sink_k.stride(1),
         part, part_m, part_l, out, tq * hq * d, hq * d, d,
-        scale, tiles_per_split,
+        scale,
         N_REP=n_rep, G=fmt.group, D=d, KBITS=fmt.k_bits, VBITS=fmt.v_bits,
         BLOCK_M=block_m, ROWS=rows, HAS_NEW=has_new, NUM_SPLITS=splits,
         DOT=dot, PRECISION=precision, DENSE_BLOCK=DENSE_BLOCK, MAGIC=magic, OFFSET=offset,
@@ -471,8 +479,20 @@ def decode_attention(
     q: torch.Tensor, state: PagedKV, sm_scale: float | None = None, num_splits: int | None = None
 ) -> torch.Tensor:
     """One query per sequence, q [B, Hq, D], over the whole cached history (the new token is in the tail)."""
-    cu = torch.arange(q.shape[0] + 1, device=q.device, dtype=torch.int32)
-    return paged_attention(q, state, cu, 1, sm_scale=sm_scale, num_splits=num_splits)
+    return paged_attention(q, state, _arange_cu(q.shape[0], q.device), 1, sm_scale=sm_scale, num_splits=num_splits)
+
+
+_ARANGE_CU: dict[tuple[int, torch.device], torch.Tensor] = {}
+
+
+def _arange_cu(batch: int, device: torch.device) -> torch.Tensor:
+    """cu_seqlens [0, 1, ..., batch] of one query per sequence, made once per (batch, device): building it per call
+    is a kernel launch as long as a short decode's attention, and never freed, since CUDA graphs capture its
+    address (an evicted, reallocated copy would be read by stale graphs)."""
+    key = (batch, torch.device(device))
+    if key not in _ARANGE_CU:
+        _ARANGE_CU[key] = torch.arange(batch + 1, device=device, dtype=torch.int32)
+    return _ARANGE_CU[key]
 
 
 def chunk_attention(

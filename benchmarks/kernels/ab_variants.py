@@ -5,7 +5,8 @@
 A variant is a copy of the `kvarn_kernels` package put first on PYTHONPATH (e.g. `git archive REV kvarn_kernels |
 tar -x -C /tmp/v0`), so several revisions run in one device call. Each config sets the launch options
 (`decode` at head_dim 128, `decode_d64`, `decode_d256`, `chunk`), `chunk_rows`, `min_tiles_per_split` and `dims`
-(head dims, default [128]). `what` (default decode,chunk) may add `split`: per-kernel times of batch-1 decode.
+(head dims, default [128]), `dense_block` (16-bit tokens per step, default 32). `what` (default decode,chunk) may add
+`split` (per-kernel times of batch-1 decode) and `flash` (flash SDPA on 16-bit KV at the decode shapes, once).
 One JSON line per (config, head_dim): max |error| of decode and a chunk against `reference.paged_attention_ref`,
 then microseconds per call (CUDA-graph medians) for a few decode shapes (32 query / 8 KV heads) and a 16K-history
 chunk of 8 and 512 queries.
@@ -42,6 +43,7 @@ def _set_options(cfg: dict) -> None:
     attention.CHUNK_ROWS = cfg.get("chunk_rows", 64)
     if "min_tiles_per_split" in cfg:
         attention.MIN_TILES_PER_SPLIT = cfg["min_tiles_per_split"]
+    attention.DENSE_BLOCK = cfg.get("dense_block", 32)
 
 
 def _errors(fmt: KVarNFormat, d: int, dtype: torch.dtype) -> tuple[float, float]:
@@ -83,6 +85,19 @@ def _kernel_split(fmt: KVarNFormat, d: int, dtype: torch.dtype, batch: int, ctx:
     return {k: round(v, 1) for k, v in per.items()}
 
 
+def _flash_row(tag: str, d: int, dtype: torch.dtype) -> dict:
+    """Flash SDPA over 16-bit KV at the decode shapes (the baseline of bench_decode.py), microseconds."""
+    row: dict = {"tag": tag, "cfg": "sdpa_flash", "d": d}
+    for batch, ctx in DECODE_SHAPES:
+        q = torch.randn(batch, 32, 1, d, device="cuda", dtype=dtype)
+        k = torch.randn(batch, 8, ctx, d, device="cuda", dtype=dtype)
+        with torch.nn.attention.sdpa_kernel(torch.nn.attention.SDPBackend.FLASH_ATTENTION):
+            ms = graph_time_ms(lambda q=q, k=k: torch.nn.functional.scaled_dot_product_attention(
+                q, k, k, enable_gqa=True))
+        row[f"b{batch}_{ctx // 1024}K_us"] = round(1e3 * ms, 1)
+    return row
+
+
 def _time_chunk(fmt: KVarNFormat, d: int, dtype: torch.dtype, n: int) -> float:
     state = make_state(1, 16384, 8, fmt, dtype)
     q = torch.randn(n, 32, d, device="cuda", dtype=dtype)
@@ -97,6 +112,8 @@ def main() -> None:
     print("module", kvarn_kernels.__file__, flush=True)
     torch.manual_seed(0)
     dtype = torch.bfloat16
+    if "flash" in what:
+        print(json.dumps(_flash_row(tag, 128, dtype)), flush=True)
     for cfg in configs:
         _set_options(cfg)
         for d in cfg.get("dims", [128]):
