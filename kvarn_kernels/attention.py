@@ -45,6 +45,12 @@ CHUNK_LAUNCH_OPTIONS = {"num_warps": 4, "num_stages": 2}
 # 16-bit tokens (sink, tail, new) are attended this many at a time: small blocks keep registers free.
 DENSE_BLOCK = 32
 CHUNK_ROWS = 64
+# Chunks of at least this many queries per sequence (on a GPU, 16-bit models) dequantize the history once into a
+# transient 16-bit buffer and run torch's varlen flash attention over it (`dense_history.py`); False: never.
+DENSE_CHUNK_MIN_QUERIES = 64
+DENSE_CHUNKS = True
+# ... as long as that buffer stays below this many bytes (K and V together); larger ones take the packed-tile path.
+DENSE_CHUNK_MAX_BYTES = 4 << 30
 
 
 def launch_options(rows: int, head_dim: int, dot: tl.dtype = tl.bfloat16) -> dict:
@@ -424,6 +430,9 @@ def paged_attention(
     """
     fmt = state.fmt
     _check_attention_inputs(q, state, cu_seqlens_q, k_new, v_new, cu_seqlens_k)
+    if num_splits is None and _dense_chunk(q, state, max_q_len, k_new, max_history):
+        return _attend_dense_chunk(q, state, cu_seqlens_q, max_q_len, k_new, v_new, cu_seqlens_k, sm_scale,
+                                   max_history)
     tq, hq, d = q.shape
     hkv = state.num_kv_heads
     n_rep = hq // hkv
@@ -473,6 +482,53 @@ def paged_attention(
     if splits > 1:
         _merge_splits_kernel[(tq * hq,)](part, part_m, part_l, out, tq * hq, **merge_meta(splits, d))
     return out
+
+
+def _dense_chunk(q: torch.Tensor, state: PagedKV, max_q_len: int, k_new: torch.Tensor | None,
+                 max_history: int | None) -> bool:
+    """Whether a call takes the dequantize-once route (see DENSE_CHUNK_MIN_QUERIES)."""
+    if not (DENSE_CHUNKS and q.is_cuda and max_q_len >= DENSE_CHUNK_MIN_QUERIES and not _interpreted()
+            and q.dtype in (torch.float16, torch.bfloat16) and _varlen_kwargs() is not None):
+        return False
+    fmt = state.fmt
+    tiles = state.block_table.shape[1]
+    if max_history is not None:
+        tiles = min(tiles, max(0, max_history - fmt.group) // fmt.group)
+    rows = state.batch_size * fmt.group * (tiles + 2) + (k_new.shape[0] if k_new is not None else 0)
+    return 2 * rows * state.num_kv_heads * fmt.head_dim * q.element_size() <= DENSE_CHUNK_MAX_BYTES
+
+
+@functools.lru_cache(maxsize=1)
+def _varlen_kwargs() -> dict | None:
+    """Keyword arguments that make torch's varlen flash attention causal (bottom-right) with GQA, or None when this
+    torch has none (before 2.10)."""
+    try:
+        import inspect
+
+        from torch.nn.attention.varlen import varlen_attn
+    except ImportError:
+        return None
+    params = inspect.signature(varlen_attn).parameters
+    kwargs: dict = {}
+    if "window_size" in params:
+        kwargs["window_size"] = (-1, 0)
+    elif "is_causal" in params:
+        kwargs["is_causal"] = True
+    else:
+        return None
+    if "enable_gqa" in params:
+        kwargs["enable_gqa"] = True
+    return kwargs
+
+
+def _attend_dense_chunk(q, state, cu_seqlens_q, max_q_len, k_new, v_new, cu_seqlens_k, sm_scale, max_history):
+    from torch.nn.attention.varlen import varlen_attn
+
+    from .dense_history import dense_history
+
+    k, v, cu_k, max_k = dense_history(state, q.dtype, k_new, v_new, cu_seqlens_k, max_history)
+    scale = sm_scale if sm_scale is not None else q.shape[-1] ** -0.5
+    return varlen_attn(q.contiguous(), k, v, cu_seqlens_q, cu_k, max_q_len, max_k, scale=scale, **_varlen_kwargs())
 
 
 def decode_attention(

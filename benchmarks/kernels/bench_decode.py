@@ -135,14 +135,29 @@ def bench_prefill_quantize(contexts, hq, hkv, d, preset, dtype, batch: int = 1, 
 
 def bench_chunk(hq, hkv, d, preset, dtype) -> list[dict]:
     """Chunk attention (prefill continuation / verify) over a quantized history versus flash SDPA on 16-bit."""
+    from kvarn_kernels import attention
+
     fmt = KVarNFormat.from_preset(preset, d, dtype)
     rows = []
-    for hist, chunk in [(16384, 4), (16384, 512), (65536, 8)]:
+    for hist, chunk in [(16384, 4), (16384, 16), (16384, 32), (16384, 64), (16384, 128), (16384, 512),
+                        (16384, 2048), (65536, 8), (65536, 512)]:
         state = make_state(1, hist, hkv, fmt, dtype)
         q = torch.randn(chunk, hq, d, device="cuda", dtype=dtype)
         kn = torch.randn(chunk, hkv, d, device="cuda", dtype=dtype)
         cu_q = torch.tensor([0, chunk], device="cuda", dtype=torch.int32)
         kvarn_ms = graph_time_ms(lambda: paged_attention(q, state, cu_q, chunk, kn, kn, cu_q))
+        # Both routes at every size: the packed-tile kernel, and history dequantized once + varlen flash.
+        route = {}
+        for name, dense, min_q in (("packed", False, 1), ("dense", True, 1)):
+            saved = attention.DENSE_CHUNKS, attention.DENSE_CHUNK_MIN_QUERIES
+            attention.DENSE_CHUNKS, attention.DENSE_CHUNK_MIN_QUERIES = dense, min_q
+            try:
+                route[name] = graph_time_ms(lambda: paged_attention(q, state, cu_q, chunk, kn, kn, cu_q))
+            except Exception as e:  # noqa: BLE001 - e.g. no varlen flash attention in this torch
+                route[name] = float("nan")
+                tqdm.write(f"{name} route failed: {type(e).__name__}: {e}")
+            finally:
+                attention.DENSE_CHUNKS, attention.DENSE_CHUNK_MIN_QUERIES = saved
         # Flash SDPA's is_causal is top-left aligned: pad the queries to the full length and keep the last
         # `chunk` rows' cost out by timing a chunk-sized query block against the full keys (bottom-right
         # causality differs only on the chunk's own tokens, a negligible share of the work).
@@ -151,7 +166,8 @@ def bench_chunk(hq, hkv, d, preset, dtype) -> list[dict]:
         with torch.nn.attention.sdpa_kernel(torch.nn.attention.SDPBackend.FLASH_ATTENTION):
             sdpa_ms = graph_time_ms(lambda: F.scaled_dot_product_attention(qs, ks, ks, enable_gqa=True))
         rows.append({"history": hist, "chunk": chunk, "kvarn_ms": kvarn_ms, "sdpa_ms": sdpa_ms,
-                     "speedup": sdpa_ms / kvarn_ms})
+                     "speedup": sdpa_ms / kvarn_ms, "packed_ms": route["packed"], "dense_ms": route["dense"],
+                     "default_route": "dense" if chunk >= attention.DENSE_CHUNK_MIN_QUERIES else "packed"})
         tqdm.write(json.dumps(rows[-1]))
     return rows
 
@@ -214,6 +230,8 @@ def main() -> None:
     ap.add_argument("--prefill-only", action="store_true",
                     help="only time the prefill quantize kernel (writes prefill_quantize.json)")
     ap.add_argument("--prefill-batches", default="1", help="batches for the prefill quantize timing")
+    ap.add_argument("--chunk-only", action="store_true",
+                    help="only time chunk attention, both routes (writes chunk.json)")
     ap.add_argument("--quantize-warps", default="",
                     help="comma-separated num_warps to sweep for the quantize kernel (default: its own choice)")
     args = ap.parse_args()
@@ -226,8 +244,12 @@ def main() -> None:
         "preset": args.preset, "dtype": str(dtype), "q_heads": hq, "kv_heads": hkv, "head_dim": d,
         "timing": "median of 5 x 20 CUDA-graph replays", "date": time.strftime("%Y-%m-%d"),
         "command": "python benchmarks/kernels/bench_decode.py " + " ".join(
-            f"--{k} {v}" for k, v in vars(args).items() if k not in ("tune", "out", "prefill_only")),
+            f"--{k} {v}" for k, v in vars(args).items() if k not in ("tune", "out", "prefill_only", "chunk_only")),
     }
+    if args.chunk_only:
+        (out / "chunk.json").write_text(json.dumps({"setup": setup, "chunk": bench_chunk(hq, hkv, d, args.preset,
+                                                                                         dtype)}, indent=1))
+        return
     if args.tune:
         (out / "tune.json").write_text(json.dumps({"setup": setup, "tune": tune(hq, hkv, d, args.preset, dtype)}))
         return
