@@ -46,8 +46,10 @@ CHUNK_LAUNCH_OPTIONS = {"num_warps": 4, "num_stages": 2}
 DENSE_BLOCK = 32
 CHUNK_ROWS = 64
 # Chunks of at least this many queries per sequence (on a GPU, 16-bit models) dequantize the history once into a
-# transient 16-bit buffer and run torch's varlen flash attention over it (`dense_history.py`); False: never.
-DENSE_CHUNK_MIN_QUERIES = 64
+# transient 16-bit buffer and run torch's varlen flash attention over it (`dense_history.py`); DENSE_CHUNKS=False:
+# never. H100, 16K history (benchmarks/kernels/results/chunk.json): 128 queries 0.59 ms that way vs 0.41 ms from the
+# packed tiles, 512 queries 0.60 vs 1.47 ms, 2048 queries 1.78 vs 6.21 ms.
+DENSE_CHUNK_MIN_QUERIES = 256
 DENSE_CHUNKS = True
 # ... as long as that buffer stays below this many bytes (K and V together); larger ones take the packed-tile path.
 DENSE_CHUNK_MAX_BYTES = 4 << 30

@@ -32,6 +32,16 @@ def _copy_rows(src, src_stride, dst, dst_stride, n, D: tl.constexpr, BLOCK: tl.c
 
 
 @triton.jit
+def _codes(words_ptr, BITS: tl.constexpr, G: tl.constexpr, D: tl.constexpr):
+    """Codes [D, G] of a record's planar words (word j of a channel holds tokens j, j+W, j+2W, j+3W; W = G/4)."""
+    W: tl.constexpr = G // 4
+    d = tl.arange(0, D)
+    t = tl.arange(0, G)
+    w = tl.load(words_ptr + d[:, None] * W + (t % W)[None, :]).to(tl.int32)
+    return ((w >> ((t // W) * BITS)[None, :]) & (2**BITS - 1)).to(tl.float32)
+
+
+@triton.jit
 def _dense_history_kernel(
     k_out, v_out, stride_ot, stride_oh, cu_out,
     seq_lens, block_table, stride_bt, dense_table,
@@ -49,39 +59,31 @@ def _dense_history_kernel(
     row0 = tl.load(cu_out + b).to(tl.int64)
     out_k = k_out + row0 * stride_ot + h * stride_oh
     out_v = v_out + row0 * stride_ot + h * stride_oh
+    t = tl.arange(0, G)
     d = tl.arange(0, D)
     if u < n_tiles:
         block = tl.load(block_table + b.to(tl.int64) * stride_bt + u).to(tl.int64)
         sc = scales + block * sc_sb + h * sc_sh
-        # One bit plane (W = G/4 consecutive tokens) at a time: word j of a channel holds tokens j, j+W, j+2W, j+3W,
-        # so plane p is the words' bits p*BITS.. of [D, W] loads made once.
-        W: tl.constexpr = G // 4
-        j = tl.arange(0, W)
-        w_offs = d[:, None] * W + j[None, :]
-        k_w = tl.load(k_words + block * kw_sb + h * kw_sh + w_offs).to(tl.int32)
-        v_w = tl.load(v_words + block * vw_sb + h * vw_sh + w_offs).to(tl.int32)
-        k_rs = tl.load(sc + d).to(tl.float32)[:, None]
-        k_rz = tl.load(sc + D + d).to(tl.float32)[:, None]
-        v_cs = tl.load(sc + 2 * D + 3 * G + d).to(tl.float32)[:, None]
-        flag = tl.load(sc + 2 * D + j * 0)  # col_scale[0], broadcast; its sign bit (the reference's signbit)
+        # K [D, G]: (code · row_scale[d] + row_zero[d]) · |col_scale[t]|; col_scale[0]'s sign is the K-frame flag.
+        kcs = tl.load(sc + 2 * D + t).to(tl.float32)
+        k_mat = (_codes(k_words + block * kw_sb + h * kw_sh, KBITS, G, D) * tl.load(sc + d).to(tl.float32)[:, None]
+                 + tl.load(sc + D + d).to(tl.float32)[:, None]) * tl.abs(kcs)[None, :]
+        flag = tl.load(sc + 2 * D + t * 0)  # col_scale[0], broadcast; its sign bit (the reference's signbit)
         if flag.dtype.primitive_bitwidth == 16:
             rotated = flag.to(tl.int16, bitcast=True) >= 0
         else:
             rotated = flag.to(tl.int32, bitcast=True) >= 0
-        for p in tl.static_range(4):
-            tok = p * W + j
-            # K [D, W]: (code · row_scale[d] + row_zero[d]) · |col_scale[t]|, in its stored frame.
-            k_c = ((k_w >> (p * KBITS)) & (2**KBITS - 1)).to(tl.float32)
-            k_t = tl.trans((k_c * k_rs + k_rz) * tl.abs(tl.load(sc + 2 * D + tok).to(tl.float32))[None, :])
-            k_t = tl.where(rotated[:, None], _unrotate(k_t, hadamard_ptr, D, UNROTATE_F32), k_t)
-            # V [D, W], rotated: (code · row_scale[t] + row_zero[t]) · col_scale[d], then un-rotated.
-            v_c = ((v_w >> (p * VBITS)) & (2**VBITS - 1)).to(tl.float32)
-            v_t = tl.trans((v_c * tl.load(sc + 2 * D + G + tok).to(tl.float32)[None, :]
-                            + tl.load(sc + 2 * D + 2 * G + tok).to(tl.float32)[None, :]) * v_cs)
-            v_t = _unrotate(v_t, hadamard_ptr, D, UNROTATE_F32)
-            offs = (G * (1 + u) + tok).to(tl.int64)[:, None] * stride_ot + d[None, :]
-            tl.store(out_k + offs, k_t.to(k_out.dtype.element_ty))
-            tl.store(out_v + offs, v_t.to(v_out.dtype.element_ty))
+        k_tok = tl.trans(k_mat)
+        k_tok = tl.where(rotated[:, None], _unrotate(k_tok, hadamard_ptr, D, UNROTATE_F32), k_tok)
+        # V [D, G] in the rotated frame: (code · row_scale[t] + row_zero[t]) · col_scale[d], then un-rotated.
+        v_mat = (_codes(v_words + block * vw_sb + h * vw_sh, VBITS, G, D)
+                 * tl.load(sc + 2 * D + G + t).to(tl.float32)[None, :]
+                 + tl.load(sc + 2 * D + 2 * G + t).to(tl.float32)[None, :]) * tl.load(
+            sc + 2 * D + 3 * G + d).to(tl.float32)[:, None]
+        v_tok = _unrotate(tl.trans(v_mat), hadamard_ptr, D, UNROTATE_F32)
+        offs = (G * (1 + u) + t).to(tl.int64)[:, None] * stride_ot + d[None, :]
+        tl.store(out_k + offs, k_tok.to(k_out.dtype.element_ty))
+        tl.store(out_v + offs, v_tok.to(v_out.dtype.element_ty))
     elif u == max_tiles:
         base = tl.load(dense_table + 2 * b).to(tl.int64) * stride_db + h * stride_dh
         n = tl.minimum(hist, G)
@@ -146,6 +148,6 @@ def dense_history(
         kn, vn, kn.stride(0), kn.stride(1), cu_seqlens_k if has_new else cu, _signs(d, torch.bfloat16, k.device),
         max_tiles,
         G=g, D=d, KBITS=fmt.k_bits, VBITS=fmt.v_bits, HAS_NEW=has_new,
-        UNROTATE_F32=_interpreted() or not k.is_cuda or dtype == torch.float32, num_warps=4,
+        UNROTATE_F32=_interpreted() or not k.is_cuda or dtype == torch.float32, num_warps=8,
     )
     return k, v, cu, hist_bound + n_new_total

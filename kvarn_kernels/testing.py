@@ -49,3 +49,31 @@ def sixteen_bit_decode(q: torch.Tensor, state: PagedKV) -> torch.Tensor:
         p = torch.softmax((q[b].float()[:, None, :] @ k.transpose(1, 2)) * q.shape[-1] ** -0.5, dim=-1)
         out[b] = (p.to(q.dtype).float() @ v)[:, 0]
     return out
+
+
+def sixteen_bit_chunk(
+    q: torch.Tensor, state: PagedKV, cu_seqlens_q: torch.Tensor, k_new: torch.Tensor, v_new: torch.Tensor,
+    cu_seqlens_k: torch.Tensor,
+) -> torch.Tensor:
+    """`sixteen_bit_decode` for chunks: queries q [Tq, Hq, D] over each sequence's dequantized history plus its new
+    tokens, bottom-right causal (the semantics of `reference.paged_attention_ref`), with keys, values and
+    probabilities rounded to q.dtype and float32 sums: the precision floor of a 16-bit flash attention over the
+    dequantized history (the large-chunk route of `attention.paged_attention`)."""
+    out = torch.empty(q.shape, dtype=torch.float32, device=q.device)
+    for b in range(cu_seqlens_q.numel() - 1):
+        q0, q1 = int(cu_seqlens_q[b]), int(cu_seqlens_q[b + 1])
+        k0, k1 = int(cu_seqlens_k[b]), int(cu_seqlens_k[b + 1])
+        if q1 == q0:
+            continue
+        k, v = gather_history(state, b)
+        n_hist = k.shape[1]
+        k = torch.cat([k.to(q.dtype), k_new[k0:k1].transpose(0, 1)], dim=1).float()
+        v = torch.cat([v.to(q.dtype), v_new[k0:k1].transpose(0, 1)], dim=1).float()
+        rep = q.shape[1] // k.shape[0]
+        k, v = k.repeat_interleave(rep, 0), v.repeat_interleave(rep, 0)
+        s = (q[q0:q1].transpose(0, 1).float() @ k.transpose(1, 2)) * q.shape[-1] ** -0.5
+        q_pos = torch.arange(q1 - q0, device=q.device)[:, None] + (k1 - k0) - (q1 - q0)
+        k_pos = torch.arange(k.shape[1], device=q.device)[None, :] - n_hist
+        p = torch.softmax(s.masked_fill(k_pos > q_pos, float("-inf")), dim=-1)
+        out[q0:q1] = (p.to(q.dtype).float() @ v).transpose(0, 1)
+    return out
