@@ -107,6 +107,7 @@ class DecodeGraphs:
         ids, pos = kwargs.get("input_ids"), kwargs.get("position_ids")
         if (
             cache._graphs_off
+            or cache._paging.pads is None
             or kwargs.get("past_key_values") is not cache
             or not set(kwargs) <= _STATIC_KWARGS
             or not kwargs.get("use_cache", True)
