@@ -102,6 +102,24 @@ def quantize_kernel(dtype: torch.dtype, head_dim: int = 128, group: int = 128, k
     return _compile(fn, constexprs, ptrs, aligned, options), options
 
 
+def dense_history_kernel(dtype: torch.dtype, head_dim: int = 128, group: int = 128, kbits: int = 4,
+                         vbits: int = 2) -> Any:
+    """The dense-history kernel (large-chunk route) as `dense_history.dense_history` launches it for a `dtype`
+    model with new tokens."""
+    from . import dense_history
+
+    act = "*" + TRITON_TYPES[dtype]
+    ptrs = {name: act for name in ("k_out", "v_out", "sink_k", "sink_v", "tail_k", "tail_v", "k_new", "v_new")}
+    ptrs.update({name: "*i32" for name in ("cu_out", "seq_lens", "block_table", "dense_table", "cu_k")})
+    ptrs.update({"k_words": "*" + TRITON_TYPES[word_dtype(kbits)], "v_words": "*" + TRITON_TYPES[word_dtype(vbits)],
+                 "scales": "*fp16" if dtype == torch.float16 else "*bf16", "hadamard_ptr": "*bf16"})
+    constexprs = {"G": group, "D": head_dim, "KBITS": kbits, "VBITS": vbits, "HAS_NEW": True,
+                  "UNROTATE_F32": dtype == torch.float32}
+    fn = dense_history._dense_history_kernel
+    aligned = {name for name in fn.arg_names if name.startswith("stride_") or name[-3:] in ("_sb", "_sh")}
+    return _compile(fn, constexprs, ptrs, aligned, {"num_warps": dense_history.NUM_WARPS})
+
+
 def cuobjdump(kernel: Any, *flags: str) -> str:
     """cuobjdump's output for a compiled kernel's cubin (e.g. "--dump-resource-usage" or "-sass"), through
     Triton's bundled binary."""

@@ -21,6 +21,9 @@ import triton.language as tl
 from .attention import _interpreted, _signs, _unrotate
 from .state import PagedKV
 
+# Launch option (aot.py compiles with it too): 8 warps hold a [D, G] tile pass at 255 registers with a small spill.
+NUM_WARPS = 8
+
 
 @triton.jit
 def _copy_rows(src, src_stride, dst, dst_stride, n, D: tl.constexpr, BLOCK: tl.constexpr):
@@ -148,6 +151,6 @@ def dense_history(
         kn, vn, kn.stride(0), kn.stride(1), cu_seqlens_k if has_new else cu, _signs(d, torch.bfloat16, k.device),
         max_tiles,
         G=g, D=d, KBITS=fmt.k_bits, VBITS=fmt.v_bits, HAS_NEW=has_new,
-        UNROTATE_F32=_interpreted() or not k.is_cuda or dtype == torch.float32, num_warps=8,
+        UNROTATE_F32=_interpreted() or not k.is_cuda or dtype == torch.float32, num_warps=NUM_WARPS,
     )
     return k, v, cu, hist_bound + n_new_total

@@ -22,6 +22,7 @@ ATTENTION_CASES = [("float32", 64, 0),  # float32 models: plain code conversion
                    ("bfloat16", 256, 0),  # decode at the largest head_dim (its own launch options)
                    ("float16", 256, 64)]  # chunk program at the largest head_dim
 MERGE_CASES = [64, 128, 256]
+DENSE_HISTORY_CASES = [("bfloat16", 64), ("bfloat16", 128), ("float16", 256), ("float32", 128)]
 
 
 def _attention_shared(dot, head_dim, chunk_rows):
@@ -51,11 +52,20 @@ def _quantize_weighted_shared():
     return aot.quantize_kernel(torch.bfloat16, 128, weights=True)[0].metadata.shared
 
 
+def _dense_history_shared(dtype, head_dim):
+    import torch
+
+    from kvarn_kernels import aot
+
+    return aot.dense_history_kernel(getattr(torch, dtype), head_dim).metadata.shared
+
+
 def _run_all() -> dict:
     """In the child: every case's shared-memory bytes, or its compile error."""
     out = {}
     for key, fn, args in ([(f"attention-{c}", _attention_shared, c) for c in ATTENTION_CASES]
                           + [(f"merge-{d}", _merge_shared, (d,)) for d in MERGE_CASES]
+                          + [(f"dense-{c}", _dense_history_shared, c) for c in DENSE_HISTORY_CASES]
                           + [("attention-one-split", _attention_one_split_shared, ()),
                              ("quantize-weighted", _quantize_weighted_shared, ())]):
         try:
@@ -98,6 +108,14 @@ def test_other_variants_compile(compiled, case):
 @pytest.mark.parametrize("head_dim", MERGE_CASES)
 def test_merge_kernel_fits_shared_memory(compiled, head_dim):
     shared = compiled[f"merge-{head_dim}"]
+    assert isinstance(shared, int), shared
+    assert shared <= H100_SHARED_BYTES
+
+
+@pytest.mark.parametrize("case", DENSE_HISTORY_CASES, ids=lambda c: f"{c[0]}-d{c[1]}")
+def test_dense_history_kernel_compiles_within_shared_memory(compiled, case):
+    """The large-chunk route's dequantize kernel (float32: the test-only IEEE un-rotation)."""
+    shared = compiled[f"dense-{case}"]
     assert isinstance(shared, int), shared
     assert shared <= H100_SHARED_BYTES
 
