@@ -223,7 +223,7 @@ class _Paging:
         before = self.real_lengths(self.length)
         self.static.load(parts["dense_blk"], parts["dense_slot"], before, parts["seq_lens"])
         step = self.static.step(self.length, before.tolist(), history_bound)
-        self.seq_lens = self.static.lens[1]
+        self.seq_lens = self.static.meta[3]  # the lengths after the step
         self.length += 1
         self.last_step = None
         self.static_step = step
@@ -371,10 +371,6 @@ class _StaticDecode:
         self.t0 = torch.zeros(batch, dtype=torch.long, device=device)
         self.cu = torch.arange(batch + 1, dtype=torch.int32, device=device)
         self.empty = torch.zeros(0, dtype=torch.long, device=device)
-
-    @property
-    def lens(self) -> torch.Tensor:
-        return self.meta[2:]
 
     def load(self, blocks: torch.Tensor, slots: torch.Tensor, before: torch.Tensor, after: torch.Tensor) -> None:
         host = torch.stack([blocks, slots, before, after]).to(torch.int32)

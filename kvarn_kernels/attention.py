@@ -440,9 +440,7 @@ def paged_attention(
     n_rep = hq // hkv
     batch = cu_seqlens_q.numel() - 1
     scale = sm_scale if sm_scale is not None else d**-0.5
-    max_tiles = state.block_table.shape[1]
-    if max_history is not None:
-        max_tiles = min(max_tiles, max(0, max_history - fmt.group) // fmt.group)
+    max_tiles = state.max_tiles(max_history)
     # Decode: one query, its GQA group padded to the 16 rows of a tensor-core dot. Chunks: 64 rows of
     # (query, head) pairs, so each program re-reads the quantized history for 64 rows, not 16.
     block_m = max(1, min(CHUNK_ROWS // n_rep, triton.next_power_of_2(max_q_len)))
@@ -492,12 +490,10 @@ def _dense_chunk(q: torch.Tensor, state: PagedKV, max_q_len: int, k_new: torch.T
     if not (DENSE_CHUNKS and q.is_cuda and max_q_len >= DENSE_CHUNK_MIN_QUERIES and not _interpreted()
             and q.dtype in (torch.float16, torch.bfloat16) and _varlen_kwargs() is not None):
         return False
-    fmt = state.fmt
-    tiles = state.block_table.shape[1]
-    if max_history is not None:
-        tiles = min(tiles, max(0, max_history - fmt.group) // fmt.group)
-    rows = state.batch_size * fmt.group * (tiles + 2) + (k_new.shape[0] if k_new is not None else 0)
-    return 2 * rows * state.num_kv_heads * fmt.head_dim * q.element_size() <= DENSE_CHUNK_MAX_BYTES
+    from .dense_history import buffer_rows
+
+    rows = buffer_rows(state, k_new, max_history)
+    return 2 * rows * state.num_kv_heads * state.fmt.head_dim * q.element_size() <= DENSE_CHUNK_MAX_BYTES
 
 
 @functools.lru_cache(maxsize=1)

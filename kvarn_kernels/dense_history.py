@@ -108,6 +108,13 @@ def _dense_history_kernel(
         _copy_rows(v_new + src, stride_nt, out_v + dst, stride_ot, n, D, G)
 
 
+def buffer_rows(state: PagedKV, k_new: torch.Tensor | None = None, max_history: int | None = None) -> int:
+    """Rows of `dense_history`'s K (and V) buffer: each sequence's history bound (sink + tiles + a tail below G)
+    plus all new tokens."""
+    return state.batch_size * state.fmt.group * (state.max_tiles(max_history) + 2) + (
+        k_new.shape[0] if k_new is not None else 0)
+
+
 def dense_history(
     state: PagedKV,
     dtype: torch.dtype,
@@ -124,17 +131,14 @@ def dense_history(
     """
     fmt = state.fmt
     batch, heads, g, d = state.batch_size, state.num_kv_heads, fmt.group, fmt.head_dim
-    max_tiles = state.block_table.shape[1]
-    if max_history is not None:
-        max_tiles = min(max_tiles, max(0, max_history - g) // g)
-    hist_bound = g * (max_tiles + 2)  # sink + tiles + a tail below G
+    max_tiles = state.max_tiles(max_history)
     n_new_total = k_new.shape[0] if k_new is not None else 0
     lens = state.seq_lens
     if k_new is not None:
         lens = lens + (cu_seqlens_k[1:] - cu_seqlens_k[:-1])
     cu = torch.zeros(batch + 1, dtype=torch.int32, device=lens.device)
     torch.cumsum(lens, 0, out=cu[1:])
-    k = torch.empty(batch * hist_bound + n_new_total, heads, d, dtype=dtype, device=lens.device)
+    k = torch.empty(buffer_rows(state, k_new, max_history), heads, d, dtype=dtype, device=lens.device)
     v = torch.empty_like(k)
     k_words, v_words, scales = fmt.word_views(state.cache)
     has_new = k_new is not None
@@ -153,4 +157,4 @@ def dense_history(
         G=g, D=d, KBITS=fmt.k_bits, VBITS=fmt.v_bits, HAS_NEW=has_new,
         UNROTATE_F32=_interpreted() or not k.is_cuda or dtype == torch.float32, num_warps=NUM_WARPS,
     )
-    return k, v, cu, hist_bound + n_new_total
+    return k, v, cu, g * (max_tiles + 2) + n_new_total  # sink + tiles + a tail below G, then new tokens

@@ -32,6 +32,14 @@ class PagedKV:
     tail_v: torch.Tensor
     dense_table: torch.Tensor  # int32 [B, 2]: (sink block, tail block)
 
+    def max_tiles(self, max_history: int | None = None) -> int:
+        """A host bound on every sequence's quantized tiles: the block table's width, or fewer when max_history
+        (a host bound on every sequence's cached length) says so. Kernels size their grids and scratch by it."""
+        tiles = self.block_table.shape[1]
+        if max_history is not None:
+            tiles = min(tiles, max(0, max_history - self.fmt.group) // self.fmt.group)
+        return tiles
+
     def split_length(self, length: int) -> tuple[int, int, int]:
         """(sink tokens, quantized tiles, tail tokens) of a history of `length` tokens."""
         return _split(length, self.fmt.group)

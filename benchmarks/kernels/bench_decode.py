@@ -145,12 +145,13 @@ def bench_chunk(hq, hkv, d, preset, dtype) -> list[dict]:
         q = torch.randn(chunk, hq, d, device="cuda", dtype=dtype)
         kn = torch.randn(chunk, hkv, d, device="cuda", dtype=dtype)
         cu_q = torch.tensor([0, chunk], device="cuda", dtype=torch.int32)
-        kvarn_ms = graph_time_ms(lambda: paged_attention(q, state, cu_q, chunk, kn, kn, cu_q))
-        # Both routes at every size: the packed-tile kernel, and history dequantized once + varlen flash.
+        # Both routes at every size: the packed-tile kernel, and history dequantized once + varlen flash; "kvarn"
+        # is the one paged_attention picks.
+        default = "dense" if attention._dense_chunk(q, state, chunk, kn, None) else "packed"
         route = {}
-        for name, dense, min_q in (("packed", False, 1), ("dense", True, 1)):
+        for name, dense in (("packed", False), ("dense", True)):
             saved = attention.DENSE_CHUNKS, attention.DENSE_CHUNK_MIN_QUERIES
-            attention.DENSE_CHUNKS, attention.DENSE_CHUNK_MIN_QUERIES = dense, min_q
+            attention.DENSE_CHUNKS, attention.DENSE_CHUNK_MIN_QUERIES = dense, 1
             try:
                 route[name] = graph_time_ms(lambda: paged_attention(q, state, cu_q, chunk, kn, kn, cu_q))
             except Exception as e:  # noqa: BLE001 - e.g. no varlen flash attention in this torch
@@ -165,9 +166,10 @@ def bench_chunk(hq, hkv, d, preset, dtype) -> list[dict]:
         ks = torch.randn(1, hkv, hist + chunk, d, device="cuda", dtype=dtype)
         with torch.nn.attention.sdpa_kernel(torch.nn.attention.SDPBackend.FLASH_ATTENTION):
             sdpa_ms = graph_time_ms(lambda: F.scaled_dot_product_attention(qs, ks, ks, enable_gqa=True))
+        kvarn_ms = route[default]
         rows.append({"history": hist, "chunk": chunk, "kvarn_ms": kvarn_ms, "sdpa_ms": sdpa_ms,
                      "speedup": sdpa_ms / kvarn_ms, "packed_ms": route["packed"], "dense_ms": route["dense"],
-                     "default_route": "dense" if chunk >= attention.DENSE_CHUNK_MIN_QUERIES else "packed"})
+                     "default_route": default})
         tqdm.write(json.dumps(rows[-1]))
     return rows
 
