@@ -40,19 +40,26 @@ def _compile(fn: Any, constexprs: dict, ptr_types: dict, aligned: set[str], opti
 
 
 def attention_kernel(dot: str = "bfloat16", head_dim: int = 128, n_rep: int = 4, chunk_rows: int = 0,
-                     kbits: int = 4, vbits: int = 2, num_splits: int = 1, options: dict | None = None) -> Any:
+                     kbits: int = 4, vbits: int = 2, num_splits: int = 1, options: dict | None = None,
+                     tile_groups: int | None = None) -> Any:
     """The paged attention kernel as `paged_attention` launches it for a model whose tensor-core operands are `dot`
     ("bfloat16", "float16", "float32"): decode (chunk_rows=0, 16 rows) or a chunk program of `chunk_rows` (query,
     head) rows. num_splits=1 compiles the epilogue that stores the output, more the split-partial one. `options`
-    replaces the launch options (`attention.launch_options`)."""
+    replaces the launch options (`attention.launch_options`). tile_groups: decode's row groups (None: what a long
+    context gets, `attention.tile_groups`)."""
     dt = DOTS[dot]
     magic, offset = attention.code_conversion(dt)
     rows = chunk_rows or max(16, triton.next_power_of_2(n_rep))
+    block_m = max(1, chunk_rows // n_rep) if chunk_rows else 1
+    if tile_groups is None:
+        tile_groups = attention.tile_groups(rows, n_rep, block_m, 1 << 20,
+                                            torch.float32 if dot == "float32" else torch.bfloat16)
     constexprs = {
         "N_REP": n_rep, "G": 128, "D": head_dim, "KBITS": kbits, "VBITS": vbits,
-        "BLOCK_M": max(1, chunk_rows // n_rep) if chunk_rows else 1, "ROWS": rows, "HAS_NEW": bool(chunk_rows),
+        "BLOCK_M": block_m, "ROWS": rows, "HAS_NEW": bool(chunk_rows),
         "NUM_SPLITS": num_splits, "DOT": dt, "PRECISION": "ieee" if dt == tl.float32 else "tf32",
         "DENSE_BLOCK": attention.DENSE_BLOCK, "MAGIC": magic, "OFFSET": offset, "UNROTATE_F32": dt == tl.float32,
+        "TG": tile_groups,
     }
     act = "*" + {"float32": "fp32", "float16": "fp16", "bfloat16": "bf16"}[dot]
     scales = "*fp16" if dot == "float16" else "*bf16"  # bfloat16 scales for bfloat16 and float32 models

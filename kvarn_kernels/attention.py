@@ -53,6 +53,17 @@ DENSE_CHUNK_MIN_QUERIES = 256
 DENSE_CHUNKS = True
 # ... as long as that buffer stays below this many bytes (K and V together); larger ones take the packed-tile path.
 DENSE_CHUNK_MAX_BYTES = 4 << 30
+# Decode attends up to this many tiles at once, one per row group (`_attend_tile_group`); 1: one tile at a time ...
+TILE_GROUPS = 4
+# ... when each split has at least this many work units; below, one at a time. With the decode split rule below,
+# over 18 shapes on an H100 (benchmarks/kernels/results/sweep_groups.json: every (groups, splits) timed) this
+# choice is within 2.5 % of each shape's best on geometric mean, 15 % at worst (batch 1 x 4K).
+GROUP_MIN_UNITS = 16
+# Decode programs one H100 SM holds at once, by head_dim: head_dim 64 is capped at 128 registers (4 x 4 warps),
+# 128 takes 255 registers (2 x 4 warps), 256 needs 147 KB of shared memory (1 x 8 warps; compile_stats.py prints
+# both). Decode splits fill one such wave: more programs than an SM holds wait for a second wave, and every split
+# adds partials to merge; fewer leave SMs idle.
+DECODE_PROGRAMS_PER_SM = {64: 4, 128: 2, 256: 1}
 
 
 def launch_options(rows: int, head_dim: int, dot: tl.dtype = tl.bfloat16) -> dict:
@@ -64,6 +75,20 @@ def launch_options(rows: int, head_dim: int, dot: tl.dtype = tl.bfloat16) -> dic
         return LAUNCH_OPTIONS_D256
     # float32 models' IEEE dots spill anyway; a register cap would only make them spill more.
     return LAUNCH_OPTIONS_D64 if head_dim <= 64 and dot != tl.float32 else LAUNCH_OPTIONS
+
+
+def tile_groups(rows: int, n_rep: int, block_m: int, units_per_split: int,
+                dtype: torch.dtype = torch.bfloat16) -> int:
+    """Row groups of a decode program (`_attend_tile_group`): its 16 rows hold the GQA group's query heads padded
+    to a power of two, so ROWS // that many copies attend that many tiles at once: TILE_GROUPS where that many fit
+    (GQA up to 4), else 1 (2 groups of a GQA-4 group were no faster than one tile at a time on an H100, so GQA 8
+    is not grouped; sweep_groups.json). Splits with
+    fewer than GROUP_MIN_UNITS units take one tile at a time: a group iteration takes longer than a one-tile iteration
+    (latency, which a short split is bound by), and a split's run of units is rounded up to whole groups. Chunks
+    (block_m > 1) fill their rows with queries, and float32 models' IEEE dots already spill at one tile: 1."""
+    if block_m > 1 or dtype == torch.float32 or units_per_split < GROUP_MIN_UNITS:
+        return 1
+    return TILE_GROUPS if rows // triton.next_power_of_2(n_rep) >= TILE_GROUPS else 1
 
 
 def merge_meta(splits: int, head_dim: int) -> dict:
@@ -99,6 +124,21 @@ def _attend_dense(q, k_ptr, v_ptr, stride_tok, n_valid, key_pos0, q_pos, row_ok,
         v = tl.load(v_ptr + offs, mask=tok_ok[:, None], other=0.0).to(DOT)
         acc = acc * alpha[:, None] + tl.dot(p.to(DOT), v, input_precision=PRECISION)
     return m_i, l_i, acc
+
+
+@triton.jit
+def _softmax_planes(s0, s1, s2, s3, m_i, l_i):
+    """Online-softmax step (log2 units) over a tile's four planes of scores; returns (p0..p3, alpha, m_new, l_new).
+    Elementwise across planes first: one cross-thread reduction per tile, not four."""
+    m_new = tl.maximum(m_i, tl.max(tl.maximum(tl.maximum(s0, s1), tl.maximum(s2, s3)), axis=1))
+    m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+    p0 = tl.exp2(s0 - m_safe[:, None])
+    p1 = tl.exp2(s1 - m_safe[:, None])
+    p2 = tl.exp2(s2 - m_safe[:, None])
+    p3 = tl.exp2(s3 - m_safe[:, None])
+    alpha = tl.exp2(m_i - m_safe)
+    l_i = l_i * alpha + tl.sum((p0 + p1) + (p2 + p3), axis=1)
+    return p0, p1, p2, p3, alpha, m_new, l_i
 
 
 # The mantissa-OR conversion of bfloat16 codes, written as PTX on packed registers (GPU only: the interpreter
@@ -214,15 +254,7 @@ def _attend_tile(q_rot, q_plain, kw_ptr, vw_ptr, scales_ptr, k_row_zero, v_col_s
         s1 = tl.where(row_ok[:, None] & ((key_pos0 + W + t)[None, :] <= q_pos[:, None]), s1, float("-inf"))
         s2 = tl.where(row_ok[:, None] & ((key_pos0 + 2 * W + t)[None, :] <= q_pos[:, None]), s2, float("-inf"))
         s3 = tl.where(row_ok[:, None] & ((key_pos0 + 3 * W + t)[None, :] <= q_pos[:, None]), s3, float("-inf"))
-    # Elementwise across planes first: one cross-thread reduction per tile, not four.
-    m_new = tl.maximum(m_i, tl.max(tl.maximum(tl.maximum(s0, s1), tl.maximum(s2, s3)), axis=1))
-    m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-    p0 = tl.exp2(s0 - m_safe[:, None])
-    p1 = tl.exp2(s1 - m_safe[:, None])
-    p2 = tl.exp2(s2 - m_safe[:, None])
-    p3 = tl.exp2(s3 - m_safe[:, None])
-    alpha = tl.exp2(m_i - m_safe)
-    l_i = l_i * alpha + tl.sum((p0 + p1) + (p2 + p3), axis=1)
+    p0, p1, p2, p3, alpha, m_new, l_i = _softmax_planes(s0, s1, s2, s3, m_i, l_i)
     vw = tl.load(vw_ptr + w_offs)
     pv = tl.zeros_like(acc)
     pv, z0 = _tile_values(pv, p0, vw, vz0, scales_ptr, 0, W, G, D, VBITS, DOT, MAGIC, OFFSET, PRECISION)
@@ -232,6 +264,94 @@ def _attend_tile(q_rot, q_plain, kw_ptr, vw_ptr, scales_ptr, k_row_zero, v_col_s
     pv = pv + tl.sum((z0 + z1) + (z2 + z3), axis=1)[:, None]
     acc = acc * alpha[:, None] + pv * v_col_scale.to(tl.float32)[None, :]
     return m_new, l_i, acc
+
+
+@triton.jit
+def _attend_tile_group(q_rot, q_plain, bt, i, last_tile, grp, k_base, v_base, head_scales, scales_sb, kw_sb, vw_sb,
+                       m_i, l_i, acc, sm_scale_log2, G: tl.constexpr, D: tl.constexpr, ROWS: tl.constexpr,
+                       TG: tl.constexpr, KBITS: tl.constexpr, VBITS: tl.constexpr, DOT: tl.constexpr,
+                       MAGIC: tl.constexpr, OFFSET: tl.constexpr, PRECISION: tl.constexpr):
+    """Attend to tiles i .. i+TG-1 at once, tile i+g in row group g (decode: a row group is the GQA group's query
+    heads, one copy per group), each group with its own online-softmax state; the caller merges the groups.
+
+    A decode program has one query per query head, padded to the 16 rows a tensor-core dot needs; here the padding
+    rows attend other tiles instead. Every per-tile scale is loaded per row (its group's tile), so the query scaling,
+    the zero terms, the softmax and the probability conversions run once for TG tiles. The dots still run per tile
+    over all rows and each row keeps its own group's result (a select), as many dots as one tile at a time.
+    Tiles past last_tile (the split's last group) read the last tile again and are masked out.
+    """
+    W: tl.constexpr = G // 4
+    d = tl.arange(0, D)
+    t = tl.arange(0, W)
+    w_offs = d[:, None] * W + t[None, :]
+    tile = i + grp
+    blk = tl.load(bt + tl.minimum(tile, last_tile - 1)).to(tl.int64)
+    sc = (head_scales + blk * scales_sb)[:, None]
+    flag = tl.load(sc + 2 * D + tl.arange(0, 2)[None, :])
+    k_rotated = tl.split(flag)[0].to(tl.int16, bitcast=True) >= 0
+    qk = tl.where(k_rotated[:, None], q_rot, q_plain.to(tl.float32))
+    qs = (qk * tl.load(sc + d[None, :]).to(tl.float32)).to(DOT)
+    zero_term = tl.sum(qk * tl.load(sc + D + d[None, :]).to(tl.float32) - OFFSET * qs.to(tl.float32), axis=1)
+    s0 = tl.zeros([ROWS, W], tl.float32)
+    s1 = s0
+    s2 = s0
+    s3 = s0
+    for g in tl.static_range(TG):
+        kw = tl.load(k_base + tl.load(bt + tl.minimum(i + g, last_tile - 1)).to(tl.int64) * kw_sb + w_offs)
+        sel = (grp == g)[:, None]
+        s0 = tl.where(sel, tl.dot(qs, _plane(kw, 0, KBITS, DOT, MAGIC), input_precision=PRECISION), s0)
+        s1 = tl.where(sel, tl.dot(qs, _plane(kw, 1, KBITS, DOT, MAGIC), input_precision=PRECISION), s1)
+        s2 = tl.where(sel, tl.dot(qs, _plane(kw, 2, KBITS, DOT, MAGIC), input_precision=PRECISION), s2)
+        s3 = tl.where(sel, tl.dot(qs, _plane(kw, 3, KBITS, DOT, MAGIC), input_precision=PRECISION), s3)
+    # Scores in log2 units (as in _attend_tile); tiles past the split's end score −inf.
+    cs = sc + 2 * D + t[None, :]
+    ok = (tile < last_tile)[:, None]
+    s0 = tl.where(ok, (s0 + zero_term[:, None]) * (tl.abs(tl.load(cs).to(tl.float32)) * sm_scale_log2), float("-inf"))
+    s1 = tl.where(ok, (s1 + zero_term[:, None]) * (tl.abs(tl.load(cs + W).to(tl.float32)) * sm_scale_log2),
+                  float("-inf"))
+    s2 = tl.where(ok, (s2 + zero_term[:, None]) * (tl.abs(tl.load(cs + 2 * W).to(tl.float32)) * sm_scale_log2),
+                  float("-inf"))
+    s3 = tl.where(ok, (s3 + zero_term[:, None]) * (tl.abs(tl.load(cs + 3 * W).to(tl.float32)) * sm_scale_log2),
+                  float("-inf"))
+    p0, p1, p2, p3, alpha, m_new, l_i = _softmax_planes(s0, s1, s2, s3, m_i, l_i)
+    # V: p · row_scale[t] as the dots' operands; p · row_zero[t] − offset · those as the rows' constant terms.
+    vs = sc + 2 * D + G + t[None, :]
+    pr0 = (p0 * tl.load(vs).to(tl.float32)).to(DOT)
+    pr1 = (p1 * tl.load(vs + W).to(tl.float32)).to(DOT)
+    pr2 = (p2 * tl.load(vs + 2 * W).to(tl.float32)).to(DOT)
+    pr3 = (p3 * tl.load(vs + 3 * W).to(tl.float32)).to(DOT)
+    vz = vs + G
+    z = ((p0 * tl.load(vz).to(tl.float32) - OFFSET * pr0.to(tl.float32))
+         + (p1 * tl.load(vz + W).to(tl.float32) - OFFSET * pr1.to(tl.float32))) \
+        + ((p2 * tl.load(vz + 2 * W).to(tl.float32) - OFFSET * pr2.to(tl.float32))
+           + (p3 * tl.load(vz + 3 * W).to(tl.float32) - OFFSET * pr3.to(tl.float32)))
+    pv = tl.zeros_like(acc)
+    for g in tl.static_range(TG):
+        vw = tl.load(v_base + tl.load(bt + tl.minimum(i + g, last_tile - 1)).to(tl.int64) * vw_sb + w_offs)
+        pg = tl.dot(pr0, tl.trans(_plane(vw, 0, VBITS, DOT, MAGIC)), input_precision=PRECISION)
+        pg = tl.dot(pr1, tl.trans(_plane(vw, 1, VBITS, DOT, MAGIC)), pg, input_precision=PRECISION)
+        pg = tl.dot(pr2, tl.trans(_plane(vw, 2, VBITS, DOT, MAGIC)), pg, input_precision=PRECISION)
+        pg = tl.dot(pr3, tl.trans(_plane(vw, 3, VBITS, DOT, MAGIC)), pg, input_precision=PRECISION)
+        pv = tl.where((grp == g)[:, None], pg, pv)
+    pv = pv + tl.sum(z, axis=1)[:, None]
+    acc = acc * alpha[:, None] + pv * tl.load(sc + 2 * D + 3 * G + d[None, :]).to(tl.float32)
+    return m_new, l_i, acc
+
+
+@triton.jit
+def _merge_groups(m, l, acc, TG: tl.constexpr, ROWS: tl.constexpr, D: tl.constexpr):
+    """Log-sum-exp merge of the TG row groups' states (m in log2 units, acc [ROWS, D]) into each group's rows: every
+    row ends up holding its head's state over all the groups' tiles."""
+    GS: tl.constexpr = ROWS // TG
+    m3 = tl.reshape(m, [TG, GS])
+    m_all = tl.max(m3, axis=0)
+    w = tl.exp2(m3 - tl.where(m_all == float("-inf"), 0.0, m_all)[None, :])  # 0 where a group saw no tile
+    l_all = tl.sum(tl.reshape(l, [TG, GS]) * w, axis=0)
+    acc_all = tl.sum(tl.reshape(acc, [TG, GS, D]) * w[:, :, None], axis=0)
+    m = tl.reshape(tl.broadcast_to(m_all[None, :], [TG, GS]), [ROWS])
+    l = tl.reshape(tl.broadcast_to(l_all[None, :], [TG, GS]), [ROWS])
+    acc = tl.reshape(tl.broadcast_to(acc_all[None, :, :], [TG, GS, D]), [ROWS, D])
+    return m, l, acc
 
 
 @triton.jit
@@ -246,7 +366,7 @@ def _paged_attention_kernel(
     N_REP: tl.constexpr, G: tl.constexpr, D: tl.constexpr, KBITS: tl.constexpr, VBITS: tl.constexpr,
     BLOCK_M: tl.constexpr, ROWS: tl.constexpr, HAS_NEW: tl.constexpr, NUM_SPLITS: tl.constexpr,
     DOT: tl.constexpr, PRECISION: tl.constexpr, DENSE_BLOCK: tl.constexpr, MAGIC: tl.constexpr,
-    OFFSET: tl.constexpr, UNROTATE_F32: tl.constexpr,
+    OFFSET: tl.constexpr, UNROTATE_F32: tl.constexpr, TG: tl.constexpr,
 ):
     b = tl.program_id(0)
     m_block = tl.program_id(1)
@@ -266,9 +386,20 @@ def _paged_attention_kernel(
         n_new = 0
 
     r = tl.arange(0, ROWS)
-    m_idx = m_block * BLOCK_M + r // N_REP
-    head = kvh * N_REP + r % N_REP
-    row_ok = (r // N_REP < BLOCK_M) & (m_idx < q_len)
+    if TG > 1:
+        # Decode in TG row groups of ROWS // TG rows (`_attend_tile_group`): every group holds the GQA group's
+        # queries, group g attends tiles g, g + TG, ...; only group 0's rows are stored.
+        grp = r // (ROWS // TG)
+        m_idx = r * 0
+        head = kvh * N_REP + r % (ROWS // TG)
+        q_ok = (r % (ROWS // TG) < N_REP) & (m_idx < q_len)
+        row_ok = q_ok & (grp == 0)
+    else:
+        grp = r * 0
+        m_idx = m_block * BLOCK_M + r // N_REP
+        head = kvh * N_REP + r % N_REP
+        row_ok = (r // N_REP < BLOCK_M) & (m_idx < q_len)
+        q_ok = row_ok
     q_pos = hist + n_new - q_len + m_idx  # bottom-right causal over [history, new tokens]
     d = tl.arange(0, D)
     q_offs = (q_start + m_idx).to(tl.int64)[:, None] * stride_qt + head[:, None] * stride_qh + d[None, :]
@@ -286,13 +417,14 @@ def _paged_attention_kernel(
     # The sequence's work in units: its 16-bit sink (unit 0), its tiles (units 1..n_tiles) and its 16-bit tail with
     # the new tokens (unit n_tiles + 1), spread evenly over the splits. A 16-bit block costs about what a tile
     # does, so at short contexts (a split per unit) no split does a tile and a 16-bit block one after the other.
-    per_split = tl.cdiv(n_tiles + 2, NUM_SPLITS)
+    # With row groups a split's run is a multiple of TG units, so that its tile groups are full (but the first).
+    per_split = tl.cdiv(tl.cdiv(n_tiles + 2, NUM_SPLITS), TG) * TG
     u0 = split * per_split
     u1 = tl.minimum(u0 + per_split, n_tiles + 2)
     first_tile = tl.maximum(u0 - 1, 0)
     last_tile = tl.minimum(u1 - 1, n_tiles)
     # Loaded once: the offsets tensor is dead before the tile loop (registers are what limit this kernel).
-    qp = tl.load(q + q_offs, mask=row_ok[:, None], other=0.0).to(DOT)
+    qp = tl.load(q + q_offs, mask=q_ok[:, None], other=0.0).to(DOT)
     if first_tile < last_tile:
         # q·H in-kernel: ±1 entries make the 16-bit products exact; 1/sqrt(D) is applied in float32.
         h_offs = d[:, None] * D + d[None, :]
@@ -300,20 +432,28 @@ def _paged_attention_kernel(
                     input_precision=PRECISION) * (1.0 / tl.sqrt(D * 1.0))
         bt = block_table + b.to(tl.int64) * stride_bt
         head_scales = scales + kvh * scales_sh
-        k_rz, v_cs, vz0, vz1, vz2, vz3 = _tile_extras(
-            head_scales + tl.load(bt + first_tile).to(tl.int64) * scales_sb, G, D)
-        next_block = tl.load(bt + tl.minimum(first_tile + 1, last_tile - 1)).to(tl.int64)
-        for i in range(first_tile, last_tile):
-            block = tl.load(bt + i).to(tl.int64)
-            # Tile i+1's non-dot scales now (the last iteration reloads its own: harmless), used next iteration.
-            k_rz1, v_cs1, vz01, vz11, vz21, vz31 = _tile_extras(head_scales + next_block * scales_sb, G, D)
-            next_block = tl.load(bt + tl.minimum(i + 2, last_tile - 1)).to(tl.int64)
-            m_q, l_q, acc_q = _attend_tile(
-                qr, qp, k_words + block * kw_sb + kvh * kw_sh, v_words + block * vw_sb + kvh * vw_sh,
-                head_scales + block * scales_sb, k_rz, v_cs, vz0, vz1, vz2, vz3, G * (1 + i), q_pos, row_ok,
-                m_q, l_q, acc_q, sm_scale * LOG2E, G, D, ROWS, KBITS, VBITS, DOT, MAGIC, OFFSET, PRECISION,
-                HAS_NEW or BLOCK_M > 1)
-            k_rz, v_cs, vz0, vz1, vz2, vz3 = k_rz1, v_cs1, vz01, vz11, vz21, vz31
+        if TG > 1:
+            for i in range(first_tile, last_tile, TG):
+                m_q, l_q, acc_q = _attend_tile_group(
+                    qr, qp, bt, i, last_tile, grp, k_words + kvh * kw_sh, v_words + kvh * vw_sh, head_scales,
+                    scales_sb, kw_sb, vw_sb, m_q, l_q, acc_q, sm_scale * LOG2E, G, D, ROWS, TG, KBITS, VBITS, DOT,
+                    MAGIC, OFFSET, PRECISION)
+            m_q, l_q, acc_q = _merge_groups(m_q, l_q, acc_q, TG, ROWS, D)
+        else:
+            k_rz, v_cs, vz0, vz1, vz2, vz3 = _tile_extras(
+                head_scales + tl.load(bt + first_tile).to(tl.int64) * scales_sb, G, D)
+            next_block = tl.load(bt + tl.minimum(first_tile + 1, last_tile - 1)).to(tl.int64)
+            for i in range(first_tile, last_tile):
+                block = tl.load(bt + i).to(tl.int64)
+                # Tile i+1's non-dot scales now (the last iteration reloads its own: harmless), used next iteration.
+                k_rz1, v_cs1, vz01, vz11, vz21, vz31 = _tile_extras(head_scales + next_block * scales_sb, G, D)
+                next_block = tl.load(bt + tl.minimum(i + 2, last_tile - 1)).to(tl.int64)
+                m_q, l_q, acc_q = _attend_tile(
+                    qr, qp, k_words + block * kw_sb + kvh * kw_sh, v_words + block * vw_sb + kvh * vw_sh,
+                    head_scales + block * scales_sb, k_rz, v_cs, vz0, vz1, vz2, vz3, G * (1 + i), q_pos, row_ok,
+                    m_q, l_q, acc_q, sm_scale * LOG2E, G, D, ROWS, KBITS, VBITS, DOT, MAGIC, OFFSET, PRECISION,
+                    HAS_NEW or BLOCK_M > 1)
+                k_rz, v_cs, vz0, vz1, vz2, vz3 = k_rz1, v_cs1, vz01, vz11, vz21, vz31
         m_q = m_q * LN2  # back to natural-log units (−inf stays −inf)
         # Un-rotate here (·H), not in the merge: the merge is then a plain weighted sum that spreads over
         # every row (a dot needs 16 rows per program; batch-1 decode has 32 rows and up to 64 splits).
@@ -400,14 +540,19 @@ def _merge_splits_kernel(part, part_m, part_l, out, n_rows, NUM_SPLITS: tl.const
     tl.store(out + row * D + d, (res * tl.where(l_tot > 0, 1.0 / l_tot, 0.0)).to(out.dtype.element_ty))
 
 
-def choose_num_splits(batch: int, num_kv_heads: int, max_tiles: int, num_sms: int = 132, q_blocks: int = 1) -> int:
-    """A power of two: enough programs to fill the GPU twice over, none with fewer than MIN_TILES_PER_SPLIT work
-    units (a program walks its units one after another, so short contexts want one per program). max_tiles counts
-    the longest sequence's work units (its tiles + its sink and tail, see the attention kernel). q_blocks query
-    blocks per sequence already multiply the programs (chunks, prefills)."""
+def choose_num_splits(batch: int, num_kv_heads: int, max_tiles: int, num_sms: int = 132, q_blocks: int = 1,
+                      per_sm: int | None = None) -> int:
+    """A power of two: enough programs to fill the GPU, none with fewer than MIN_TILES_PER_SPLIT work units (a
+    program walks its units one after another, so short contexts want one per program). max_tiles counts the
+    longest sequence's work units (its tiles + its sink and tail, see the attention kernel). q_blocks query blocks
+    per sequence already multiply the programs (chunks, prefills).
+
+    per_sm (decode): the programs an SM holds at once (DECODE_PROGRAMS_PER_SM); the splits stop at one such wave
+    (rounded down). None (chunks): at least twice the SMs' count of programs (rounded up)."""
     by_work = triton.next_power_of_2(max(1, max_tiles // MIN_TILES_PER_SPLIT))
     programs = batch * num_kv_heads * max(1, q_blocks)
-    by_occupancy = 1 << (max(1, math.ceil(2 * num_sms / programs)).bit_length() - 1)
+    wave = max(1, per_sm * num_sms // programs) if per_sm else max(1, math.ceil(2 * num_sms / programs))
+    by_occupancy = 1 << (wave.bit_length() - 1)
     return min(by_work, by_occupancy, 64)
 
 
@@ -446,8 +591,10 @@ def paged_attention(
     block_m = max(1, min(CHUNK_ROWS // n_rep, triton.next_power_of_2(max_q_len)))
     q_blocks = triton.cdiv(max_q_len, block_m)
     # Splits share out work units (sink, tiles, tail: see the kernel), so they are chosen for max_tiles + 2 units.
-    splits = num_splits or choose_num_splits(batch, hkv, max_tiles + 2, _num_sms(q.device), q_blocks)
+    per_sm = DECODE_PROGRAMS_PER_SM.get(d) if block_m == 1 and q.dtype != torch.float32 else None
+    splits = num_splits or choose_num_splits(batch, hkv, max_tiles + 2, _num_sms(q.device), q_blocks, per_sm)
     rows = max(16, triton.next_power_of_2(block_m * n_rep))
+    tg = tile_groups(rows, n_rep, block_m, triton.cdiv(max_tiles + 2, splits), q.dtype)
     dot = _dot_dtype(q.dtype)
     precision = "ieee" if dot == tl.float32 else "tf32"
     out = torch.empty(tq, hq, d, device=q.device, dtype=q.dtype)
@@ -477,7 +624,7 @@ def paged_attention(
         N_REP=n_rep, G=fmt.group, D=d, KBITS=fmt.k_bits, VBITS=fmt.v_bits,
         BLOCK_M=block_m, ROWS=rows, HAS_NEW=has_new, NUM_SPLITS=splits,
         DOT=dot, PRECISION=precision, DENSE_BLOCK=DENSE_BLOCK, MAGIC=magic, OFFSET=offset,
-        UNROTATE_F32=dot == tl.float32 or _interpreted(), **launch_options(rows, d, dot),
+        UNROTATE_F32=dot == tl.float32 or _interpreted(), TG=tg, **launch_options(rows, d, dot),
     )
     if splits > 1:
         _merge_splits_kernel[(tq * hq,)](part, part_m, part_l, out, tq * hq, **merge_meta(splits, d))

@@ -5,7 +5,8 @@
 A variant is a copy of the `kvarn_kernels` package put first on PYTHONPATH (e.g. `git archive REV kvarn_kernels |
 tar -x -C /tmp/v0`), so several revisions run in one device call. Each config sets the launch options
 (`decode` at head_dim 128, `decode_d64`, `decode_d256`, `chunk`), `chunk_rows`, `min_tiles_per_split` and `dims`
-(head dims, default [128]), `dense_block` (16-bit tokens per step, default 32). `what` (default decode,chunk) may add
+(head dims, default [128]), `dense_block` (16-bit tokens per step, default 32), `tile_groups` (tiles a decode
+program attends at once, default 4). `what` (default decode,chunk) may add
 `split` (per-kernel times of batch-1 decode) and `flash` (flash SDPA on 16-bit KV at the decode shapes, once).
 One JSON line per (config, head_dim): max |error| of decode and a chunk against `reference.paged_attention_ref`,
 then microseconds per call (CUDA-graph medians) for a few decode shapes (32 query / 8 KV heads) and a 16K-history
@@ -44,6 +45,8 @@ def _set_options(cfg: dict) -> None:
     if "min_tiles_per_split" in cfg:
         attention.MIN_TILES_PER_SPLIT = cfg["min_tiles_per_split"]
     attention.DENSE_BLOCK = cfg.get("dense_block", 32)
+    if hasattr(attention, "TILE_GROUPS"):
+        attention.TILE_GROUPS = cfg.get("tile_groups", 4)
 
 
 def _errors(fmt: KVarNFormat, d: int, dtype: torch.dtype) -> tuple[float, float]:

@@ -5,8 +5,15 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from kvarn_kernels import attention
 from kvarn_kernels import reference as ref
-from kvarn_kernels.attention import choose_num_splits, chunk_attention, decode_attention, paged_attention
+from kvarn_kernels.attention import (
+    choose_num_splits,
+    chunk_attention,
+    decode_attention,
+    paged_attention,
+    tile_groups,
+)
 from kvarn_kernels.format import KVarNFormat
 from kvarn_kernels.state import build_paged_kv
 from kvarn_kernels.testing import sixteen_bit_decode, synthetic_kv
@@ -102,6 +109,45 @@ def test_work_units_cover_every_key_once(splits, device):
     expected = ref.paged_attention_ref(qc, state, _cu(n, device), kn, kn, _cu(n, device))
     actual = chunk_attention(qc, kn, kn, _cu(n, device), _cu(n, device), max(n), state, num_splits=splits)
     torch.testing.assert_close(actual, expected, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("n_rep,groups", [(2, 4), (3, 4), (4, 4), (4, 2), (8, 2)])
+def test_row_groups_attend_every_tile_once(n_rep, groups, device, monkeypatch):
+    """Decode attends 4 tiles at once, one per row group (the padding rows of the 16-row dots). Runs of 10, 5 and 1
+    tiles per split (full groups, a partial last group, a group with one tile), GQA 2/3/4/8 (3 pads its groups to 4
+    rows), 2 groups too (not used by default), one split and several: every tile must count once, as one tile at a
+    time does."""
+    monkeypatch.setattr(attention, "GROUP_MIN_UNITS", 1)  # groups from the first unit (16 by default)
+    monkeypatch.setattr(attention, "TILE_GROUPS", groups)
+    lens = [64 * 11 + 5, 64 * 6, 64 * 2 + 9]
+    state = _state(lens, 2, 64, torch.float16, device)
+    q = torch.randn(3, 2 * n_rep, 64, generator=torch.Generator().manual_seed(n_rep)).to(device, torch.float16)
+    expected = ref.paged_attention_ref(q, state, _cu([1] * 3, device))
+    grouped = {s: decode_attention(q, state, num_splits=s) for s in (1, 2)}
+    monkeypatch.setattr(attention, "TILE_GROUPS", 1)
+    one_at_a_time = decode_attention(q, state, num_splits=1)
+    for out in (*grouped.values(), one_at_a_time):
+        torch.testing.assert_close(out.float(), expected.float(), atol=TOL[torch.float16], rtol=RTOL[torch.float16])
+    # Only the summation order differs from one tile at a time.
+    torch.testing.assert_close(grouped[1].float(), one_at_a_time.float(), atol=2e-3, rtol=2**-10)
+
+
+def test_decode_splits_fill_one_wave_of_resident_programs():
+    assert choose_num_splits(1, 8, 130, 132, per_sm=2) == 32  # 264 slots / 8 programs per split = 33 -> 32
+    assert choose_num_splits(32, 8, 130, 132, per_sm=2) == 1  # 256 programs already fill the 264 slots
+    assert choose_num_splits(8, 8, 130, 132, per_sm=4) == 8
+    assert choose_num_splits(8, 8, 130, 132, per_sm=1) == 2
+    assert choose_num_splits(32, 8, 130, 132) == 2  # chunks: at least twice the SMs, rounded up
+
+
+def test_tile_groups_fill_the_padding_rows_only():
+    assert tile_groups(16, 4, 1, 100) == 4  # 4 copies of a GQA-4 group
+    assert tile_groups(16, 8, 1, 100) == 1  # only 2 copies of a GQA-8 group fit: not grouped
+    assert tile_groups(16, 3, 1, 100) == 4  # padded to 4 rows per group
+    assert tile_groups(16, 16, 1, 100) == 1
+    assert tile_groups(16, 4, 1, attention.GROUP_MIN_UNITS - 1) == 1  # short splits: one tile at a time
+    assert tile_groups(64, 4, 16, 100) == 1  # chunks fill their rows with queries
+    assert tile_groups(16, 4, 1, 100, torch.float32) == 1
 
 
 @pytest.mark.parametrize("splits", [1, 2])
