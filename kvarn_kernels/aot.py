@@ -71,7 +71,7 @@ def attention_kernel(dot: str = "bfloat16", head_dim: int = 128, n_rep: int = 4,
                  "scales": scales, "sm_scale": "fp32"})
     aligned = {"kw_sb", "kw_sh", "vw_sb", "vw_sh", "scales_sb", "scales_sh", "stride_db", "stride_dh", "stride_qt",
                "stride_qh", "stride_nt", "stride_nh", "stride_ps", "stride_pt", "stride_ph"}
-    opts = dict(options if options is not None else attention.launch_options(rows, head_dim, dt))
+    opts = dict(options if options is not None else attention.launch_options(rows, head_dim, dt, tile_groups))
     return _compile(attention._paged_attention_kernel, constexprs, ptrs, aligned, opts)
 
 

@@ -39,6 +39,10 @@ LAUNCH_OPTIONS_D256 = {"num_warps": 8, "num_stages": 2}
 # head_dim 64 (16-bit models): capped at 128 registers (no spill), so that four programs share an SM; uncapped,
 # ptxas takes 162 and three fit (batch 64 x 16K on an H100: 414 us capped, 609 us uncapped; results/ab_session4.log).
 LAUNCH_OPTIONS_D64 = {"num_warps": 4, "num_stages": 2, "maxnreg": 128}
+# head_dim 128 in row groups (4 tiles per iteration): 3 stages. H100 A/B, two runs each (results/ab_session6.log):
+# batch 64 x 128K 4393 -> 4185 us, batch 64 x 16K 587 -> 566, batch 8 x 16K 102 -> 99; one tile at a time they
+# cost 1-4 % (batch 1 x 2K 11.9 -> 12.5 us), so that launch keeps 2.
+LAUNCH_OPTIONS_GROUPS = {"num_warps": 4, "num_stages": 3}
 # Chunks: 4 warps. With 8, Triton 3.6 miscompiles the head_dim-64, 64-row chunk program on sm_90 (an
 # out-of-range shared-memory access found by compute-sanitizer in the K-plane dot).
 CHUNK_LAUNCH_OPTIONS = {"num_warps": 4, "num_stages": 2}
@@ -66,11 +70,13 @@ GROUP_MIN_UNITS = 16
 DECODE_PROGRAMS_PER_SM = {64: 4, 128: 2, 256: 1}
 
 
-def launch_options(rows: int, head_dim: int, dot: tl.dtype = tl.bfloat16) -> dict:
-    """Launch options of the attention kernel for `rows` (query, head) rows per program (16: decode) and tensor-core
-    operand dtype `dot`."""
+def launch_options(rows: int, head_dim: int, dot: tl.dtype = tl.bfloat16, groups: int = 1) -> dict:
+    """Launch options of the attention kernel for `rows` (query, head) rows per program (16: decode), tensor-core
+    operand dtype `dot` and `groups` row groups (`tile_groups`)."""
     if rows > 16:
         return CHUNK_LAUNCH_OPTIONS
+    if groups > 1 and head_dim == 128:
+        return LAUNCH_OPTIONS_GROUPS
     if head_dim > 128:
         return LAUNCH_OPTIONS_D256
     # float32 models' IEEE dots spill anyway; a register cap would only make them spill more.
@@ -624,7 +630,7 @@ def paged_attention(
         N_REP=n_rep, G=fmt.group, D=d, KBITS=fmt.k_bits, VBITS=fmt.v_bits,
         BLOCK_M=block_m, ROWS=rows, HAS_NEW=has_new, NUM_SPLITS=splits,
         DOT=dot, PRECISION=precision, DENSE_BLOCK=DENSE_BLOCK, MAGIC=magic, OFFSET=offset,
-        UNROTATE_F32=dot == tl.float32 or _interpreted(), TG=tg, **launch_options(rows, d, dot),
+        UNROTATE_F32=dot == tl.float32 or _interpreted(), TG=tg, **launch_options(rows, d, dot, tg),
     )
     if splits > 1:
         _merge_splits_kernel[(tq * hq,)](part, part_m, part_l, out, tq * hq, **merge_meta(splits, d))

@@ -4,10 +4,10 @@
 
 A variant is a copy of the `kvarn_kernels` package put first on PYTHONPATH (e.g. `git archive REV kvarn_kernels |
 tar -x -C /tmp/v0`), so several revisions run in one device call. Each config sets the launch options
-(`decode` at head_dim 128, `decode_d64`, `decode_d256`, `chunk`), `chunk_rows`, `min_tiles_per_split` and `dims`
-(head dims, default [128]), `dense_block` (16-bit tokens per step, default 32), `tile_groups` (tiles a decode
-program attends at once, default 4). `what` (default decode,chunk) may add
-`split` (per-kernel times of batch-1 decode) and `flash` (flash SDPA on 16-bit KV at the decode shapes, once).
+(`decode` at head_dim 128, `decode_groups` at head_dim 128 with row groups, `decode_d64`, `decode_d256`, `chunk`),
+`chunk_rows`, `min_tiles_per_split` and `dims` (head dims, default [128]), `dense_block` (16-bit tokens per step,
+default 32), `tile_groups` (tiles a decode program attends at once, default 4). `what` (default decode,chunk) may
+add `split` (per-kernel times of batch-1 decode) and `flash` (flash SDPA on 16-bit KV at the decode shapes, once).
 One JSON line per (config, head_dim): max |error| of decode and a chunk against `reference.paged_attention_ref`,
 then microseconds per call (CUDA-graph medians) for a few decode shapes (32 query / 8 KV heads) and a 16K-history
 chunk of 8 and 512 queries.
@@ -34,6 +34,9 @@ DECODE_SHAPES = [(1, 1024), (1, 2048), (1, 4096), (1, 16384), (8, 2048), (8, 163
 def _set_options(cfg: dict) -> None:
     attention.LAUNCH_OPTIONS.clear()
     attention.LAUNCH_OPTIONS.update(cfg.get("decode", {"num_warps": 4, "num_stages": 2}))
+    if hasattr(attention, "LAUNCH_OPTIONS_GROUPS"):
+        attention.LAUNCH_OPTIONS_GROUPS.clear()
+        attention.LAUNCH_OPTIONS_GROUPS.update(cfg.get("decode_groups", {"num_warps": 4, "num_stages": 3}))
     attention.LAUNCH_OPTIONS_D256.clear()
     attention.LAUNCH_OPTIONS_D256.update(cfg.get("decode_d256", {"num_warps": 8, "num_stages": 2}))
     if hasattr(attention, "LAUNCH_OPTIONS_D64"):  # older revisions use LAUNCH_OPTIONS at head_dim 64 too

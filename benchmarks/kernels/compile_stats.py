@@ -34,7 +34,8 @@ def main() -> None:
                     help="also print the SASS instruction count and opcode mix of the longest loop (the tile loop)")
     args = ap.parse_args()
     rows = args.chunk_rows or 16
-    options = dict(attention.launch_options(rows, args.head_dim, aot.DOTS[args.dot]))
+    groups = args.tile_groups or (attention.TILE_GROUPS if not args.chunk_rows else 1)
+    options = dict(attention.launch_options(rows, args.head_dim, aot.DOTS[args.dot], groups))
     if args.num_warps:
         options["num_warps"] = args.num_warps
     if args.num_stages:
