@@ -88,10 +88,12 @@ def tile_groups(rows: int, n_rep: int, block_m: int, units_per_split: int,
     """Row groups of a decode program (`_attend_tile_group`): its 16 rows hold the GQA group's query heads padded
     to a power of two, so ROWS // that many copies attend that many tiles at once: TILE_GROUPS where that many fit
     (GQA up to 4), else 1 (2 groups of a GQA-4 group were no faster than one tile at a time on an H100, so GQA 8
-    is not grouped; sweep_groups.json). Splits with
-    fewer than GROUP_MIN_UNITS units take one tile at a time: a group iteration takes longer than a one-tile iteration
-    (latency, which a short split is bound by), and a split's run of units is rounded up to whole groups. Chunks
-    (block_m > 1) fill their rows with queries, and float32 models' IEEE dots already spill at one tile: 1."""
+    is not grouped; sweep_groups.json).
+
+    Splits with fewer than GROUP_MIN_UNITS units take one tile at a time: a group iteration takes longer than a
+    one-tile iteration (latency, which a short split is bound by), and a split's run of units is rounded up to whole
+    groups. Chunks (block_m > 1) fill their rows with queries, and float32 models' IEEE dots already spill at one
+    tile: 1."""
     if block_m > 1 or dtype == torch.float32 or units_per_split < GROUP_MIN_UNITS:
         return 1
     return TILE_GROUPS if rows // triton.next_power_of_2(n_rep) >= TILE_GROUPS else 1
