@@ -419,8 +419,13 @@ LAUNCH_OVERRIDES: dict = {}
 
 def launch_options(fmt: KVarNFormat, dtype: torch.dtype, interpreted: bool = False) -> dict:
     """Constexprs and launch options of `_quantize_tiles_kernel` (compile_stats_quantize.py reads them too)."""
-    # 16 warps from 16K-element tiles up: no spills, and twice the warps to hide the reductions' latency.
-    num_warps = 8 if fmt.head_dim * fmt.group < 128 * 128 else 16
+    # Few warps per program: this kernel waits on its tile-wide reductions (each a barrier across the program's
+    # warps), not on memory, and fewer warps make cheaper reductions and let two programs share an SM. H100, 16K
+    # prefill tokens (results/quantize_session6.log), ms: head_dim 128 x G 128 16 warps 1.22, 8 warps 0.83, 4 warps
+    # 0.75 (255 registers, 616 bytes spilled); head_dim 64 8 warps 0.45, 4 warps 0.34; G 64 8 warps 1.13, 4 warps
+    # 0.67; head_dim 256 (32K-element tiles) 16 warps 2.30, 8 warps 1.70. Register caps that force more programs per
+    # SM (4 warps at 128 or 168, 16 at 64) were slower.
+    num_warps = 4 if fmt.head_dim * fmt.group <= 128 * 128 else 8
     constexprs = dict(G=fmt.group, D=fmt.head_dim, KBITS=fmt.k_bits, VBITS=fmt.v_bits, ITERS=NORMALIZE_ITERS,
                       SCALE=1.0 / math.sqrt(fmt.head_dim),
                       INTERPRETED=interpreted)
