@@ -1,17 +1,23 @@
 """Decode time per (tile groups, splits) at fixed shapes: the data behind `attention.tile_groups` and
 `attention.choose_num_splits`.
 
-    python benchmarks/kernels/sweep_groups.py --out benchmarks/kernels/results/sweep_groups.json
+    PYTHONPATH=. python benchmarks/kernels/sweep_groups.py --out benchmarks/kernels/results/sweep_groups.json
+    PYTHONPATH=. python benchmarks/kernels/sweep_groups.py --evaluate benchmarks/kernels/results/sweep_groups.json
+(--evaluate needs no GPU; tests/benchmarks/test_sweep_groups.py runs it.)
 
 For each shape (batch, context, head_dim; 32 query / 8 KV heads, k4v2_g128, bfloat16) every tile-group count in
 --groups is timed at every power-of-two split count up to 64 (CUDA-graph replays, median), and at the automatic
 choice. One JSON line per shape with the automatic choice's time and the best (groups, splits).
+
+--evaluate replays the current rule (`attention.choose_num_splits` + `attention.tile_groups`, as `paged_attention`
+calls them) over a stored sweep: the time of the (groups, splits) it picks per shape against that shape's best.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import math
 from pathlib import Path
 
 import torch
@@ -27,11 +33,40 @@ SHAPES = [(1, 2048, 128), (1, 4096, 128), (1, 16384, 128), (1, 65536, 128), (1, 
           (1, 16384, 64), (8, 16384, 64), (64, 16384, 64), (1, 16384, 256), (8, 16384, 256), (64, 16384, 256)]
 
 
+def evaluate(path: Path, num_sms: int = 132, group: int = 128) -> float:
+    """Geometric-mean ratio of the current rule's pick to each shape's best over the sweep at `path` (printed per
+    shape). Shapes as `bench_decode.make_state` builds them: (context − G) // G tiles, plus the sink and the tail."""
+    rows = json.loads(path.read_text())["rows"]
+    logs = []
+    for r in rows:
+        units = (r["ctx"] - group) // group + 2
+        splits = attention.choose_num_splits(r["batch"], 8, units, num_sms, 1,
+                                             attention.DECODE_PROGRAMS_PER_SM.get(r["d"]))
+        tg = attention.tile_groups(16, 4, 1, math.ceil(units / splits))
+        key = f"{tg}/{splits}"
+        us = r["us"].get(key)
+        if us is None:
+            print(f"batch {r['batch']} x {r['ctx']} d{r['d']}: pick {key} was not timed")
+            continue
+        logs.append(math.log(us / r["best_us"]))
+        print(f"batch {r['batch']:>2} x {r['ctx']:>6} d{r['d']:<3}: pick {key:<5} {us:8.1f} us, best {r['best']:<5} "
+              f"{r['best_us']:8.1f} us ({us / r['best_us']:.2f}x)")
+    geo = math.exp(sum(logs) / len(logs))
+    print(f"geometric mean {geo:.3f}x of the best, worst {math.exp(max(logs)):.2f}x")
+    return geo
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--out", type=Path, required=True)
+    ap.add_argument("--out", type=Path)
     ap.add_argument("--groups", default="1,4")
+    ap.add_argument("--evaluate", type=Path, help="replay the current rule over a stored sweep (no GPU)")
     args = ap.parse_args()
+    if args.evaluate:
+        evaluate(args.evaluate)
+        return
+    if args.out is None:
+        ap.error("--out is required to run a sweep")
     groups = [int(g) for g in args.groups.split(",")]
     dtype = torch.bfloat16
     default_groups = attention.TILE_GROUPS
