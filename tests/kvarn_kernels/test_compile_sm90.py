@@ -44,6 +44,13 @@ def _attention_one_split_shared():
     return aot.attention_kernel("bfloat16", 128, num_splits=1).metadata.shared
 
 
+def _attention_one_tile_shared():
+    from kvarn_kernels import aot
+
+    # Decode one tile at a time (short splits; the cases above compile its row groups, as long contexts run it).
+    return aot.attention_kernel("bfloat16", 128, num_splits=2, tile_groups=1).metadata.shared
+
+
 def _quantize_weighted_shared():
     import torch
 
@@ -67,6 +74,7 @@ def _run_all() -> dict:
                           + [(f"merge-{d}", _merge_shared, (d,)) for d in MERGE_CASES]
                           + [(f"dense-{c}", _dense_history_shared, c) for c in DENSE_HISTORY_CASES]
                           + [("attention-one-split", _attention_one_split_shared, ()),
+                             ("attention-one-tile", _attention_one_tile_shared, ()),
                              ("quantize-weighted", _quantize_weighted_shared, ())]):
         try:
             out[key] = fn(*args)
@@ -97,7 +105,7 @@ def test_attention_kernel_compiles_within_shared_memory(compiled, case):
     assert shared <= H100_SHARED_BYTES
 
 
-@pytest.mark.parametrize("case", ["attention-one-split", "quantize-weighted"])
+@pytest.mark.parametrize("case", ["attention-one-split", "attention-one-tile", "quantize-weighted"])
 def test_other_variants_compile(compiled, case):
     """The attention epilogue that stores the output (one split); quantize with K-frame channel weights."""
     shared = compiled[case]
