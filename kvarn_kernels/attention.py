@@ -564,6 +564,18 @@ def choose_num_splits(batch: int, num_kv_heads: int, max_tiles: int, num_sms: in
     return min(by_work, by_occupancy, 64)
 
 
+def split_plan(batch: int, num_kv_heads: int, max_tiles: int, head_dim: int, n_rep: int, dtype: torch.dtype,
+               num_sms: int, block_m: int = 1, q_blocks: int = 1, num_splits: int | None = None) -> tuple[int, int]:
+    """(splits, row groups) of a `paged_attention` launch: `choose_num_splits` (decode: one wave of
+    DECODE_PROGRAMS_PER_SM) and `tile_groups` for the units a split gets. Splits share out work units (sink, tiles,
+    tail: see the kernel), so they are chosen for max_tiles + 2 units. num_splits: forced (tests, sweeps)."""
+    units = max_tiles + 2
+    per_sm = DECODE_PROGRAMS_PER_SM.get(head_dim) if block_m == 1 and dtype != torch.float32 else None
+    splits = num_splits or choose_num_splits(batch, num_kv_heads, units, num_sms, q_blocks, per_sm)
+    rows = max(16, triton.next_power_of_2(block_m * n_rep))
+    return splits, tile_groups(rows, n_rep, block_m, triton.cdiv(units, splits), dtype)
+
+
 def paged_attention(
     q: torch.Tensor,
     state: PagedKV,
@@ -598,11 +610,9 @@ def paged_attention(
     # (query, head) pairs, so each program re-reads the quantized history for 64 rows, not 16.
     block_m = max(1, min(CHUNK_ROWS // n_rep, triton.next_power_of_2(max_q_len)))
     q_blocks = triton.cdiv(max_q_len, block_m)
-    # Splits share out work units (sink, tiles, tail: see the kernel), so they are chosen for max_tiles + 2 units.
-    per_sm = DECODE_PROGRAMS_PER_SM.get(d) if block_m == 1 and q.dtype != torch.float32 else None
-    splits = num_splits or choose_num_splits(batch, hkv, max_tiles + 2, _num_sms(q.device), q_blocks, per_sm)
     rows = max(16, triton.next_power_of_2(block_m * n_rep))
-    tg = tile_groups(rows, n_rep, block_m, triton.cdiv(max_tiles + 2, splits), q.dtype)
+    splits, tg = split_plan(batch, hkv, max_tiles, d, n_rep, q.dtype, _num_sms(q.device), block_m, q_blocks,
+                            num_splits)
     dot = _dot_dtype(q.dtype)
     precision = "ieee" if dot == tl.float32 else "tf32"
     out = torch.empty(tq, hq, d, device=q.device, dtype=q.dtype)

@@ -34,15 +34,14 @@ SHAPES = [(1, 2048, 128), (1, 4096, 128), (1, 16384, 128), (1, 65536, 128), (1, 
 
 
 def evaluate(path: Path, num_sms: int = 132, group: int = 128) -> float:
-    """Geometric-mean ratio of the current rule's pick to each shape's best over the sweep at `path` (printed per
-    shape). Shapes as `bench_decode.make_state` builds them: (context − G) // G tiles, plus the sink and the tail."""
+    """Geometric-mean ratio of the current rule's pick (`attention.split_plan`, as `paged_attention` calls it) to
+    each shape's best over the sweep at `path` (printed per shape). Shapes as `bench_decode.make_state` builds them:
+    (context − G) // G tiles; 32 query / 8 KV heads, bfloat16."""
     rows = json.loads(path.read_text())["rows"]
     logs = []
     for r in rows:
-        units = (r["ctx"] - group) // group + 2
-        splits = attention.choose_num_splits(r["batch"], 8, units, num_sms, 1,
-                                             attention.DECODE_PROGRAMS_PER_SM.get(r["d"]))
-        tg = attention.tile_groups(16, 4, 1, math.ceil(units / splits))
+        splits, tg = attention.split_plan(r["batch"], 8, (r["ctx"] - group) // group, r["d"], 4, torch.bfloat16,
+                                          num_sms)
         key = f"{tg}/{splits}"
         us = r["us"].get(key)
         if us is None:
