@@ -9,7 +9,9 @@ there).
 
 from __future__ import annotations
 
+import collections
 import os
+import re
 import subprocess
 import tempfile
 from typing import Any
@@ -136,3 +138,19 @@ def cuobjdump(kernel: Any, *flags: str) -> str:
         with open(path, "wb") as f:
             f.write(kernel.asm["cubin"])
         return subprocess.run([tool, *flags, path], capture_output=True, text=True, check=True).stdout
+
+
+def sass_loops(sass: str) -> list[tuple[int, collections.Counter]]:
+    """(instructions, opcode counts) of every backward branch's body in a `cuobjdump -sass` listing, in listing order:
+    a loop's length per iteration is a proxy of its cost that needs no GPU."""
+    ins = [(int(m.group(1), 16), m.group(2).strip()) for m in
+           (re.match(r"\s+/\*([0-9a-f]{4,})\*/\s+(.*?);", line) for line in sass.splitlines()) if m]
+    index = {addr: i for i, (addr, _) in enumerate(ins)}
+    loops = []
+    for i, (addr, text) in enumerate(ins):
+        target = re.search(r"BRA.*?0x([0-9a-f]+)", text)
+        if target and int(target.group(1), 16) < addr and int(target.group(1), 16) in index:
+            body = ins[index[int(target.group(1), 16)]:i + 1]
+            loops.append((len(body), collections.Counter(
+                t.split()[1 if t.startswith("@") else 0].split(".")[0] for _, t in body)))
+    return loops

@@ -153,9 +153,13 @@ def _softmax_planes(s0, s1, s2, s3, m_i, l_i):
 # never sees MAGIC, its dots are float32). LOP3 immediate 0xEA is (a & b) | c.
 BF16_MAGIC_ASM = tl.constexpr(0x4300)
 _ASM_PLANE4 = tl.constexpr("{ .reg .b32 t; shr.b32 t, $1, $2; lop3.b32 $0, t, 0x000F000F, 0x43004300, 0xEA; }")
+# 2-bit codes: the two PRMTs spread a register's four bytes into 16-bit halves (the same for every plane: ptxas
+# computes them once for the four planes); planes 0-2 are then masked in place (bits 2p, 2p+1 lie inside the
+# mantissa: the value is 128 + 4^p·code, and `_v_operand` divides the probabilities by 4^p to match); plane 3 (bits
+# 6-7, which reach into the exponent) is shifted down first.
 _ASM_PLANE2 = tl.constexpr(
-    "{ .reg .b32 t, lo, hi; shr.b32 t, $2, $3; prmt.b32 lo, t, 0, 0x4140; prmt.b32 hi, t, 0, 0x4342; "
-    "lop3.b32 $0, lo, 0x00030003, 0x43004300, 0xEA; lop3.b32 $1, hi, 0x00030003, 0x43004300, 0xEA; }")
+    "{ .reg .b32 lo, hi; prmt.b32 lo, $2, 0, 0x4140; prmt.b32 hi, $2, 0, 0x4342; shr.b32 lo, lo, $3; "
+    "shr.b32 hi, hi, $3; lop3.b32 $0, lo, $7, 0x43004300, 0xEA; lop3.b32 $1, hi, $7, 0x43004300, 0xEA; }")
 
 
 @triton.jit
@@ -171,13 +175,15 @@ def _plane(words, PLANE: tl.constexpr, BITS: tl.constexpr, DOT: tl.constexpr, MA
         # PTX on packed registers: one shift and one LOP3 per two codes (4-bit codes in int16 words), a shift, two
         # PRMTs and two LOP3s per four (2-bit codes in bytes); Triton's own lowering spends ~5 ops per code.
         # The shift is a constant operand: ptxas folds it into an immediate.
-        shift = tl.full(words.shape, PLANE * BITS, tl.int32)
         if BITS == 4:
+            shift = tl.full(words.shape, PLANE * BITS, tl.int32)
             out = tl.inline_asm_elementwise(_ASM_PLANE4, "=r,r,r,r", [words, shift], dtype=tl.bfloat16,
                                             is_pure=True, pack=2)
         else:
-            out = tl.inline_asm_elementwise(_ASM_PLANE2, "=r,=r,r,r,r,r,r", [words, shift], dtype=tl.bfloat16,
-                                            is_pure=True, pack=4)
+            shift = tl.full(words.shape, 6 if PLANE == 3 else 0, tl.int32)
+            mask = tl.full(words.shape, 0x00030003 if PLANE == 3 else 0x00030003 << (2 * PLANE), tl.int32)
+            out = tl.inline_asm_elementwise(_ASM_PLANE2, "=r,=r,r,r,r,r,r,r,r,r,r", [words, shift, mask],
+                                            dtype=tl.bfloat16, is_pure=True, pack=4)
     else:
         c = (words.to(tl.int32) >> (PLANE * BITS)) & (2**BITS - 1)
         if MAGIC == 0:
@@ -185,6 +191,18 @@ def _plane(words, PLANE: tl.constexpr, BITS: tl.constexpr, DOT: tl.constexpr, MA
         else:
             out = (c | MAGIC).to(tl.int16).to(DOT, bitcast=True)
     return out
+
+
+@triton.jit
+def _v_operand(p, row_scale, PLANE: tl.constexpr, VBITS: tl.constexpr, DOT: tl.constexpr, MAGIC: tl.constexpr):
+    """p · row_scale [R, W] (float32) as the V dot's DOT operand, divided by the weight `_plane` gives plane PLANE's
+    codes (4^PLANE for 2-bit planes 0-2 on the PTX path, else 1): a power of two, so the product with the plane's
+    values is the unscaled one exactly."""
+    if MAGIC == BF16_MAGIC_ASM and VBITS == 2 and PLANE < 3:
+        pr = (p * (row_scale * (1.0 / (1 << (2 * PLANE))))).to(DOT)
+    else:
+        pr = (p * row_scale).to(DOT)
+    return pr
 
 
 @triton.jit
@@ -203,7 +221,7 @@ def _tile_values(pv, p, vw, row_zero, scales_ptr, PLANE: tl.constexpr, W: tl.con
     """pv += Σ_t p[r, t]·row_scale[t]·(code[:, t] + offset) over one plane's W tokens; also returns the
     per-element terms whose row sums complete the value rows (row zeros, minus the offset)."""
     tok = PLANE * W + tl.arange(0, W)
-    pr = (p * tl.load(scales_ptr + 2 * D + G + tok).to(tl.float32)[None, :]).to(DOT)
+    pr = _v_operand(p, tl.load(scales_ptr + 2 * D + G + tok).to(tl.float32)[None, :], PLANE, VBITS, DOT, MAGIC)
     pv = tl.dot(pr, tl.trans(_plane(vw, PLANE, VBITS, DOT, MAGIC)), pv, input_precision=PRECISION)
     return pv, p * row_zero.to(tl.float32)[None, :] - OFFSET * pr.to(tl.float32)
 
@@ -275,7 +293,19 @@ def _attend_tile(q_rot, q_plain, kw_ptr, vw_ptr, scales_ptr, k_row_zero, v_col_s
 
 
 @triton.jit
+def _group_extras(bt, i, last_tile, grp, head_scales, scales_sb, G: tl.constexpr, D: tl.constexpr):
+    """The [ROWS, D] scales of tiles i + grp (one per row group) that feed no dot: K row zeros and V column scales.
+    Triton's pipeliner leaves such loads in place (each iteration waited on them: ~17 % of the stall samples at
+    batch 64 x 16K on an H100), so the group loop loads them one group ahead itself."""
+    d = tl.arange(0, D)
+    blk = tl.load(bt + tl.minimum(i + grp, last_tile - 1)).to(tl.int64)
+    sc = (head_scales + blk * scales_sb)[:, None]
+    return tl.load(sc + D + d[None, :]), tl.load(sc + 2 * D + 3 * G + d[None, :])
+
+
+@triton.jit
 def _attend_tile_group(q_rot, q_plain, bt, i, last_tile, grp, k_base, v_base, head_scales, scales_sb, kw_sb, vw_sb,
+                       k_row_zero, v_col_scale,
                        m_i, l_i, acc, sm_scale_log2, G: tl.constexpr, D: tl.constexpr, ROWS: tl.constexpr,
                        TG: tl.constexpr, KBITS: tl.constexpr, VBITS: tl.constexpr, DOT: tl.constexpr,
                        MAGIC: tl.constexpr, OFFSET: tl.constexpr, PRECISION: tl.constexpr):
@@ -299,7 +329,7 @@ def _attend_tile_group(q_rot, q_plain, bt, i, last_tile, grp, k_base, v_base, he
     k_rotated = tl.split(flag)[0].to(tl.int16, bitcast=True) >= 0
     qk = tl.where(k_rotated[:, None], q_rot, q_plain.to(tl.float32))
     qs = (qk * tl.load(sc + d[None, :]).to(tl.float32)).to(DOT)
-    zero_term = tl.sum(qk * tl.load(sc + D + d[None, :]).to(tl.float32) - OFFSET * qs.to(tl.float32), axis=1)
+    zero_term = tl.sum(qk * k_row_zero.to(tl.float32) - OFFSET * qs.to(tl.float32), axis=1)
     s0 = tl.zeros([ROWS, W], tl.float32)
     s1 = s0
     s2 = s0
@@ -324,10 +354,10 @@ def _attend_tile_group(q_rot, q_plain, bt, i, last_tile, grp, k_base, v_base, he
     p0, p1, p2, p3, alpha, m_new, l_i = _softmax_planes(s0, s1, s2, s3, m_i, l_i)
     # V: p · row_scale[t] as the dots' operands; p · row_zero[t] − offset · those as the rows' constant terms.
     vs = sc + 2 * D + G + t[None, :]
-    pr0 = (p0 * tl.load(vs).to(tl.float32)).to(DOT)
-    pr1 = (p1 * tl.load(vs + W).to(tl.float32)).to(DOT)
-    pr2 = (p2 * tl.load(vs + 2 * W).to(tl.float32)).to(DOT)
-    pr3 = (p3 * tl.load(vs + 3 * W).to(tl.float32)).to(DOT)
+    pr0 = _v_operand(p0, tl.load(vs).to(tl.float32), 0, VBITS, DOT, MAGIC)
+    pr1 = _v_operand(p1, tl.load(vs + W).to(tl.float32), 1, VBITS, DOT, MAGIC)
+    pr2 = _v_operand(p2, tl.load(vs + 2 * W).to(tl.float32), 2, VBITS, DOT, MAGIC)
+    pr3 = _v_operand(p3, tl.load(vs + 3 * W).to(tl.float32), 3, VBITS, DOT, MAGIC)
     vz = vs + G
     z = ((p0 * tl.load(vz).to(tl.float32) - OFFSET * pr0.to(tl.float32))
          + (p1 * tl.load(vz + W).to(tl.float32) - OFFSET * pr1.to(tl.float32))) \
@@ -342,7 +372,7 @@ def _attend_tile_group(q_rot, q_plain, bt, i, last_tile, grp, k_base, v_base, he
         pg = tl.dot(pr3, tl.trans(_plane(vw, 3, VBITS, DOT, MAGIC)), pg, input_precision=PRECISION)
         pv = tl.where((grp == g)[:, None], pg, pv)
     pv = pv + tl.sum(z, axis=1)[:, None]
-    acc = acc * alpha[:, None] + pv * tl.load(sc + 2 * D + 3 * G + d[None, :]).to(tl.float32)
+    acc = acc * alpha[:, None] + pv * v_col_scale.to(tl.float32)
     return m_new, l_i, acc
 
 
@@ -441,11 +471,15 @@ def _paged_attention_kernel(
         bt = block_table + b.to(tl.int64) * stride_bt
         head_scales = scales + kvh * scales_sh
         if TG > 1:
+            k_rz, v_cs = _group_extras(bt, first_tile, last_tile, grp, head_scales, scales_sb, G, D)
             for i in range(first_tile, last_tile, TG):
+                # The next group's non-dot scales now (past the split's end: its last tile again, harmless).
+                k_rz1, v_cs1 = _group_extras(bt, i + TG, last_tile, grp, head_scales, scales_sb, G, D)
                 m_q, l_q, acc_q = _attend_tile_group(
                     qr, qp, bt, i, last_tile, grp, k_words + kvh * kw_sh, v_words + kvh * vw_sh, head_scales,
-                    scales_sb, kw_sb, vw_sb, m_q, l_q, acc_q, sm_scale * LOG2E, G, D, ROWS, TG, KBITS, VBITS, DOT,
-                    MAGIC, OFFSET, PRECISION)
+                    scales_sb, kw_sb, vw_sb, k_rz, v_cs, m_q, l_q, acc_q, sm_scale * LOG2E, G, D, ROWS, TG, KBITS,
+                    VBITS, DOT, MAGIC, OFFSET, PRECISION)
+                k_rz, v_cs = k_rz1, v_cs1
             m_q, l_q, acc_q = _merge_groups(m_q, l_q, acc_q, TG, ROWS, D)
         else:
             k_rz, v_cs, vz0, vz1, vz2, vz3 = _tile_extras(

@@ -8,7 +8,6 @@ machine. Launch options default to the ones the real launch uses (`attention.lau
 
 import argparse
 import collections
-import re
 
 from kvarn_kernels import aot, attention
 
@@ -57,20 +56,10 @@ def main() -> None:
 
 
 def longest_loop(sass: str) -> tuple[int, list[tuple[str, int]]]:
-    """(instructions, opcode mix) of the longest backward branch's body in a cuobjdump -sass listing. The attention
-    kernel is issue-bound, so the tile loop's length is a proxy of its speed that needs no GPU."""
-    ins = [(int(m.group(1), 16), m.group(2).strip()) for m in
-           (re.match(r"\s+/\*([0-9a-f]{4,})\*/\s+(.*?);", line) for line in sass.splitlines()) if m]
-    index = {addr: i for i, (addr, _) in enumerate(ins)}
-    best = (0, 0)
-    for i, (addr, text) in enumerate(ins):
-        target = re.search(r"BRA.*?0x([0-9a-f]+)", text)
-        if target and int(target.group(1), 16) < addr and int(target.group(1), 16) in index:
-            start = index[int(target.group(1), 16)]
-            best = max(best, (i - start + 1, start), key=lambda b: b[0])
-    body = ins[best[1]:best[1] + best[0]]
-    ops = collections.Counter(t.split()[1 if t.startswith("@") else 0].split(".")[0] for _, t in body)
-    return best[0], ops.most_common(12)
+    """(instructions, opcode mix) of the longest loop body (the tile loop): the attention kernel is issue-bound, so
+    its length is a proxy of its speed that needs no GPU."""
+    count, ops = max(aot.sass_loops(sass), key=lambda loop: loop[0], default=(0, collections.Counter()))
+    return count, ops.most_common(12)
 
 
 if __name__ == "__main__":

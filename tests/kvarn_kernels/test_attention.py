@@ -247,8 +247,9 @@ def test_magic_code_conversion_path_matches_reference(preset, monkeypatch, devic
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("bits", [2, 4])
-def test_bfloat16_ptx_unpack_gives_offset_plus_code_for_every_plane(bits):
-    """The packed-register PTX unpack (bfloat16 dots on a GPU) against integer arithmetic, every code value."""
+def test_bfloat16_ptx_unpack_gives_offset_plus_weighted_code_for_every_plane(bits):
+    """The packed-register PTX unpack (bfloat16 dots on a GPU) against integer arithmetic, every code value: 128 +
+    code, but 128 + 4^p·code for 2-bit planes 0-2 (masked in place; `_v_operand` divides by the same weight)."""
     import triton
     import triton.language as tl
 
@@ -268,7 +269,8 @@ def test_bfloat16_ptx_unpack_gives_offset_plus_code_for_every_plane(bits):
     out = torch.empty(4, r, w, dtype=torch.bfloat16, device="cuda")
     unpack_kernel[(1,)](words, out, BITS=bits, R=r, W=w)
     as_int = words.to(torch.int32) & (2 ** (4 * bits) - 1)
-    expected = torch.stack([128 + ((as_int >> (p * bits)) & (2**bits - 1)) for p in range(4)]).float()
+    weights = (1, 4, 16, 1) if bits == 2 else (1, 1, 1, 1)
+    expected = torch.stack([128 + weights[p] * ((as_int >> (p * bits)) & (2**bits - 1)) for p in range(4)]).float()
     assert torch.equal(out.float(), expected)
 
 
