@@ -294,18 +294,22 @@ def _attend_tile(q_rot, q_plain, kw_ptr, vw_ptr, scales_ptr, k_row_zero, v_col_s
 
 @triton.jit
 def _group_extras(bt, i, last_tile, grp, head_scales, scales_sb, G: tl.constexpr, D: tl.constexpr):
-    """The [ROWS, D] scales of tiles i + grp (one per row group) that feed no dot: K row zeros and V column scales.
-    Triton's pipeliner leaves such loads in place (each iteration waited on them: ~17 % of the stall samples at
-    batch 64 x 16K on an H100), so the group loop loads them one group ahead itself."""
-    d = tl.arange(0, D)
+    """The scales of tiles i + grp (one tile per row group) that feed no dot: K row zeros and V column scales
+    [ROWS, D], V row zeros [ROWS, G // 4] per plane. Triton's pipeliner leaves such loads in place (each iteration
+    waited on them: ~17 % of the stall samples at batch 64 x 16K on an H100), so the group loop loads them one group
+    ahead itself."""
+    W: tl.constexpr = G // 4
+    d = tl.arange(0, D)[None, :]
     blk = tl.load(bt + tl.minimum(i + grp, last_tile - 1)).to(tl.int64)
     sc = (head_scales + blk * scales_sb)[:, None]
-    return tl.load(sc + D + d[None, :]), tl.load(sc + 2 * D + 3 * G + d[None, :])
+    vz = sc + 2 * D + 2 * G + tl.arange(0, W)[None, :]
+    return (tl.load(sc + D + d), tl.load(sc + 2 * D + 3 * G + d),
+            tl.load(vz), tl.load(vz + W), tl.load(vz + 2 * W), tl.load(vz + 3 * W))
 
 
 @triton.jit
 def _attend_tile_group(q_rot, q_plain, bt, i, last_tile, grp, k_base, v_base, head_scales, scales_sb, kw_sb, vw_sb,
-                       k_row_zero, v_col_scale,
+                       k_row_zero, v_col_scale, vz0, vz1, vz2, vz3,
                        m_i, l_i, acc, sm_scale_log2, G: tl.constexpr, D: tl.constexpr, ROWS: tl.constexpr,
                        TG: tl.constexpr, KBITS: tl.constexpr, VBITS: tl.constexpr, DOT: tl.constexpr,
                        MAGIC: tl.constexpr, OFFSET: tl.constexpr, PRECISION: tl.constexpr):
@@ -358,11 +362,10 @@ def _attend_tile_group(q_rot, q_plain, bt, i, last_tile, grp, k_base, v_base, he
     pr1 = _v_operand(p1, tl.load(vs + W).to(tl.float32), 1, VBITS, DOT, MAGIC)
     pr2 = _v_operand(p2, tl.load(vs + 2 * W).to(tl.float32), 2, VBITS, DOT, MAGIC)
     pr3 = _v_operand(p3, tl.load(vs + 3 * W).to(tl.float32), 3, VBITS, DOT, MAGIC)
-    vz = vs + G
-    z = ((p0 * tl.load(vz).to(tl.float32) - OFFSET * pr0.to(tl.float32))
-         + (p1 * tl.load(vz + W).to(tl.float32) - OFFSET * pr1.to(tl.float32))) \
-        + ((p2 * tl.load(vz + 2 * W).to(tl.float32) - OFFSET * pr2.to(tl.float32))
-           + (p3 * tl.load(vz + 3 * W).to(tl.float32) - OFFSET * pr3.to(tl.float32)))
+    z = ((p0 * vz0.to(tl.float32) - OFFSET * pr0.to(tl.float32))
+         + (p1 * vz1.to(tl.float32) - OFFSET * pr1.to(tl.float32))) \
+        + ((p2 * vz2.to(tl.float32) - OFFSET * pr2.to(tl.float32))
+           + (p3 * vz3.to(tl.float32) - OFFSET * pr3.to(tl.float32)))
     pv = tl.zeros_like(acc)
     for g in tl.static_range(TG):
         vw = tl.load(v_base + tl.load(bt + tl.minimum(i + g, last_tile - 1)).to(tl.int64) * vw_sb + w_offs)
@@ -471,15 +474,17 @@ def _paged_attention_kernel(
         bt = block_table + b.to(tl.int64) * stride_bt
         head_scales = scales + kvh * scales_sh
         if TG > 1:
-            k_rz, v_cs = _group_extras(bt, first_tile, last_tile, grp, head_scales, scales_sb, G, D)
+            k_rz, v_cs, vz0, vz1, vz2, vz3 = _group_extras(bt, first_tile, last_tile, grp, head_scales, scales_sb,
+                                                           G, D)
             for i in range(first_tile, last_tile, TG):
                 # The next group's non-dot scales now (past the split's end: its last tile again, harmless).
-                k_rz1, v_cs1 = _group_extras(bt, i + TG, last_tile, grp, head_scales, scales_sb, G, D)
+                k_rz1, v_cs1, vz01, vz11, vz21, vz31 = _group_extras(bt, i + TG, last_tile, grp, head_scales,
+                                                                     scales_sb, G, D)
                 m_q, l_q, acc_q = _attend_tile_group(
                     qr, qp, bt, i, last_tile, grp, k_words + kvh * kw_sh, v_words + kvh * vw_sh, head_scales,
-                    scales_sb, kw_sb, vw_sb, k_rz, v_cs, m_q, l_q, acc_q, sm_scale * LOG2E, G, D, ROWS, TG, KBITS,
-                    VBITS, DOT, MAGIC, OFFSET, PRECISION)
-                k_rz, v_cs = k_rz1, v_cs1
+                    scales_sb, kw_sb, vw_sb, k_rz, v_cs, vz0, vz1, vz2, vz3, m_q, l_q, acc_q, sm_scale * LOG2E, G,
+                    D, ROWS, TG, KBITS, VBITS, DOT, MAGIC, OFFSET, PRECISION)
+                k_rz, v_cs, vz0, vz1, vz2, vz3 = k_rz1, v_cs1, vz01, vz11, vz21, vz31
             m_q, l_q, acc_q = _merge_groups(m_q, l_q, acc_q, TG, ROWS, D)
         else:
             k_rz, v_cs, vz0, vz1, vz2, vz3 = _tile_extras(
