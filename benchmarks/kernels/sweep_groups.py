@@ -3,7 +3,8 @@
 
     PYTHONPATH=. python benchmarks/kernels/sweep_groups.py --out benchmarks/kernels/results/sweep_groups.json
     PYTHONPATH=. python benchmarks/kernels/sweep_groups.py --evaluate benchmarks/kernels/results/sweep_groups.json
-(--evaluate needs no GPU; tests/benchmarks/test_sweep_groups.py runs it.)
+(--evaluate needs no GPU; tests/benchmarks/test_sweep_groups.py runs it.) A sweep split by --dims into several runs
+is joined by concatenating the runs' "rows".
 
 For each shape (batch, context, head_dim; 32 query / 8 KV heads, k4v2_g128, bfloat16) every tile-group count in
 --groups is timed at every power-of-two split count up to 64 (CUDA-graph replays, median), and at the automatic
@@ -59,6 +60,7 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", type=Path)
     ap.add_argument("--groups", default="1,4")
+    ap.add_argument("--dims", default="64,128,256", help="only the shapes of these head dims (split a long sweep)")
     ap.add_argument("--evaluate", type=Path, help="replay the current rule over a stored sweep (no GPU)")
     args = ap.parse_args()
     if args.evaluate:
@@ -70,7 +72,8 @@ def main() -> None:
     dtype = torch.bfloat16
     default_groups = attention.TILE_GROUPS
     rows = []
-    for batch, ctx, d in tqdm(SHAPES, desc="shapes"):
+    dims = {int(x) for x in args.dims.split(",")}
+    for batch, ctx, d in tqdm([s for s in SHAPES if s[2] in dims], desc="shapes"):
         fmt = KVarNFormat.from_preset("kvarn_k4v2_g128", d, dtype)
         state = make_state(batch, ctx, 8, fmt, dtype)
         q = torch.randn(batch, 32, d, device="cuda", dtype=dtype)
