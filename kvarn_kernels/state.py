@@ -25,7 +25,9 @@ class PagedKV:
     fmt: KVarNFormat
     cache: torch.Tensor  # uint8 [num_blocks, H, record_bytes]
     block_table: torch.Tensor  # int32 [B, max_tiles]
-    seq_lens: torch.Tensor  # int32 [B], history tokens
+    # int32 [B], history tokens: >= 0 and covered by block_table. Device values, not checked (that needs a sync); a
+    # negative entry may leave its sequence's decode output unwritten (row-group launches return early on it).
+    seq_lens: torch.Tensor
     sink_k: torch.Tensor  # [Ns, H, G, D] 16-bit (or float32)
     sink_v: torch.Tensor
     tail_k: torch.Tensor  # [Nt, H, G, D]
