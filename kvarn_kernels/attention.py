@@ -172,9 +172,10 @@ def _plane(words, PLANE: tl.constexpr, BITS: tl.constexpr, DOT: tl.constexpr, MA
     """
     # Both branches in one if/else: Triton's code generator still compiles statements after an early return.
     if MAGIC == BF16_MAGIC_ASM:
-        # PTX on packed registers: one shift and one LOP3 per two codes (4-bit codes in int16 words), a shift, two
-        # PRMTs and two LOP3s per four (2-bit codes in bytes); Triton's own lowering spends ~5 ops per code.
-        # The shift is a constant operand: ptxas folds it into an immediate.
+        # PTX on packed registers: one shift and one LOP3 per two codes (4-bit codes in int16 words); two LOP3s per
+        # four 2-bit codes (bytes), plus two PRMTs per register shared by its four planes and, for plane 3, two
+        # shifts. Triton's own lowering spends ~5 ops per code. Shifts and masks are constant operands: ptxas folds
+        # them into immediates.
         if BITS == 4:
             shift = tl.full(words.shape, PLANE * BITS, tl.int32)
             out = tl.inline_asm_elementwise(_ASM_PLANE4, "=r,r,r,r", [words, shift], dtype=tl.bfloat16,
