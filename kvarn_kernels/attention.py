@@ -295,17 +295,11 @@ def _attend_tile(q_rot, q_plain, kw_ptr, vw_ptr, scales_ptr, k_row_zero, v_col_s
 
 @triton.jit
 def _group_extras(bt, i, last_tile, grp, head_scales, scales_sb, G: tl.constexpr, D: tl.constexpr):
-    """The scales of tiles i + grp (one tile per row group) that feed no dot: K row zeros and V column scales
-    [ROWS, D], V row zeros [ROWS, G // 4] per plane. Triton's pipeliner leaves such loads in place (each iteration
-    waited on them: ~17 % of the stall samples at batch 64 x 16K on an H100), so the group loop loads them one group
-    ahead itself."""
-    W: tl.constexpr = G // 4
-    d = tl.arange(0, D)[None, :]
+    """`_tile_extras` of tiles i + grp, one tile per row group: K row zeros and V column scales [ROWS, D], V row zeros
+    [ROWS, G // 4] per plane. The group loop loads them one group ahead (before, each iteration waited on them: ~17 %
+    of the stall samples at batch 64 x 16K on an H100)."""
     blk = tl.load(bt + tl.minimum(i + grp, last_tile - 1)).to(tl.int64)
-    sc = (head_scales + blk * scales_sb)[:, None]
-    vz = sc + 2 * D + 2 * G + tl.arange(0, W)[None, :]
-    return (tl.load(sc + D + d), tl.load(sc + 2 * D + 3 * G + d),
-            tl.load(vz), tl.load(vz + W), tl.load(vz + 2 * W), tl.load(vz + 3 * W))
+    return _tile_extras((head_scales + blk * scales_sb)[:, None], G, D)
 
 
 @triton.jit
