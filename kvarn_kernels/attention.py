@@ -48,6 +48,12 @@ LAUNCH_OPTIONS_GROUPS = {"num_warps": 4, "num_stages": 3}
 CHUNK_LAUNCH_OPTIONS = {"num_warps": 4, "num_stages": 2}
 # 16-bit tokens (sink, tail, new) are attended this many at a time: small blocks keep registers free.
 DENSE_BLOCK = 32
+# Work units a split counts for G 16-bit tokens (the sink; the tail with the new tokens, pro rata) against 1 per
+# packed tile: a 16-bit block loads 4.6x a tile's bytes in DENSE_BLOCK-token steps. H100 A/B against 1 unit per
+# block (results/ab_session8.log, two runs, us): batch 1 x 4K 16.2 -> 14.9, batch 1 x 128K 85.4 -> 81.6, batch 8 x 16K
+# 86.7 -> 81.9, batch 64 x 16K 453 -> 423, batch 64 x 128K 3345 -> 3141; batch 8 x 128K 465 -> 483 (its 4-split build
+# got ~90 more SASS instructions per loop iteration). 2 and 4 units measured within noise of 3.
+DENSE_UNITS = 3
 CHUNK_ROWS = 64
 # Chunks of at least this many queries per sequence (on a GPU, 16-bit models) dequantize the history once into a
 # transient 16-bit buffer and run torch's varlen flash attention over it (`dense_history.py`); DENSE_CHUNKS=False:
@@ -402,7 +408,7 @@ def _paged_attention_kernel(
     N_REP: tl.constexpr, G: tl.constexpr, D: tl.constexpr, KBITS: tl.constexpr, VBITS: tl.constexpr,
     BLOCK_M: tl.constexpr, ROWS: tl.constexpr, HAS_NEW: tl.constexpr, NUM_SPLITS: tl.constexpr,
     DOT: tl.constexpr, PRECISION: tl.constexpr, DENSE_BLOCK: tl.constexpr, MAGIC: tl.constexpr,
-    OFFSET: tl.constexpr, UNROTATE_F32: tl.constexpr, TG: tl.constexpr,
+    OFFSET: tl.constexpr, UNROTATE_F32: tl.constexpr, TG: tl.constexpr, DU: tl.constexpr,
 ):
     b = tl.program_id(0)
     m_block = tl.program_id(1)
@@ -459,15 +465,18 @@ def _paged_attention_kernel(
 
     rest = tl.maximum(hist - G, 0)
     n_tiles = rest // G
-    # The sequence's work in units: its 16-bit sink (unit 0), its tiles (units 1..n_tiles) and its 16-bit tail with
-    # the new tokens (unit n_tiles + 1), spread evenly over the splits. A 16-bit block costs about what a tile
-    # does, so at short contexts (a split per unit) no split does a tile and a 16-bit block one after the other.
-    # With row groups a split's run is a multiple of TG units, so that its tile groups are full (but the first).
-    per_split = tl.cdiv(tl.cdiv(n_tiles + 2, NUM_SPLITS), TG) * TG
+    tail_pos = G * (1 + n_tiles)
+    # The sequence's work in units, spread evenly over the splits: its 16-bit sink (units 0..DU-1), its tiles (tile i
+    # is unit DU + i), then its 16-bit tail with the new tokens, DU units per G of their tokens (rounded up; none when
+    # there are none). A 16-bit block of G tokens weighs DU units (DENSE_UNITS) against a packed tile's 1, so the
+    # splits that attend the sink or the tail take fewer tiles. With row groups a split's run is a multiple of TG
+    # units, so that its tile groups are full (but the first).
+    units = DU + n_tiles + tl.cdiv((tl.maximum(hist - tail_pos, 0) + n_new) * DU, G)
+    per_split = tl.cdiv(tl.cdiv(units, NUM_SPLITS), TG) * TG
     u0 = split * per_split
-    u1 = tl.minimum(u0 + per_split, n_tiles + 2)
-    first_tile = tl.maximum(u0 - 1, 0)
-    last_tile = tl.minimum(u1 - 1, n_tiles)
+    u1 = tl.minimum(u0 + per_split, units)
+    first_tile = tl.maximum(u0 - DU, 0)
+    last_tile = tl.minimum(u1 - DU, n_tiles)
     # Loaded once: the offsets tensor is dead before the tile loop (registers are what limit this kernel).
     qp = tl.load(q + q_offs, mask=q_ok[:, None], other=0.0).to(DOT)
     if first_tile < last_tile:
@@ -516,10 +525,9 @@ def _paged_attention_kernel(
         m_d, l_d, acc_plain = _attend_dense(qp, sink_k + base, sink_v + base, D, tl.minimum(hist, G), 0,
                                             q_pos, row_ok, m_d, l_d, acc_plain, sm_scale, DENSE_BLOCK, D, DOT,
                                             PRECISION)
-    if (u0 <= n_tiles + 1) & (n_tiles + 1 < u1):
+    if (u0 <= DU + n_tiles) & (DU + n_tiles < u1):  # the split holding the tail's first unit (if it has one)
         tail_block = tl.load(dense_table + 2 * b + 1).to(tl.int64)
         base = tail_block * stride_db + kvh * stride_dh
-        tail_pos = G * (1 + n_tiles)
         m_d, l_d, acc_plain = _attend_dense(qp, tail_k + base, tail_v + base, D, hist - tail_pos, tail_pos,
                                             q_pos, row_ok, m_d, l_d, acc_plain, sm_scale, DENSE_BLOCK, D, DOT,
                                             PRECISION)
@@ -611,8 +619,9 @@ def split_plan(batch: int, num_kv_heads: int, max_tiles: int, head_dim: int, n_r
                num_sms: int, block_m: int = 1, q_blocks: int = 1, num_splits: int | None = None) -> tuple[int, int]:
     """(splits, row groups) of a `paged_attention` launch: `choose_num_splits` (decode: one wave of
     DECODE_PROGRAMS_PER_SM) and `tile_groups` for the units a split gets. Splits share out work units (sink, tiles,
-    tail: see the kernel), so they are chosen for max_tiles + 2 units. num_splits: forced (tests, sweeps)."""
-    units = max_tiles + 2
+    tail: see the kernel), so they are chosen for max_tiles + 2 * DENSE_UNITS units. num_splits: forced (tests,
+    sweeps)."""
+    units = max_tiles + 2 * DENSE_UNITS  # at most (the kernel counts the tail by its tokens)
     per_sm = DECODE_PROGRAMS_PER_SM.get(head_dim) if block_m == 1 and dtype != torch.float32 else None
     splits = num_splits or choose_num_splits(batch, num_kv_heads, units, num_sms, q_blocks, per_sm)
     rows = max(16, triton.next_power_of_2(block_m * n_rep))
@@ -685,7 +694,8 @@ def paged_attention(
         N_REP=n_rep, G=fmt.group, D=d, KBITS=fmt.k_bits, VBITS=fmt.v_bits,
         BLOCK_M=block_m, ROWS=rows, HAS_NEW=has_new, NUM_SPLITS=splits,
         DOT=dot, PRECISION=precision, DENSE_BLOCK=DENSE_BLOCK, MAGIC=magic, OFFSET=offset,
-        UNROTATE_F32=dot == tl.float32 or _interpreted(), TG=tg, **launch_options(rows, d, dot, tg),
+        UNROTATE_F32=dot == tl.float32 or _interpreted(), TG=tg, DU=DENSE_UNITS,
+        **launch_options(rows, d, dot, tg),
     )
     if splits > 1:
         _merge_splits_kernel[(tq * hq,)](part, part_m, part_l, out, tq * hq, **merge_meta(splits, d))

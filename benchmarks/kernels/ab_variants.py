@@ -6,7 +6,8 @@ A variant is a copy of the `kvarn_kernels` package put first on PYTHONPATH (e.g.
 tar -x -C /tmp/v0`), so several revisions run in one device call. Each config sets the launch options
 (`decode` at head_dim 128, `decode_groups` at head_dim 128 with row groups, `decode_d64`, `decode_d256`, `chunk`),
 `chunk_rows`, `min_tiles_per_split` and `dims` (head dims, default [128]), `dense_block` (16-bit tokens per step,
-default 32), `tile_groups` (tiles a decode program attends at once, default 4). `what` (default decode,chunk) may
+default 32), `tile_groups` (tiles a decode program attends at once, default 4), `dense_units` (work units a
+split counts per G 16-bit tokens; default: the module's). `what` (default decode,chunk) may
 add `split` (per-kernel times of batch-1 decode) and `flash` (flash SDPA on 16-bit KV at the decode shapes, once).
 One JSON line per (config, head_dim): max |error| of decode and a chunk against `reference.paged_attention_ref`,
 then microseconds per call (CUDA-graph medians) for a few decode shapes (32 query / 8 KV heads) and a 16K-history
@@ -28,7 +29,8 @@ from kvarn_kernels.attention import decode_attention, paged_attention
 from kvarn_kernels.format import KVarNFormat
 from kvarn_kernels.reference import paged_attention_ref
 
-DECODE_SHAPES = [(1, 1024), (1, 2048), (1, 4096), (1, 16384), (8, 2048), (8, 16384), (64, 16384), (64, 131072)]
+DECODE_SHAPES = [(1, 1024), (1, 2048), (1, 4096), (1, 16384), (8, 2048), (8, 16384), (64, 16384), (64, 131072),
+                 (1, 131072), (8, 131072)]
 
 
 def _set_options(cfg: dict) -> None:
@@ -50,6 +52,8 @@ def _set_options(cfg: dict) -> None:
     attention.DENSE_BLOCK = cfg.get("dense_block", 32)
     if hasattr(attention, "TILE_GROUPS"):
         attention.TILE_GROUPS = cfg.get("tile_groups", 4)
+    if "dense_units" in cfg:
+        attention.DENSE_UNITS = cfg["dense_units"]
 
 
 def _errors(fmt: KVarNFormat, d: int, dtype: torch.dtype) -> tuple[float, float]:
