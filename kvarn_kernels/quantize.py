@@ -331,14 +331,16 @@ def _quantize_tiles_kernel(
     k_src, v_src, stride_t, stride_h, signs,
     tile_starts, block_ids,
     k_words, v_words, scales, kw_stride_b, kw_stride_h, vw_stride_b, vw_stride_h, scales_stride_b, scales_stride_h,
-    k_weights,
+    k_weights, num_blocks,
     G: tl.constexpr, D: tl.constexpr, KBITS: tl.constexpr, VBITS: tl.constexpr, ITERS: tl.constexpr,
     SCALE: tl.constexpr, INTERPRETED: tl.constexpr, HAS_WEIGHTS: tl.constexpr,
 ):
     n = tl.program_id(0)
     h = tl.program_id(1)
-    start = tl.load(tile_starts + n).to(tl.int64)
     block = tl.load(block_ids + n).to(tl.int64)
+    if (block < 0) | (block >= num_blocks):
+        return  # an out-of-range block id (device data, not checked on the host) writes nothing, never out of bounds
+    start = tl.load(tile_starts + n).to(tl.int64)
     offset = start * stride_t + h * stride_h
     scales_base = scales + block * scales_stride_b + h * scales_stride_h
     # K and V of a tile are independent: separate programs double the parallelism of this latency-bound
@@ -397,7 +399,8 @@ def quantize_into_cache(
     """Quantize tiles of G tokens from k_src/v_src [T, H, D] into cache blocks, all in one launch.
 
     Tile i holds tokens tile_starts[i] .. tile_starts[i] + G - 1 of the source and is written to
-    cache[block_ids[i]] (all KV heads). The caller guarantees the tokens exist (no host sync here).
+    cache[block_ids[i]] (all KV heads). The caller guarantees the tokens exist (no host sync here). A block id outside
+    [0, cache.shape[0]) is not checked on the host (that would sync): its tile is skipped, nothing is written.
     k_weights (optional, float32 [N, H, D], contiguous): tile i's channel weights of the K-frame choice
     (`reference.choose_k_rotation`).
     """
@@ -416,7 +419,7 @@ def quantize_into_cache(
         k_src, v_src, k_src.stride(0), k_src.stride(1), signs,
         tile_starts, block_ids,
         k_words, v_words, scales, k_words.stride(0), k_words.stride(1), v_words.stride(0), v_words.stride(1),
-        scales.stride(0), scales.stride(1), k_weights if k_weights is not None else scales,
+        scales.stride(0), scales.stride(1), k_weights if k_weights is not None else scales, cache.shape[0],
         HAS_WEIGHTS=k_weights is not None,
         **opts["constexprs"], **{k: v for k, v in opts.items() if k != "constexprs"},
     )

@@ -48,25 +48,28 @@ def graph_time_ms(fn, replays: int = 20) -> float:
     return sorted(times)[len(times) // 2]
 
 
-def make_state(batch: int, ctx: int, hkv: int, fmt: KVarNFormat, dtype: torch.dtype) -> PagedKV:
+def make_state(batch: int, ctx: int, hkv: int, fmt: KVarNFormat, dtype: torch.dtype, device: str = "cuda") -> PagedKV:
     """A KVarN state of `batch` sequences of `ctx` tokens with random (quantized) content."""
     g, d = fmt.group, fmt.head_dim
     n_tiles = max(ctx - g, 0) // g
-    cache = fmt.allocate(max(batch * n_tiles, 1), hkv, "cuda")
+    cache = fmt.allocate(max(batch * n_tiles, 1), hkv, device)
     if n_tiles:
-        # Quantize real data into a few blocks, then copy them around: content matters little for speed.
-        src = torch.randn(8 * g, hkv, d, device="cuda", dtype=dtype)
-        starts = torch.arange(8, device="cuda", dtype=torch.int32) * g
+        # Quantize real data into a few blocks (at most the cache's), then copy them around: content matters little
+        # for speed. (Until session 8 this wrote 8 blocks into caches of fewer, e.g. batch 1 x 1K's 7: the eighth went
+        # past the cache and, at head_dim 64, corrupted later launches.)
+        k = min(8, cache.shape[0])
+        src = torch.randn(k * g, hkv, d, device=device, dtype=dtype)
+        starts = torch.arange(k, device=device, dtype=torch.int32) * g
         quantize_into_cache(src, src, starts, starts // g, cache, fmt)
-        cache.copy_(cache[torch.arange(cache.shape[0], device="cuda") % 8])
-    perm = torch.randperm(max(batch * n_tiles, 1), device="cuda").to(torch.int32)
+        cache.copy_(cache[torch.arange(cache.shape[0], device=device) % k])
+    perm = torch.randperm(max(batch * n_tiles, 1), device=device).to(torch.int32)
     block_table = perm[: batch * n_tiles].reshape(batch, n_tiles) if n_tiles else perm[:1].repeat(batch, 1)
-    dense = torch.randn(2 * batch, hkv, g, d, device="cuda", dtype=dtype)
+    dense = torch.randn(2 * batch, hkv, g, d, device=device, dtype=dtype)
     return PagedKV(
         fmt=fmt, cache=cache, block_table=block_table.contiguous(),
-        seq_lens=torch.full((batch,), ctx, dtype=torch.int32, device="cuda"),
+        seq_lens=torch.full((batch,), ctx, dtype=torch.int32, device=device),
         sink_k=dense, sink_v=dense, tail_k=dense, tail_v=dense,
-        dense_table=torch.arange(2 * batch, dtype=torch.int32, device="cuda").reshape(batch, 2),
+        dense_table=torch.arange(2 * batch, dtype=torch.int32, device=device).reshape(batch, 2),
     )
 
 

@@ -139,6 +139,22 @@ def test_kernel_writes_only_its_blocks(device):
     assert all(int(actual[b].count_nonzero()) > 0 for b in blocks.tolist())
 
 
+def test_out_of_range_block_ids_write_nothing(device):
+    """Block ids are device data (not checked on the host): a tile whose id lies outside the cache is skipped, never
+    written past it. The cache here is the first 3 blocks of a 5-block buffer, so a write past its end would land in
+    the buffer's blocks 3-4."""
+    fmt = KVarNFormat.from_preset("kvarn_k4v2_g64", 64, torch.float16)
+    k, v = synthetic_kv(3 * 64, 2, 64, torch.float16, seed=3, device=device)
+    starts = torch.tensor([0, 64, 128], dtype=torch.int32, device=device)
+    blocks = torch.tensor([3, 1, -1], dtype=torch.int32, device=device)
+    buffer = fmt.allocate(5, 2, device)
+    quantize_into_cache(k, v, starts, blocks, buffer[:3], fmt)
+    expected = fmt.allocate(3, 2, device)  # the in-range tile alone
+    quantize_into_cache(k[64:], v[64:], starts[:1], blocks[1:2], expected, fmt)
+    assert torch.equal(buffer[:3], expected) and int(expected[1].count_nonzero()) > 0
+    assert int(buffer[3:].count_nonzero()) == 0
+
+
 def test_empty_tile_list_is_a_no_op(device):
     fmt = KVarNFormat.from_preset("kvarn_k4v2_g64", 64)
     cache = fmt.allocate(2, 1, device)
