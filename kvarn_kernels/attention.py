@@ -52,7 +52,9 @@ DENSE_BLOCK = 32
 # packed tile: a 16-bit block loads 4.6x a tile's bytes in DENSE_BLOCK-token steps. H100 A/B against 1 unit per
 # block (results/ab_session8.log, two runs, us): batch 1 x 4K 16.2 -> 14.9, batch 1 x 128K 85.4 -> 81.6, batch 8 x 16K
 # 86.7 -> 81.9, batch 64 x 16K 453 -> 423, batch 64 x 128K 3345 -> 3141; batch 8 x 128K 465 -> 483 (its 4-split build
-# got ~90 more SASS instructions per loop iteration). 2 and 4 units measured within noise of 3.
+# got ~90 more SASS instructions per loop iteration). 2 and 4 units measured within noise of 3. Decode only: chunks
+# (new tokens) keep 1 unit per block; their sm_90 build with 3 spilled more (816 vs 760 stack bytes, 3302 vs 3214
+# loop instructions) and 16K-history chunks of 32-128 queries ran 10-18 % slower in session 8's grid.
 DENSE_UNITS = 3
 CHUNK_ROWS = 64
 # Chunks of at least this many queries per sequence (on a GPU, 16-bit models) dequantize the history once into a
@@ -470,8 +472,12 @@ def _paged_attention_kernel(
     # is unit DU + i), then its 16-bit tail with the new tokens, DU units per G of their tokens (rounded up; none when
     # there are none). A 16-bit block of G tokens weighs DU units (DENSE_UNITS) against a packed tile's 1, so the
     # splits that attend the sink or the tail take fewer tiles. With row groups a split's run is a multiple of TG
-    # units, so that its tile groups are full (but the first).
-    units = DU + n_tiles + tl.cdiv((tl.maximum(hist - tail_pos, 0) + n_new) * DU, G)
+    # units, so that its tile groups are full (but the first). DU = 1 (chunks: see DENSE_UNITS) keeps one unit per
+    # block, the tail's always there.
+    if DU == 1:
+        units = n_tiles + 2
+    else:
+        units = DU + n_tiles + tl.cdiv((tl.maximum(hist - tail_pos, 0) + n_new) * DU, G)
     per_split = tl.cdiv(tl.cdiv(units, NUM_SPLITS), TG) * TG
     u0 = split * per_split
     u1 = tl.minimum(u0 + per_split, units)
@@ -694,7 +700,7 @@ def paged_attention(
         N_REP=n_rep, G=fmt.group, D=d, KBITS=fmt.k_bits, VBITS=fmt.v_bits,
         BLOCK_M=block_m, ROWS=rows, HAS_NEW=has_new, NUM_SPLITS=splits,
         DOT=dot, PRECISION=precision, DENSE_BLOCK=DENSE_BLOCK, MAGIC=magic, OFFSET=offset,
-        UNROTATE_F32=dot == tl.float32 or _interpreted(), TG=tg, DU=DENSE_UNITS,
+        UNROTATE_F32=dot == tl.float32 or _interpreted(), TG=tg, DU=1 if has_new else DENSE_UNITS,
         **launch_options(rows, d, dot, tg),
     )
     if splits > 1:
