@@ -326,7 +326,8 @@ def _signs_dot(x, signs, acc, TRANSPOSED: tl.constexpr):
     return out
 
 
-@triton.jit
+# num_blocks only bounds-checks block ids: one build for every cache size (no specialization on 1 or multiples of 16).
+@triton.jit(do_not_specialize=["num_blocks"])
 def _quantize_tiles_kernel(
     k_src, v_src, stride_t, stride_h, signs,
     tile_starts, block_ids,
