@@ -61,7 +61,7 @@ def attention_kernel(dot: str = "bfloat16", head_dim: int = 128, n_rep: int = 4,
         "BLOCK_M": block_m, "ROWS": rows, "HAS_NEW": bool(chunk_rows),
         "NUM_SPLITS": num_splits, "DOT": dt, "PRECISION": "ieee" if dt == tl.float32 else "tf32",
         "DENSE_BLOCK": attention.DENSE_BLOCK, "MAGIC": magic, "OFFSET": offset, "UNROTATE_F32": dt == tl.float32,
-        "TG": tile_groups, "DU": 1 if chunk_rows else attention.DENSE_UNITS,
+        "TG": tile_groups, "DU": attention.dense_units(bool(chunk_rows)),
     }
     act = "*" + {"float32": "fp32", "float16": "fp16", "bfloat16": "bf16"}[dot]
     scales = "*fp16" if dot == "float16" else "*bf16"  # bfloat16 scales for bfloat16 and float32 models

@@ -621,13 +621,19 @@ def choose_num_splits(batch: int, num_kv_heads: int, max_tiles: int, num_sms: in
     return min(by_work, by_occupancy, 64)
 
 
+def dense_units(has_new: bool) -> int:
+    """Work units per 16-bit block of a launch (the kernel's DU): DENSE_UNITS for decode, 1 for chunks."""
+    return 1 if has_new else DENSE_UNITS
+
+
 def split_plan(batch: int, num_kv_heads: int, max_tiles: int, head_dim: int, n_rep: int, dtype: torch.dtype,
-               num_sms: int, block_m: int = 1, q_blocks: int = 1, num_splits: int | None = None) -> tuple[int, int]:
+               num_sms: int, block_m: int = 1, q_blocks: int = 1, num_splits: int | None = None,
+               has_new: bool = False) -> tuple[int, int]:
     """(splits, row groups) of a `paged_attention` launch: `choose_num_splits` (decode: one wave of
     DECODE_PROGRAMS_PER_SM) and `tile_groups` for the units a split gets. Splits share out work units (sink, tiles,
-    tail: see the kernel), so they are chosen for max_tiles + 2 * DENSE_UNITS units. num_splits: forced (tests,
-    sweeps)."""
-    units = max_tiles + 2 * DENSE_UNITS  # at most (the kernel counts the tail by its tokens)
+    tail: see the kernel), so they are chosen for max_tiles + 2 * dense_units(has_new) units. num_splits: forced
+    (tests, sweeps)."""
+    units = max_tiles + 2 * dense_units(has_new)  # at most (decode counts the tail by its tokens)
     per_sm = DECODE_PROGRAMS_PER_SM.get(head_dim) if block_m == 1 and dtype != torch.float32 else None
     splits = num_splits or choose_num_splits(batch, num_kv_heads, units, num_sms, q_blocks, per_sm)
     rows = max(16, triton.next_power_of_2(block_m * n_rep))
@@ -669,8 +675,9 @@ def paged_attention(
     block_m = max(1, min(CHUNK_ROWS // n_rep, triton.next_power_of_2(max_q_len)))
     q_blocks = triton.cdiv(max_q_len, block_m)
     rows = max(16, triton.next_power_of_2(block_m * n_rep))
+    has_new = k_new is not None
     splits, tg = split_plan(batch, hkv, max_tiles, d, n_rep, q.dtype, _num_sms(q.device), block_m, q_blocks,
-                            num_splits)
+                            num_splits, has_new)
     dot = _dot_dtype(q.dtype)
     precision = "ieee" if dot == tl.float32 else "tf32"
     out = torch.empty(tq, hq, d, device=q.device, dtype=q.dtype)
@@ -681,7 +688,6 @@ def paged_attention(
         part = torch.empty(splits, tq, hq, d, device=q.device, dtype=torch.float32)
         part_m = torch.empty(splits, tq, hq, device=q.device, dtype=torch.float32)
         part_l = torch.empty_like(part_m)
-    has_new = k_new is not None
     kn = k_new if has_new else q
     vn = v_new if has_new else q
     k_words, v_words, scales = fmt.word_views(state.cache)
@@ -700,7 +706,7 @@ def paged_attention(
         N_REP=n_rep, G=fmt.group, D=d, KBITS=fmt.k_bits, VBITS=fmt.v_bits,
         BLOCK_M=block_m, ROWS=rows, HAS_NEW=has_new, NUM_SPLITS=splits,
         DOT=dot, PRECISION=precision, DENSE_BLOCK=DENSE_BLOCK, MAGIC=magic, OFFSET=offset,
-        UNROTATE_F32=dot == tl.float32 or _interpreted(), TG=tg, DU=1 if has_new else DENSE_UNITS,
+        UNROTATE_F32=dot == tl.float32 or _interpreted(), TG=tg, DU=dense_units(has_new),
         **launch_options(rows, d, dot, tg),
     )
     if splits > 1:

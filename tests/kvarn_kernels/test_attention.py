@@ -96,9 +96,9 @@ def test_idle_and_many_splits_merge_exactly(splits, device):
 @pytest.mark.parametrize("splits,dense_units", [(2, 1), (3, 1), (4, 1), (7, 1), (3, 3), (7, 3), (16, 3)])
 def test_work_units_cover_every_key_once(splits, dense_units, device, monkeypatch):
     """Splits take runs of work units (sink, tiles, tail + new tokens): here the sink sits alone or with tiles, and
-    the tail lands on the last busy split, which is often not the last split. A 16-bit block weighs `dense_units`
-    units (3: it may span splits, one of which attends it while the others do nothing). Every key must count exactly
-    once."""
+    the tail lands on the last busy split, which is often not the last split. In decode a 16-bit block weighs
+    `dense_units` units (3: it may span splits, one of which attends it while the others do nothing; chunks keep 1).
+    Every key must count exactly once."""
     monkeypatch.setattr(attention, "DENSE_UNITS", dense_units)
     lens = [1, 64, 65, 128, 200, 256, 300, 64 * 7 + 13]
     state = _state(lens, 2, 64, torch.float32, device)
