@@ -62,13 +62,12 @@ def attention_kernel(dot: str = "bfloat16", head_dim: int = 128, n_rep: int = 4,
         "NUM_SPLITS": num_splits, "DOT": dt, "PRECISION": "ieee" if dt == tl.float32 else "tf32",
         "DENSE_BLOCK": attention.DENSE_BLOCK, "MAGIC": magic, "OFFSET": offset, "UNROTATE_F32": dt == tl.float32,
         "TG": tile_groups, "DU": attention.dense_units(bool(chunk_rows)),
-        **attention.fused_merge_meta(num_splits, head_dim, n_rep, num_splits > 1 and not chunk_rows),
     }
     act = "*" + {"float32": "fp32", "float16": "fp16", "bfloat16": "bf16"}[dot]
     scales = "*fp16" if dot == "float16" else "*bf16"  # bfloat16 scales for bfloat16 and float32 models
     ptrs = {name: act for name in ("q", "hadamard_ptr", "k_new", "v_new", "sink_k", "sink_v", "tail_k", "tail_v",
                                    "out")}
-    ptrs.update({name: "*i32" for name in ("cu_q", "cu_k", "seq_lens", "block_table", "dense_table", "locks")})
+    ptrs.update({name: "*i32" for name in ("cu_q", "cu_k", "seq_lens", "block_table", "dense_table")})
     ptrs.update({name: "*fp32" for name in ("part", "part_m", "part_l")})
     ptrs.update({"k_words": "*" + TRITON_TYPES[word_dtype(kbits)], "v_words": "*" + TRITON_TYPES[word_dtype(vbits)],
                  "scales": scales, "sm_scale": "fp32"})

@@ -30,11 +30,6 @@ from .reference import hadamard
 from .state import PagedKV
 
 MIN_TILES_PER_SPLIT = 1
-# Split decode: the last split program of each (sequence, KV head) merges the splits itself, counted on an arrival
-# counter (`_decode_locks`): "persistent" counters per (device, stream), "zeros" per call, "off": a second launch.
-FUSED_MERGE = "persistent"
-LOCK_COUNT = 1 << 16
-_LOCKS: dict[tuple[torch.device, int], torch.Tensor] = {}
 LOG2E = tl.constexpr(1.4426950408889634)
 LN2 = tl.constexpr(0.6931471805599453)
 # Launch options of the attention kernel (benchmarks/kernels/bench_decode.py --tune sweeps them).
@@ -410,14 +405,12 @@ def _paged_attention_kernel(
     cu_q, cu_k, seq_lens, block_table, stride_bt, dense_table,
     k_words, v_words, scales, kw_sb, kw_sh, vw_sb, vw_sh, scales_sb, scales_sh,
     sink_k, sink_v, tail_k, tail_v, stride_db, stride_dh,
-    part, part_m, part_l, out, stride_ps, stride_pt, stride_ph, locks,
+    part, part_m, part_l, out, stride_ps, stride_pt, stride_ph,
     sm_scale,
     N_REP: tl.constexpr, G: tl.constexpr, D: tl.constexpr, KBITS: tl.constexpr, VBITS: tl.constexpr,
     BLOCK_M: tl.constexpr, ROWS: tl.constexpr, HAS_NEW: tl.constexpr, NUM_SPLITS: tl.constexpr,
     DOT: tl.constexpr, PRECISION: tl.constexpr, DENSE_BLOCK: tl.constexpr, MAGIC: tl.constexpr,
     OFFSET: tl.constexpr, UNROTATE_F32: tl.constexpr, TG: tl.constexpr, DU: tl.constexpr,
-    FUSED_MERGE: tl.constexpr = False, SPLITS_P2: tl.constexpr = 1, MERGE_SB: tl.constexpr = 1,
-    MERGE_RP2: tl.constexpr = 1,
 ):
     b = tl.program_id(0)
     m_block = tl.program_id(1)
@@ -570,47 +563,6 @@ def _paged_attention_kernel(
         tl.store(part_m + ml_offs, m_i, mask=row_ok)
         tl.store(part_l + ml_offs, l_i, mask=row_ok)
         tl.store(part + split * stride_ps + out_offs, acc, mask=row_ok[:, None])
-        if FUSED_MERGE:
-            # Decode: the last of the sequence's splits to get here merges them all (no second launch). The barrier
-            # puts every thread's partial stores before the counter's release; the last arrival's acquire sees them.
-            # The counter (zero before the launch) is reset by that program for the next launch.
-            tl.debug_barrier()
-            lock = locks + b * (tl.num_programs(2) // NUM_SPLITS) + kvh
-            if tl.atomic_add(lock, 1, sem="acq_rel", scope="gpu") == NUM_SPLITS - 1:
-                _merge_decode_row(part, part_m, part_l, out, stride_ps // D, (b * (stride_pt // D) + kvh * N_REP),
-                                  N_REP, MERGE_RP2, NUM_SPLITS, SPLITS_P2, MERGE_SB, D)
-                tl.atomic_xchg(lock, 0, sem="relaxed", scope="gpu")
-
-
-@triton.jit
-def _merge_decode_row(part, part_m, part_l, out, n_rows, row0, N_REP: tl.constexpr, RP2: tl.constexpr,
-                      NUM_SPLITS: tl.constexpr, SPLITS_P2: tl.constexpr, SB: tl.constexpr, D: tl.constexpr):
-    """Log-sum-exp merge of the split partials of one decode program's N_REP query heads (rows row0 .. row0 + N_REP
-    of [S, rows, D] partials; RP2: N_REP's next power of two), stored in out's dtype: SB splits per load, every
-    (head, channel) element carrying its row's m and l, so that nothing needs a reshape. Loads bypass L1 (.cg): other
-    programs wrote the partials."""
-    j = tl.arange(0, RP2 * D)
-    row = j // D
-    valid = row < N_REP
-    m_run = tl.full([RP2 * D], float("-inf"), tl.float32)
-    l_run = tl.zeros([RP2 * D], tl.float32)
-    acc = tl.zeros([RP2 * D], tl.float32)
-    for c in tl.static_range(0, SPLITS_P2, SB):
-        s = c + tl.arange(0, SB)
-        ok = (s < NUM_SPLITS)[:, None] & valid[None, :]
-        ml = s[:, None].to(tl.int64) * n_rows + (row0 + row)[None, :]
-        m_s = tl.load(part_m + ml, mask=ok, other=float("-inf"), cache_modifier=".cg")
-        l_s = tl.load(part_l + ml, mask=ok, other=0.0, cache_modifier=".cg")
-        a_s = tl.load(part + ml * D + (j % D)[None, :], mask=ok, other=0.0, cache_modifier=".cg")
-        m_new = tl.maximum(m_run, tl.max(m_s, axis=0))
-        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-        w = tl.where(l_s > 0, tl.exp(m_s - m_safe[None, :]), 0.0)  # 0: a split saw no key
-        alpha = tl.exp(m_run - m_safe)
-        l_run = l_run * alpha + tl.sum(w * l_s, axis=0)
-        acc = acc * alpha + tl.sum(w * a_s, axis=0)
-        m_run = m_new
-    tl.store(out + row0.to(tl.int64) * D + j, (acc * tl.where(l_run > 0, 1.0 / l_run, 0.0)).to(out.dtype.element_ty),
-             mask=valid)
 
 
 @triton.jit
@@ -651,38 +603,6 @@ def _merge_splits_kernel(part, part_m, part_l, out, n_rows, NUM_SPLITS: tl.const
     l_tot = tl.sum(w * l_s, axis=0)
     res = tl.sum(acc * w[:, None], axis=0)
     tl.store(out + row * D + d, (res * tl.where(l_tot > 0, 1.0 / l_tot, 0.0)).to(out.dtype.element_ty))
-
-
-def fused_merge_meta(splits: int, head_dim: int, n_rep: int, fused: bool) -> dict:
-    """Constexprs of the attention kernel's in-launch split merge (decode; `_merge_decode_row`): off unless `fused`.
-    A load takes as many splits as keep it at 4096 elements (32 per thread of 4 warps)."""
-    if not fused:
-        return {"FUSED_MERGE": False}
-    rp2 = triton.next_power_of_2(n_rep)
-    p2 = triton.next_power_of_2(splits)
-    return {"FUSED_MERGE": True, "SPLITS_P2": p2, "MERGE_SB": min(p2, max(1, 4096 // (rp2 * head_dim))),
-            "MERGE_RP2": rp2}
-
-
-def _decode_locks(n: int, device: torch.device) -> torch.Tensor | None:
-    """Arrival counters of a split decode launch over n (sequence, KV head) pairs, all zero (the launch's last
-    program per pair resets its counter), or None: merge in a second launch (FUSED_MERGE "off", or more pairs than
-    LOCK_COUNT).
-
-    "persistent": one buffer per (device, stream), made once and never freed: CUDA graphs capture its address, and
-    launches on one stream run one after another, so they never share a counter at once (launches running at once
-    on different streams get different buffers). A buffer first made during graph capture is zeroed by the graph
-    (its memset is captured with it) before the captured launch that uses it. "zeros": a fresh zeroed buffer per
-    call (one memset per call)."""
-    if FUSED_MERGE == "off" or n > LOCK_COUNT:
-        return None
-    if FUSED_MERGE == "zeros":
-        return torch.zeros(n, dtype=torch.int32, device=device)
-    stream = torch.cuda.current_stream(device).stream_id if device.type == "cuda" else 0
-    key = (torch.device(device), stream)
-    if key not in _LOCKS:
-        _LOCKS[key] = torch.zeros(LOCK_COUNT, dtype=torch.int32, device=device)
-    return _LOCKS[key]
 
 
 def choose_num_splits(batch: int, num_kv_heads: int, max_tiles: int, num_sms: int = 132, q_blocks: int = 1,
@@ -770,7 +690,6 @@ def paged_attention(
         part_l = torch.empty_like(part_m)
     kn = k_new if has_new else q
     vn = v_new if has_new else q
-    locks = _decode_locks(batch * hkv, q.device) if splits > 1 and not has_new else None
     k_words, v_words, scales = fmt.word_views(state.cache)
     magic, offset = code_conversion(dot)
     grid = (batch, q_blocks, hkv * splits)
@@ -782,15 +701,15 @@ def paged_attention(
         k_words, v_words, scales, k_words.stride(0), k_words.stride(1), v_words.stride(0), v_words.stride(1),
         scales.stride(0), scales.stride(1),
         state.sink_k, state.sink_v, state.tail_k, state.tail_v, state.sink_k.stride(0), state.sink_k.stride(1),
-        part, part_m, part_l, out, tq * hq * d, hq * d, d, locks if locks is not None else cu_seqlens_q,
+        part, part_m, part_l, out, tq * hq * d, hq * d, d,
         scale,
         N_REP=n_rep, G=fmt.group, D=d, KBITS=fmt.k_bits, VBITS=fmt.v_bits,
         BLOCK_M=block_m, ROWS=rows, HAS_NEW=has_new, NUM_SPLITS=splits,
         DOT=dot, PRECISION=precision, DENSE_BLOCK=DENSE_BLOCK, MAGIC=magic, OFFSET=offset,
         UNROTATE_F32=dot == tl.float32 or _interpreted(), TG=tg, DU=dense_units(has_new),
-        **fused_merge_meta(splits, d, n_rep, locks is not None), **launch_options(rows, d, dot, tg),
+        **launch_options(rows, d, dot, tg),
     )
-    if splits > 1 and locks is None:
+    if splits > 1:
         _merge_splits_kernel[(tq * hq,)](part, part_m, part_l, out, tq * hq, **merge_meta(splits, d))
     return out
 

@@ -332,34 +332,3 @@ def test_sixteen_bit_decode_is_the_reference_at_float32_and_close_at_bfloat16():
     qb = q.bfloat16()
     floor = sixteen_bit_decode(qb, state) - ref.paged_attention_ref(qb, state, _cu([1, 1, 1], "cpu")).float()
     assert 1e-4 < floor.abs().mean() < 5e-3  # bfloat16 keeps 8 bits; the GPU tests measured ~1e-3
-
-
-@pytest.mark.parametrize("n_rep,head_dim", [(4, 64), (3, 64), (8, 128)])
-def test_fused_merge_equals_second_launch_and_resets_counters(n_rep, head_dim, device, monkeypatch):
-    """Split decode merges in the launch's last program per (sequence, KV head) (`FUSED_MERGE`): it must give the
-    second launch's output (other summation order: float32 rounding), with every arrival counter back at zero after
-    each call, so that calls with other split counts (2; 64: chunks of MERGE_SB splits, idle splits; 3: padded)
-    and batch sizes that follow stay right. GQA 3 pads its merge rows to 4; GQA 8 at head_dim 128 takes 4 splits per
-    load."""
-    lens = [5, 300, 129, 260]
-    state = _state(lens, 2, head_dim, torch.float32, device)
-    gen = torch.Generator().manual_seed(5)
-    q = torch.randn(len(lens), 2 * n_rep, head_dim, generator=gen).to(device)
-    expected = ref.paged_attention_ref(q, state, _cu([1] * len(lens), device))
-    for splits in (2, 64, 3):
-        monkeypatch.setattr(attention, "FUSED_MERGE", "off")
-        two_launches = decode_attention(q, state, num_splits=splits)
-        for mode in ("persistent", "zeros"):
-            monkeypatch.setattr(attention, "FUSED_MERGE", mode)
-            fused = decode_attention(q, state, num_splits=splits)
-            torch.testing.assert_close(fused, two_launches, atol=1e-6, rtol=1e-6)
-            torch.testing.assert_close(fused, expected, atol=1e-5, rtol=1e-5)
-        assert attention._LOCKS and all(int(locks.abs().sum()) == 0 for locks in attention._LOCKS.values())
-
-
-def test_fused_merge_meta_bounds_its_loads():
-    meta = attention.fused_merge_meta(64, 128, 4, True)
-    assert meta == {"FUSED_MERGE": True, "SPLITS_P2": 64, "MERGE_SB": 8, "MERGE_RP2": 4}
-    assert attention.fused_merge_meta(3, 256, 8, True)["MERGE_SB"] == 2  # 8 x 256 = 2048 elements per split
-    assert attention.fused_merge_meta(2, 64, 1, True)["MERGE_SB"] == 2  # never more than the padded splits
-    assert attention.fused_merge_meta(4, 128, 4, False) == {"FUSED_MERGE": False}
