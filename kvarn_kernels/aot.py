@@ -68,7 +68,7 @@ def attention_kernel(dot: str = "bfloat16", head_dim: int = 128, n_rep: int = 4,
     ptrs = {name: act for name in ("q", "hadamard_ptr", "k_new", "v_new", "sink_k", "sink_v", "tail_k", "tail_v",
                                    "out")}
     ptrs.update({name: "*i32" for name in ("cu_q", "cu_k", "seq_lens", "block_table", "dense_table")})
-    ptrs.update({name: "*fp32" for name in ("part", "part_m", "part_l")})
+    ptrs.update({name: "*fp32" for name in ("part", "part_lse")})
     ptrs.update({"k_words": "*" + TRITON_TYPES[word_dtype(kbits)], "v_words": "*" + TRITON_TYPES[word_dtype(vbits)],
                  "scales": scales, "sm_scale": "fp32"})
     aligned = {"kw_sb", "kw_sh", "vw_sb", "vw_sh", "scales_sb", "scales_sh", "stride_db", "stride_dh", "stride_qt",
@@ -81,7 +81,7 @@ def merge_kernel(head_dim: int, splits: int = 64, out_dtype: str = "bf16") -> An
     """The split merge as `paged_attention` launches it for `splits` partials (64: the most it picks)."""
     constexprs = attention.merge_meta(splits, head_dim)
     options = {"num_warps": constexprs.pop("num_warps")}
-    ptrs = {"part": "*fp32", "part_m": "*fp32", "part_l": "*fp32", "out": "*" + out_dtype}
+    ptrs = {"part": "*fp32", "part_lse": "*fp32", "out": "*" + out_dtype}
     return _compile(attention._merge_splits_kernel, constexprs, ptrs, set(), options)
 
 

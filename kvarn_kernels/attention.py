@@ -405,7 +405,7 @@ def _paged_attention_kernel(
     cu_q, cu_k, seq_lens, block_table, stride_bt, dense_table,
     k_words, v_words, scales, kw_sb, kw_sh, vw_sb, vw_sh, scales_sb, scales_sh,
     sink_k, sink_v, tail_k, tail_v, stride_db, stride_dh,
-    part, part_m, part_l, out, stride_ps, stride_pt, stride_ph,
+    part, part_lse, out, stride_ps, stride_pt, stride_ph,
     sm_scale,
     N_REP: tl.constexpr, G: tl.constexpr, D: tl.constexpr, KBITS: tl.constexpr, VBITS: tl.constexpr,
     BLOCK_M: tl.constexpr, ROWS: tl.constexpr, HAS_NEW: tl.constexpr, NUM_SPLITS: tl.constexpr,
@@ -559,10 +559,14 @@ def _paged_attention_kernel(
         tl.store(out + out_offs, (acc * tl.where(l_i > 0, 1.0 / l_i, 0.0)[:, None]).to(out.dtype.element_ty),
                  mask=row_ok[:, None])
     else:
-        ml_offs = split * (stride_ps // D) + t_idx * (stride_pt // D) + head * (stride_ph // D)
-        tl.store(part_m + ml_offs, m_i, mask=row_ok)
-        tl.store(part_l + ml_offs, l_i, mask=row_ok)
-        tl.store(part + split * stride_ps + out_offs, acc, mask=row_ok[:, None])
+        # The split's normalized output and its log-sum-exp (−inf: it saw no key). Storing acc, m and l instead, ptxas
+        # left 3 spill reloads in the split row-group builds' tile loop (head_dim 128), and batch 8 x 64K/128K decode
+        # ran 11 % slower on an H100 (results/session9/ab_split_epilogue.log: 253.7 -> 225.7 us, 475 -> 428 us;
+        # batch 1 x 128K 81.0 -> 76.4). test_compile_sm90 checks that the loop does not spill.
+        lse_offs = split * (stride_ps // D) + t_idx * (stride_pt // D) + head * (stride_ph // D)
+        tl.store(part_lse + lse_offs, tl.where(l_i > 0, m_i + tl.log(l_i), float("-inf")), mask=row_ok)
+        tl.store(part + split * stride_ps + out_offs, acc * tl.where(l_i > 0, 1.0 / l_i, 0.0)[:, None],
+                 mask=row_ok[:, None])
 
 
 @triton.jit
@@ -586,23 +590,23 @@ def _unrotate(x, hadamard_ptr, D: tl.constexpr, F32: tl.constexpr):
 
 
 @triton.jit
-def _merge_splits_kernel(part, part_m, part_l, out, n_rows, NUM_SPLITS: tl.constexpr, SPLITS_P2: tl.constexpr,
+def _merge_splits_kernel(part, part_lse, out, n_rows, NUM_SPLITS: tl.constexpr, SPLITS_P2: tl.constexpr,
                          D: tl.constexpr):
-    """Log-sum-exp merge of one (query, head) row's split partials [S, rows, D] (already un-rotated), stored in
-    out's dtype: all splits in one [S, D] load, so a row costs one memory round trip."""
+    """Merge of one (query, head) row's split outputs [S, rows, D] (normalized, already un-rotated), weighted by
+    their log-sum-exps [S, rows], stored in out's dtype: all splits in one [S, D] load, so a row costs one memory
+    round trip."""
     row = tl.program_id(0).to(tl.int64)
     s = tl.arange(0, SPLITS_P2)
     s_ok = s < NUM_SPLITS
     d = tl.arange(0, D)
-    # All three loads issued before any use: one memory round trip, not two.
-    m_s = tl.load(part_m + s * n_rows + row, mask=s_ok, other=float("-inf"))
-    l_s = tl.load(part_l + s * n_rows + row, mask=s_ok, other=0.0)
-    acc = tl.load(part + (s[:, None] * n_rows + row) * D + d[None, :], mask=s_ok[:, None], other=0.0)
-    m = tl.max(m_s, axis=0)
-    w = tl.where(l_s > 0, tl.exp(m_s - tl.where(m == float("-inf"), 0.0, m)), 0.0)  # 0: a split saw no key
-    l_tot = tl.sum(w * l_s, axis=0)
-    res = tl.sum(acc * w[:, None], axis=0)
-    tl.store(out + row * D + d, (res * tl.where(l_tot > 0, 1.0 / l_tot, 0.0)).to(out.dtype.element_ty))
+    # Both loads issued before any use: one memory round trip, not two.
+    lse = tl.load(part_lse + s * n_rows + row, mask=s_ok, other=float("-inf"))
+    o = tl.load(part + (s[:, None] * n_rows + row) * D + d[None, :], mask=s_ok[:, None], other=0.0)
+    m = tl.max(lse, axis=0)
+    w = tl.where(lse > float("-inf"), tl.exp(lse - tl.where(m == float("-inf"), 0.0, m)), 0.0)  # 0: saw no key
+    w_tot = tl.sum(w, axis=0)
+    res = tl.sum(o * w[:, None], axis=0)
+    tl.store(out + row * D + d, (res * tl.where(w_tot > 0, 1.0 / w_tot, 0.0)).to(out.dtype.element_ty))
 
 
 def choose_num_splits(batch: int, num_kv_heads: int, max_tiles: int, num_sms: int = 132, q_blocks: int = 1,
@@ -681,13 +685,12 @@ def paged_attention(
     dot = _dot_dtype(q.dtype)
     precision = "ieee" if dot == tl.float32 else "tf32"
     out = torch.empty(tq, hq, d, device=q.device, dtype=q.dtype)
-    # One split writes the output itself; more write partials (un-rotated, unnormalized) for the merge.
-    # (With one split the kernel never touches part, part_m, part_l: `out` stands in for them.)
-    part = part_m = part_l = out
+    # One split writes the output itself; more write partials (un-rotated, normalized, with their log-sum-exps) for
+    # the merge. (With one split the kernel never touches part, part_lse: `out` stands in for them.)
+    part = part_lse = out
     if splits > 1:
         part = torch.empty(splits, tq, hq, d, device=q.device, dtype=torch.float32)
-        part_m = torch.empty(splits, tq, hq, device=q.device, dtype=torch.float32)
-        part_l = torch.empty_like(part_m)
+        part_lse = torch.empty(splits, tq, hq, device=q.device, dtype=torch.float32)
     kn = k_new if has_new else q
     vn = v_new if has_new else q
     k_words, v_words, scales = fmt.word_views(state.cache)
@@ -701,7 +704,7 @@ def paged_attention(
         k_words, v_words, scales, k_words.stride(0), k_words.stride(1), v_words.stride(0), v_words.stride(1),
         scales.stride(0), scales.stride(1),
         state.sink_k, state.sink_v, state.tail_k, state.tail_v, state.sink_k.stride(0), state.sink_k.stride(1),
-        part, part_m, part_l, out, tq * hq * d, hq * d, d,
+        part, part_lse, out, tq * hq * d, hq * d, d,
         scale,
         N_REP=n_rep, G=fmt.group, D=d, KBITS=fmt.k_bits, VBITS=fmt.v_bits,
         BLOCK_M=block_m, ROWS=rows, HAS_NEW=has_new, NUM_SPLITS=splits,
@@ -710,7 +713,7 @@ def paged_attention(
         **launch_options(rows, d, dot, tg),
     )
     if splits > 1:
-        _merge_splits_kernel[(tq * hq,)](part, part_m, part_l, out, tq * hq, **merge_meta(splits, d))
+        _merge_splits_kernel[(tq * hq,)](part, part_lse, out, tq * hq, **merge_meta(splits, d))
     return out
 
 

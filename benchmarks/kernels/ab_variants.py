@@ -30,7 +30,7 @@ from kvarn_kernels.format import KVarNFormat
 from kvarn_kernels.reference import paged_attention_ref
 
 DECODE_SHAPES = [(1, 1024), (1, 2048), (1, 4096), (1, 16384), (8, 2048), (8, 16384), (64, 16384), (64, 131072),
-                 (1, 131072), (8, 131072)]
+                 (8, 65536), (1, 131072), (8, 131072)]
 
 
 def _set_options(cfg: dict) -> None:
