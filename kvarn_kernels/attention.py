@@ -36,9 +36,12 @@ LN2 = tl.constexpr(0.6931471805599453)
 LAUNCH_OPTIONS = {"num_warps": 4, "num_stages": 2}
 # head_dim 256: 8 warps (with 4, the sm_90 build runs out of registers and spills).
 LAUNCH_OPTIONS_D256 = {"num_warps": 8, "num_stages": 2}
-# head_dim 64 (16-bit models): capped at 128 registers (no spill), so that four programs share an SM; uncapped,
-# ptxas takes 162 and three fit (batch 64 x 16K on an H100: 414 us capped, 609 us uncapped; results/ab_session4.log).
-LAUNCH_OPTIONS_D64 = {"num_warps": 4, "num_stages": 2, "maxnreg": 128}
+# head_dim 64 (16-bit models): uncapped (232-255 registers, 2 programs per SM). Session 4 capped it at 128 registers
+# (4 programs per SM; one tile at a time it did not spill), but the row-group loop spilled under that cap (45 reloads
+# per iteration) and under 168 (1-13). H100, two interleaved runs (results/session9/ab_chunk_d64.log, us): batch 8 x
+# 16K 59.0 capped at 128 -> 53.7 uncapped (63.6 at 168), batch 64 x 16K 300.4 -> 300.8 (387 at 168), batch 1 within
+# 0.4 us; splits were chosen for 4, 3 and 2 programs per SM respectively.
+LAUNCH_OPTIONS_D64 = {"num_warps": 4, "num_stages": 2}
 # head_dim 128 in row groups (4 tiles per iteration): 3 stages. H100 A/B, two runs each (results/ab_session6.log):
 # batch 64 x 128K 4393 -> 4185 us, batch 64 x 16K 587 -> 566, batch 8 x 16K 102 -> 99; one tile at a time they
 # cost 1-4 % (batch 1 x 2K 11.9 -> 12.5 us), so that launch keeps 2.
@@ -56,7 +59,12 @@ DENSE_BLOCK = 32
 # (new tokens) keep 1 unit per block; their sm_90 build with 3 spilled more (816 vs 760 stack bytes, 3302 vs 3214
 # loop instructions) and 16K-history chunks of 32-128 queries ran 10-18 % slower in session 8's grid.
 DENSE_UNITS = 3
-CHUNK_ROWS = 64
+# (query, head) rows of a chunk program, by head_dim (others: CHUNK_ROWS_DEFAULT). At head_dim 128, 64 rows spilled
+# ~200 registers per loop iteration (3200 SASS instructions) and 32 rows 7 (2155): 16K-history chunks on an H100
+# (two interleaved runs, results/session9/ab_chunk_d64.log, us) of 16 queries 75.0 -> 55.9, 32: 117 -> 95, 64: 208
+# -> 173, 128: 387 -> 322, 8: 36.5 both; 32 rows with 8 warps were slower (94-562). Other head_dims: not measured.
+CHUNK_ROWS = {128: 32}
+CHUNK_ROWS_DEFAULT = 64
 # Chunks of at least this many queries per sequence (on a GPU, 16-bit models) dequantize the history once into a
 # transient 16-bit buffer and run torch's varlen flash attention over it (`dense_history.py`); DENSE_CHUNKS=False:
 # never. H100, 16K history (benchmarks/kernels/results/chunk.json): 128 queries 0.59 ms that way vs 0.41 ms from the
@@ -71,11 +79,11 @@ TILE_GROUPS = 4
 # over 18 shapes on an H100 (benchmarks/kernels/results/sweep_groups.json: every (groups, splits) timed) this
 # choice is within 2.5 % of each shape's best on geometric mean, 15 % at worst (batch 1 x 4K).
 GROUP_MIN_UNITS = 16
-# Decode programs one H100 SM holds at once, by head_dim: head_dim 64 is capped at 128 registers (4 x 4 warps),
-# 128 takes 255 registers (2 x 4 warps), 256 needs 147 KB of shared memory (1 x 8 warps; compile_stats.py prints
-# both). Decode splits fill one such wave: more programs than an SM holds wait for a second wave, and every split
-# adds partials to merge; fewer leave SMs idle.
-DECODE_PROGRAMS_PER_SM = {64: 4, 128: 2, 256: 1}
+# Decode programs one H100 SM holds at once, by head_dim: head_dim 64 and 128 take 232-255 registers in row groups
+# (2 x 4 warps), 256 needs 147 KB of shared memory (1 x 8 warps; compile_stats.py prints both). Decode splits fill
+# one such wave: more programs than an SM holds wait for a second wave, and every split adds partials to merge;
+# fewer leave SMs idle.
+DECODE_PROGRAMS_PER_SM = {64: 2, 128: 2, 256: 1}
 
 
 def launch_options(rows: int, head_dim: int, dot: tl.dtype = tl.bfloat16, groups: int = 1) -> dict:
@@ -676,7 +684,7 @@ def paged_attention(
     max_tiles = state.max_tiles(max_history)
     # Decode: one query, its GQA group padded to the 16 rows of a tensor-core dot. Chunks: 64 rows of
     # (query, head) pairs, so each program re-reads the quantized history for 64 rows, not 16.
-    block_m = max(1, min(CHUNK_ROWS // n_rep, triton.next_power_of_2(max_q_len)))
+    block_m = max(1, min(CHUNK_ROWS.get(d, CHUNK_ROWS_DEFAULT) // n_rep, triton.next_power_of_2(max_q_len)))
     q_blocks = triton.cdiv(max_q_len, block_m)
     rows = max(16, triton.next_power_of_2(block_m * n_rep))
     has_new = k_new is not None

@@ -7,7 +7,8 @@ tar -x -C /tmp/v0`), so several revisions run in one device call. Each config se
 (`decode` at head_dim 128, `decode_groups` at head_dim 128 with row groups, `decode_d64`, `decode_d256`, `chunk`),
 `chunk_rows`, `min_tiles_per_split` and `dims` (head dims, default [128]), `dense_block` (16-bit tokens per step,
 default 32), `tile_groups` (tiles a decode program attends at once, default 4), `dense_units` (work units a
-split counts per G 16-bit tokens; default: the module's). `what` (default decode,chunk) may
+split counts per G 16-bit tokens; default: the module's), `programs_per_sm` ({head_dim: n}: the split rule's decode
+programs per SM), `chunk_ns` (query counts of the timed chunks, default [8, 512]). `what` (default decode,chunk) may
 add `split` (per-kernel times of batch-1 decode) and `flash` (flash SDPA on 16-bit KV at the decode shapes, once).
 One JSON line per (config, head_dim): max |error| of decode and a chunk against `reference.paged_attention_ref`,
 then microseconds per call (CUDA-graph medians) for a few decode shapes (32 query / 8 KV heads) and a 16K-history
@@ -43,10 +44,13 @@ def _set_options(cfg: dict) -> None:
     attention.LAUNCH_OPTIONS_D256.update(cfg.get("decode_d256", {"num_warps": 8, "num_stages": 2}))
     if hasattr(attention, "LAUNCH_OPTIONS_D64"):  # older revisions use LAUNCH_OPTIONS at head_dim 64 too
         attention.LAUNCH_OPTIONS_D64.clear()
-        attention.LAUNCH_OPTIONS_D64.update(cfg.get("decode_d64", {"num_warps": 4, "num_stages": 2, "maxnreg": 128}))
+        attention.LAUNCH_OPTIONS_D64.update(cfg.get("decode_d64", {"num_warps": 4, "num_stages": 2}))
     attention.CHUNK_LAUNCH_OPTIONS.clear()
     attention.CHUNK_LAUNCH_OPTIONS.update(cfg.get("chunk", {"num_warps": 4, "num_stages": 2}))
-    attention.CHUNK_ROWS = cfg.get("chunk_rows", 64)
+    if isinstance(attention.CHUNK_ROWS, dict):  # by head_dim since session 9
+        attention.CHUNK_ROWS = {d: cfg["chunk_rows"] for d in (64, 128, 256)} if "chunk_rows" in cfg else {128: 32}
+    else:
+        attention.CHUNK_ROWS = cfg.get("chunk_rows", 64)
     if "min_tiles_per_split" in cfg:
         attention.MIN_TILES_PER_SPLIT = cfg["min_tiles_per_split"]
     attention.DENSE_BLOCK = cfg.get("dense_block", 32)
@@ -54,6 +58,8 @@ def _set_options(cfg: dict) -> None:
         attention.TILE_GROUPS = cfg.get("tile_groups", 4)
     if "dense_units" in cfg:
         attention.DENSE_UNITS = cfg["dense_units"]
+    attention.DECODE_PROGRAMS_PER_SM.update({64: 2, 128: 2, 256: 1})
+    attention.DECODE_PROGRAMS_PER_SM.update({int(d): n for d, n in cfg.get("programs_per_sm", {}).items()})
 
 
 def _errors(fmt: KVarNFormat, d: int, dtype: torch.dtype) -> tuple[float, float]:
@@ -138,7 +144,7 @@ def main() -> None:
                 for batch, ctx in DECODE_SHAPES[:4]:
                     row[f"kernels_b{batch}_{ctx // 1024}K_us"] = _kernel_split(fmt, d, dtype, batch, ctx)
             if "chunk" in what:
-                for n in (8, 512):
+                for n in cfg.get("chunk_ns", (8, 512)):
                     row[f"chunk{n}_16K_us"] = round(_time_chunk(fmt, d, dtype, n), 1)
             print(json.dumps(row), flush=True)
 
