@@ -682,8 +682,8 @@ def paged_attention(
     batch = cu_seqlens_q.numel() - 1
     scale = sm_scale if sm_scale is not None else d**-0.5
     max_tiles = state.max_tiles(max_history)
-    # Decode: one query, its GQA group padded to the 16 rows of a tensor-core dot. Chunks: 64 rows of
-    # (query, head) pairs, so each program re-reads the quantized history for 64 rows, not 16.
+    # Decode: one query, its GQA group padded to the 16 rows of a tensor-core dot. Chunks: CHUNK_ROWS (32 or 64) rows
+    # of (query, head) pairs, so each program re-reads the quantized history for that many rows, not 16.
     block_m = max(1, min(CHUNK_ROWS.get(d, CHUNK_ROWS_DEFAULT) // n_rep, triton.next_power_of_2(max_q_len)))
     q_blocks = triton.cdiv(max_q_len, block_m)
     rows = max(16, triton.next_power_of_2(block_m * n_rep))
