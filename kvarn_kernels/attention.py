@@ -67,8 +67,8 @@ CHUNK_ROWS = {128: 32}
 CHUNK_ROWS_DEFAULT = 64
 # Chunks of at least this many queries per sequence (on a GPU, 16-bit models) dequantize the history once into a
 # transient 16-bit buffer and run torch's varlen flash attention over it (`dense_history.py`); DENSE_CHUNKS=False:
-# never. H100, 16K history (benchmarks/kernels/results/chunk.json): 128 queries 0.59 ms that way vs 0.41 ms from the
-# packed tiles, 512 queries 0.60 vs 1.47 ms, 2048 queries 1.78 vs 6.21 ms.
+# never. H100, 16K history, head_dim 128 (benchmarks/kernels/results/chunk.json, session 9): 128 queries 0.59 ms that
+# way vs 0.32 ms from the packed tiles, 512 queries 0.59 vs 1.32 ms, 2048 queries 1.81 vs 5.40 ms.
 DENSE_CHUNK_MIN_QUERIES = 256
 DENSE_CHUNKS = True
 # ... as long as that buffer stays below this many bytes (K and V together); larger ones take the packed-tile path.
@@ -77,7 +77,8 @@ DENSE_CHUNK_MAX_BYTES = 4 << 30
 TILE_GROUPS = 4
 # ... when each split has at least this many work units; below, one at a time. With the decode split rule below,
 # over 18 shapes on an H100 (benchmarks/kernels/results/sweep_groups.json: every (groups, splits) timed) this
-# choice is within 2.5 % of each shape's best on geometric mean, 15 % at worst (batch 1 x 4K).
+# choice is within 1.9 % of each shape's best on geometric mean, 12 % at worst (batch 1 x 4K; `sweep_groups.py
+# --evaluate`, which tests/benchmarks/test_sweep_groups.py runs).
 GROUP_MIN_UNITS = 16
 # Decode programs one H100 SM holds at once, by head_dim: head_dim 64 and 128 take 232-255 registers in row groups
 # (2 x 4 warps), 256 needs 147 KB of shared memory (1 x 8 warps; compile_stats.py prints both). Decode splits fill
