@@ -32,6 +32,9 @@ from kvarn_kernels.reference import paged_attention_ref
 
 DECODE_SHAPES = [(1, 1024), (1, 2048), (1, 4096), (1, 16384), (8, 2048), (8, 16384), (64, 16384), (64, 131072),
                  (8, 65536), (1, 131072), (8, 131072)]
+# The module's own defaults, restored before each config so that one config's overrides do not leak into the next.
+_PROGRAMS_PER_SM = dict(attention.DECODE_PROGRAMS_PER_SM)
+_CHUNK_ROWS = attention.CHUNK_ROWS.copy() if isinstance(attention.CHUNK_ROWS, dict) else attention.CHUNK_ROWS
 
 
 def _set_options(cfg: dict) -> None:
@@ -47,10 +50,12 @@ def _set_options(cfg: dict) -> None:
         attention.LAUNCH_OPTIONS_D64.update(cfg.get("decode_d64", {"num_warps": 4, "num_stages": 2}))
     attention.CHUNK_LAUNCH_OPTIONS.clear()
     attention.CHUNK_LAUNCH_OPTIONS.update(cfg.get("chunk", {"num_warps": 4, "num_stages": 2}))
-    if isinstance(attention.CHUNK_ROWS, dict):  # by head_dim since session 9
-        attention.CHUNK_ROWS = {d: cfg["chunk_rows"] for d in (64, 128, 256)} if "chunk_rows" in cfg else {128: 32}
+    if "chunk_rows" not in cfg:
+        attention.CHUNK_ROWS = _CHUNK_ROWS.copy() if isinstance(_CHUNK_ROWS, dict) else _CHUNK_ROWS
+    elif isinstance(_CHUNK_ROWS, dict):  # by head_dim since session 9
+        attention.CHUNK_ROWS = {d: cfg["chunk_rows"] for d in (64, 128, 256)}
     else:
-        attention.CHUNK_ROWS = cfg.get("chunk_rows", 64)
+        attention.CHUNK_ROWS = cfg["chunk_rows"]
     if "min_tiles_per_split" in cfg:
         attention.MIN_TILES_PER_SPLIT = cfg["min_tiles_per_split"]
     attention.DENSE_BLOCK = cfg.get("dense_block", 32)
@@ -58,7 +63,8 @@ def _set_options(cfg: dict) -> None:
         attention.TILE_GROUPS = cfg.get("tile_groups", 4)
     if "dense_units" in cfg:
         attention.DENSE_UNITS = cfg["dense_units"]
-    attention.DECODE_PROGRAMS_PER_SM.update({64: 2, 128: 2, 256: 1})
+    attention.DECODE_PROGRAMS_PER_SM.clear()
+    attention.DECODE_PROGRAMS_PER_SM.update(_PROGRAMS_PER_SM)
     attention.DECODE_PROGRAMS_PER_SM.update({int(d): n for d, n in cfg.get("programs_per_sm", {}).items()})
 
 
