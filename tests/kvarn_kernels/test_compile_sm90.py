@@ -76,7 +76,7 @@ def _decode_loop_spills():
     out = {}
     for splits in (1, 2, 4, 32):
         sass = aot.cuobjdump(aot.attention_kernel("bfloat16", 128, num_splits=splits, tile_groups=4), "-sass")
-        n, ops = max(aot.sass_loops(sass), key=lambda loop: loop[0])
+        _, ops = max(aot.sass_loops(sass), key=lambda loop: loop[0])
         out[splits] = ops["LDL"] + ops["STL"]
     return out
 
