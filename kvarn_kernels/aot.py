@@ -140,6 +140,13 @@ def cuobjdump(kernel: Any, *flags: str) -> str:
         return subprocess.run([tool, *flags, path], capture_output=True, text=True, check=True).stdout
 
 
+def registers(kernel: Any) -> int:
+    """Registers per thread of a compiled kernel (ptxas's allocation, from cuobjdump: without a GPU the kernel object
+    has no n_regs)."""
+    usage = cuobjdump(kernel, "--dump-resource-usage")
+    return int(re.findall(r"REG:(\d+)", usage)[-1])
+
+
 def sass_loops(sass: str) -> list[tuple[int, collections.Counter]]:
     """(instructions, opcode counts) of every backward branch's body in a `cuobjdump -sass` listing, in listing order:
     a loop's length per iteration is a proxy of its cost that needs no GPU."""

@@ -85,6 +85,20 @@ GROUP_MIN_UNITS = 16
 # one such wave: more programs than an SM holds wait for a second wave, and every split adds partials to merge;
 # fewer leave SMs idle.
 DECODE_PROGRAMS_PER_SM = {64: 2, 128: 2, 256: 1}
+# ... and of the one-tile-at-a-time split build (tile_groups 1, splits > 1), by (head_dim, model dtype, GQA group size),
+# where it holds more: that build takes 155-168 registers at head_dim 64 and in bfloat16 at 128 with GQA 4 (3 x 4 warps
+# per SM; the row-group build 232-255: 2). Not listed, as ptxas allocates them: bfloat16 at 128 with other GQA sizes
+# (213-224; a 168 cap did not spill but is untimed) and float16 at 128 (250-255; capped it spills). Those decodes take
+# any split count of ONE_TILE_SPLITS that fits such a wave, not only powers of two: a split walks cdiv(units, splits)
+# units one after another, so batch 1 x 16K (133 units) walked 5 per split with 32 splits and walks 3 with 48. H100,
+# GQA 4, us (benchmarks/kernels/results/session10/sweep_splits.json, sweep_groups.json): head_dim 128 batch 1 x 16K
+# 23.1 -> 20.4, batch 1 x 4K 14.7 -> 13.8, batch 8 x 4K 34.6 -> 30.3; head_dim 64 batch 1 x 16K 17.5 -> 15.0. A
+# 128-register cap (4 programs per SM) was slower at every shape timed. test_compile_sm90 checks every listed build.
+DECODE_PROGRAMS_PER_SM_ONE_TILE = {
+    **{(64, dtype, n_rep): 3 for dtype in (torch.bfloat16, torch.float16) for n_rep in (1, 2, 4, 8, 16)},
+    (128, torch.bfloat16, 4): 3,
+}
+ONE_TILE_SPLITS = (1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 64)
 
 
 def launch_options(rows: int, head_dim: int, dot: tl.dtype = tl.bfloat16, groups: int = 1) -> dict:
@@ -647,10 +661,25 @@ def split_plan(batch: int, num_kv_heads: int, max_tiles: int, head_dim: int, n_r
     tail: see the kernel), so they are chosen for max_tiles + 2 * dense_units(has_new) units. num_splits: forced
     (tests, sweeps)."""
     units = max_tiles + 2 * dense_units(has_new)  # at most (decode counts the tail by its tokens)
-    per_sm = DECODE_PROGRAMS_PER_SM.get(head_dim) if block_m == 1 and dtype != torch.float32 else None
+    decode = block_m == 1 and dtype != torch.float32
+    per_sm = DECODE_PROGRAMS_PER_SM.get(head_dim) if decode else None
     splits = num_splits or choose_num_splits(batch, num_kv_heads, units, num_sms, q_blocks, per_sm)
     rows = max(16, triton.next_power_of_2(block_m * n_rep))
-    return splits, tile_groups(rows, n_rep, block_m, triton.cdiv(units, splits), dtype)
+    tg = tile_groups(rows, n_rep, block_m, triton.cdiv(units, splits), dtype)
+    one_tile_per_sm = DECODE_PROGRAMS_PER_SM_ONE_TILE.get((head_dim, dtype, n_rep))
+    if num_splits is None and decode and tg == 1 and one_tile_per_sm:
+        # Fewer units per split than before (never more), so still one tile at a time.
+        splits = one_tile_splits(batch * num_kv_heads, units, one_tile_per_sm * num_sms)
+    return splits, tg
+
+
+def one_tile_splits(programs: int, units: int, slots: int) -> int:
+    """Splits of a one-tile-at-a-time decode of `programs` (sequence, KV head) programs per split and `units` work
+    units each, on a GPU that holds `slots` such programs at once: of the ONE_TILE_SPLITS that fit one wave, the
+    fewest that give the fewest units per split (cdiv(units, splits), the walk of the longest split)."""
+    fits = [s for s in ONE_TILE_SPLITS if s * programs <= slots] or [1]
+    fewest = min(triton.cdiv(units, s) for s in fits)
+    return min(s for s in fits if triton.cdiv(units, s) == fewest)
 
 
 def paged_attention(

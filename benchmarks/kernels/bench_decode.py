@@ -25,8 +25,17 @@ from kvarn_kernels.state import PagedKV
 H100_PEAK_BYTES_PER_S = 3.35e12
 
 
-def graph_time_ms(fn, replays: int = 20) -> float:
-    """Median milliseconds of one call, timed as CUDA-graph replays."""
+# Idle seconds before each timing of the comparison grids. A flash SDPA run at a large shape draws the H100's full
+# 700 W and lowers its clocks; a decode timed right after it ran 12-16 % slower than on a rested GPU (batch 32 x 64K:
+# 928 vs 800 us; 2 s later 799; results/session10/variance_probe.log). Each side is timed rested.
+COOLDOWN_S = 2.0
+
+
+def graph_time_ms(fn, replays: int = 20, cooldown_s: float = 0.0) -> float:
+    """Median milliseconds of one call, timed as CUDA-graph replays (after cooldown_s idle seconds)."""
+    if cooldown_s:
+        torch.cuda.synchronize()
+        time.sleep(cooldown_s)
     stream = torch.cuda.Stream()
     stream.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(stream):
@@ -86,11 +95,12 @@ def bench_decode(batches, contexts, hq, hkv, d, preset, dtype) -> list[dict]:
             k = torch.randn(batch, hkv, ctx, d, device="cuda", dtype=dtype)
             v = torch.randn_like(k)
             with torch.nn.attention.sdpa_kernel(torch.nn.attention.SDPBackend.FLASH_ATTENTION):
-                row["sdpa_flash_ms"] = graph_time_ms(lambda: F.scaled_dot_product_attention(q, k, v, enable_gqa=True))
+                row["sdpa_flash_ms"] = graph_time_ms(lambda: F.scaled_dot_product_attention(q, k, v, enable_gqa=True),
+                                                     cooldown_s=COOLDOWN_S)
             k = v = None  # free the 16-bit KV before building the packed one
             state = make_state(batch, ctx, hkv, fmt, dtype)
             qd = q[:, :, 0].contiguous()
-            row["kvarn_ms"] = graph_time_ms(lambda: decode_attention(qd, state))
+            row["kvarn_ms"] = graph_time_ms(lambda: decode_attention(qd, state), cooldown_s=COOLDOWN_S)
             row["kvarn_bytes"] = batch * hkv * (fmt.record_bytes * (max(ctx - fmt.group, 0) // fmt.group)
                                                 + 2 * 2 * d * min(ctx, 2 * fmt.group))
             row["sdpa_bytes"] = kv_bytes_16
@@ -117,7 +127,8 @@ def bench_prefill_quantize(contexts, hq, hkv, d, preset, dtype, batch: int = 1, 
         q = torch.randn(batch, hq, ctx, d, device="cuda", dtype=dtype)
         k = torch.randn(batch, hkv, ctx, d, device="cuda", dtype=dtype)
         with torch.nn.attention.sdpa_kernel(torch.nn.attention.SDPBackend.FLASH_ATTENTION):
-            attn_ms = graph_time_ms(lambda: F.scaled_dot_product_attention(q, k, k, is_causal=True, enable_gqa=True))
+            attn_ms = graph_time_ms(lambda: F.scaled_dot_product_attention(q, k, k, is_causal=True, enable_gqa=True),
+                                    cooldown_s=COOLDOWN_S)
         src = k.transpose(1, 2).reshape(batch * ctx, hkv, d).contiguous()  # [T, H, D], sequences back to back
         n = batch * ctx // fmt.group
         starts = torch.arange(n, device="cuda", dtype=torch.int32) * fmt.group
@@ -126,7 +137,8 @@ def bench_prefill_quantize(contexts, hq, hkv, d, preset, dtype, batch: int = 1, 
             quantize.LAUNCH_OVERRIDES.clear()
             if w is not None:
                 quantize.LAUNCH_OVERRIDES["num_warps"] = w
-            quant_ms = graph_time_ms(lambda: quantize_into_cache(src, src, starts, starts // fmt.group, cache, fmt))
+            quant_ms = graph_time_ms(lambda: quantize_into_cache(src, src, starts, starts // fmt.group, cache, fmt),
+                                     cooldown_s=COOLDOWN_S)
             rows.append({"batch": batch, "context": ctx, "num_warps": w or "default", "attention_ms": attn_ms,
                          "quantize_ms": quant_ms, "ratio": quant_ms / attn_ms,
                          "us_per_program": quant_ms * 1e3 / (2 * n * hkv) * torch.cuda.get_device_properties(
@@ -156,7 +168,8 @@ def bench_chunk(hq, hkv, d, preset, dtype) -> list[dict]:
             saved = attention.DENSE_CHUNKS, attention.DENSE_CHUNK_MIN_QUERIES
             attention.DENSE_CHUNKS, attention.DENSE_CHUNK_MIN_QUERIES = dense, 1
             try:
-                route[name] = graph_time_ms(lambda: paged_attention(q, state, cu_q, chunk, kn, kn, cu_q))
+                route[name] = graph_time_ms(lambda: paged_attention(q, state, cu_q, chunk, kn, kn, cu_q),
+                                            cooldown_s=COOLDOWN_S)
             except Exception as e:  # noqa: BLE001 - e.g. no varlen flash attention in this torch
                 route[name] = float("nan")
                 tqdm.write(f"{name} route failed: {type(e).__name__}: {e}")
@@ -168,7 +181,8 @@ def bench_chunk(hq, hkv, d, preset, dtype) -> list[dict]:
         qs = q.transpose(0, 1)[None]
         ks = torch.randn(1, hkv, hist + chunk, d, device="cuda", dtype=dtype)
         with torch.nn.attention.sdpa_kernel(torch.nn.attention.SDPBackend.FLASH_ATTENTION):
-            sdpa_ms = graph_time_ms(lambda: F.scaled_dot_product_attention(qs, ks, ks, enable_gqa=True))
+            sdpa_ms = graph_time_ms(lambda: F.scaled_dot_product_attention(qs, ks, ks, enable_gqa=True),
+                                    cooldown_s=COOLDOWN_S)
         kvarn_ms = route[default]
         rows.append({"history": hist, "chunk": chunk, "kvarn_ms": kvarn_ms, "sdpa_ms": sdpa_ms,
                      "speedup": sdpa_ms / kvarn_ms, "packed_ms": route["packed"], "dense_ms": route["dense"],
@@ -247,7 +261,8 @@ def main() -> None:
         "device": torch.cuda.get_device_name(), "torch": torch.__version__,
         "triton": __import__("triton").__version__, "python": platform.python_version(),
         "preset": args.preset, "dtype": str(dtype), "q_heads": hq, "kv_heads": hkv, "head_dim": d,
-        "timing": "median of 5 x 20 CUDA-graph replays", "date": time.strftime("%Y-%m-%d"),
+        "timing": f"median of 5 x 20 CUDA-graph replays, each side after {COOLDOWN_S} s idle",
+        "date": time.strftime("%Y-%m-%d"),
         "command": "python benchmarks/kernels/bench_decode.py " + " ".join(
             f"--{k} {v}" for k, v in vars(args).items() if k not in ("tune", "out", "prefill_only", "chunk_only")),
     }

@@ -7,8 +7,9 @@
 is joined by concatenating the runs' "rows".
 
 For each shape (batch, context, head_dim; 32 query / 8 KV heads, k4v2_g128, bfloat16) every tile-group count in
---groups is timed at every power-of-two split count up to 64 (CUDA-graph replays, median), and at the automatic
-choice. One JSON line per shape with the automatic choice's time and the best (groups, splits).
+--groups is timed at every power-of-two split count up to 64 (one tile at a time, where the rule takes them, also at
+3 * 2^k; CUDA-graph replays, median), and at the automatic choice. One JSON line per shape with the automatic
+choice's time and the best (groups, splits).
 
 --evaluate replays the current rule (`attention.choose_num_splits` + `attention.tile_groups`, as `paged_attention`
 calls them) over a stored sweep: the time of the (groups, splits) it picks per shape against that shape's best.
@@ -82,21 +83,31 @@ def main() -> None:
         row["auto_us"] = round(1e3 * graph_time_ms(lambda st=state: decode_attention(q, st)), 1)
         for tg in groups:
             attention.TILE_GROUPS = tg
-            for splits in (1, 2, 4, 8, 16, 32, 64):
+            # One tile at a time, head dims whose split rule also takes 3 * 2^k splits (`attention.one_tile_splits`).
+            extra = (3, 6, 12, 24, 48) if tg == 1 and (d, dtype, 4) in attention.DECODE_PROGRAMS_PER_SM_ONE_TILE else ()
+            for splits in sorted((1, 2, 4, 8, 16, 32, 64) + extra):
                 if batch * 8 * splits > 8 * 132 * 8:  # far past filling the GPU
                     continue
                 row["us"][f"{tg}/{splits}"] = round(
                     1e3 * graph_time_ms(lambda s=splits, st=state: decode_attention(q, st, num_splits=s)), 1)
         attention.TILE_GROUPS = default_groups
-        best = min(row["us"], key=row["us"].get)
-        row["best"] = best
-        row["best_us"] = row["us"][best]
-        print(json.dumps(row), flush=True)
-        rows.append(row)
+        add_row(rows, row)
         state = None
         torch.cuda.empty_cache()
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps({"device": torch.cuda.get_device_name(), "rows": rows}, indent=1))
+    write_rows(args.out, rows)
+
+
+def add_row(rows: list[dict], row: dict) -> None:
+    """Mark a shape's best timing, print its line and keep it."""
+    best = min(row["us"], key=row["us"].get)
+    row["best"], row["best_us"] = best, row["us"][best]
+    print(json.dumps(row), flush=True)
+    rows.append(row)
+
+
+def write_rows(out: Path, rows: list[dict]) -> None:
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps({"device": torch.cuda.get_device_name(), "rows": rows}, indent=1))
 
 
 if __name__ == "__main__":

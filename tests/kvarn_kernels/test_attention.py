@@ -8,10 +8,13 @@ from hypothesis import strategies as st
 from kvarn_kernels import attention
 from kvarn_kernels import reference as ref
 from kvarn_kernels.attention import (
+    ONE_TILE_SPLITS,
     choose_num_splits,
     chunk_attention,
     decode_attention,
+    one_tile_splits,
     paged_attention,
+    split_plan,
     tile_groups,
 )
 from kvarn_kernels.format import KVarNFormat
@@ -141,6 +144,26 @@ def test_decode_splits_fill_one_wave_of_resident_programs():
     assert choose_num_splits(8, 8, 130, 132, per_sm=4) == 8
     assert choose_num_splits(8, 8, 130, 132, per_sm=1) == 2
     assert choose_num_splits(32, 8, 130, 132) == 2  # chunks: at least twice the SMs, rounded up
+
+
+def test_one_tile_decodes_take_the_splits_that_shorten_the_longest_walk():
+    # batch 1 x 16K (133 units), 8 programs per split, 3 x 132 slots: 32 splits walk 5 units, 48 walk 3.
+    assert one_tile_splits(8, 133, 396) == 48
+    assert one_tile_splits(64, 37, 396) == 6  # batch 8 x 4K: 7 units each, not 10 with 4 splits
+    assert one_tile_splits(8, 13, 396) == 16  # one unit each: the fewest splits that give that (12 leave 2)
+    assert one_tile_splits(256, 21, 396) == 1  # a wave is full already
+    assert one_tile_splits(1000, 21, 396) == 1  # more programs than slots: still one split
+    for programs, units, slots in [(8, 1000, 396), (24, 77, 396), (3, 5, 100), (16, 130, 264)]:
+        s = one_tile_splits(programs, units, slots)
+        fits = [c for c in ONE_TILE_SPLITS if c * programs <= slots]
+        assert s in fits and all(-(-units // c) >= -(-units // s) for c in fits)
+    # split_plan: one tile at a time where a split gets few units (head_dim 128), else row groups at a power of two.
+    assert split_plan(1, 8, 127, 128, 4, torch.bfloat16, 132) == (48, 1)
+    assert split_plan(8, 8, 31, 128, 4, torch.bfloat16, 132) == (6, 1)
+    assert split_plan(1, 8, 511, 128, 4, torch.bfloat16, 132) == (32, 4)
+    assert split_plan(8, 8, 127, 128, 4, torch.bfloat16, 132) == (4, 4)
+    assert split_plan(1, 8, 127, 256, 4, torch.bfloat16, 132) == (16, 1)  # head_dim 256: powers of two
+    assert split_plan(1, 8, 127, 128, 4, torch.bfloat16, 132, num_splits=64) == (64, 1)  # forced: kept
 
 
 def test_tile_groups_fill_the_padding_rows_only():

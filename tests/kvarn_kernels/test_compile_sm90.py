@@ -81,6 +81,20 @@ def _decode_loop_spills():
     return out
 
 
+def _one_tile_residency():
+    from kvarn_kernels import aot, attention
+
+    # The one-tile split builds that `attention.DECODE_PROGRAMS_PER_SM_ONE_TILE` counts several of per SM:
+    # [registers per thread, threads, shared bytes, programs per SM it assumes].
+    out = {}
+    for (head_dim, dtype, n_rep), per_sm in attention.DECODE_PROGRAMS_PER_SM_ONE_TILE.items():
+        dot = str(dtype).removeprefix("torch.")
+        kernel = aot.attention_kernel(dot, head_dim, n_rep=n_rep, num_splits=2, tile_groups=1)
+        out[f"{dot}-d{head_dim}-gqa{n_rep}"] = [aot.registers(kernel), 32 * kernel.metadata.num_warps,
+                                               kernel.metadata.shared, per_sm]
+    return out
+
+
 def _dense_history_shared(dtype, head_dim):
     import torch
 
@@ -99,7 +113,8 @@ def _run_all() -> dict:
                              ("attention-one-tile", _attention_one_tile_shared, ()),
                              ("quantize-weighted", _quantize_weighted_shared, ()),
                              ("quantize-loops", _quantize_loops, ()),
-                             ("decode-loop-spills", _decode_loop_spills, ())]):
+                             ("decode-loop-spills", _decode_loop_spills, ()),
+                             ("one-tile-residency", _one_tile_residency, ())]):
         try:
             out[key] = fn(*args)
         except Exception as e:  # reported by the test, with the case that failed
@@ -130,6 +145,18 @@ def test_decode_tile_loop_does_not_spill(compiled):
     spills = compiled["decode-loop-spills"]
     assert not isinstance(spills, str), spills
     assert spills == {"1": 0, "2": 0, "4": 0, "32": 0}, spills
+
+
+def test_one_tile_split_builds_fit_the_programs_per_sm_the_split_rule_assumes(compiled):
+    """`attention.one_tile_splits` fills a wave of DECODE_PROGRAMS_PER_SM_ONE_TILE programs per SM: if a build needed
+    more registers or shared memory than that many leave (an H100 SM: 65536 registers, 228 KB), the splits past the
+    resident ones would wait for a second wave (batch 1 x 16K: 27.8 us instead of 20.4 with 2 per SM)."""
+    builds = compiled["one-tile-residency"]
+    assert not isinstance(builds, str), builds
+    assert builds, "no build listed"
+    for name, (regs, threads, shared, per_sm) in builds.items():
+        assert regs * threads * per_sm <= 65536, (name, regs)
+        assert shared * per_sm <= 228 * 1024, (name, shared)
 
 
 @pytest.mark.parametrize("case", ATTENTION_CASES, ids=lambda c: f"{c[0]}-d{c[1]}-rows{c[2]}")
