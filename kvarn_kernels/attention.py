@@ -667,8 +667,9 @@ def split_plan(batch: int, num_kv_heads: int, max_tiles: int, head_dim: int, n_r
     rows = max(16, triton.next_power_of_2(block_m * n_rep))
     tg = tile_groups(rows, n_rep, block_m, triton.cdiv(units, splits), dtype)
     one_tile_per_sm = DECODE_PROGRAMS_PER_SM_ONE_TILE.get((head_dim, dtype, n_rep))
-    if num_splits is None and decode and tg == 1 and one_tile_per_sm:
-        # Fewer units per split than before (never more), so still one tile at a time.
+    if num_splits is None and decode and not has_new and tg == 1 and one_tile_per_sm:
+        # Fewer units per split than before (never more), so still one tile at a time. (Single queries with new tokens
+        # run the chunk build, whose registers are not counted here.)
         splits = one_tile_splits(batch * num_kv_heads, units, one_tile_per_sm * num_sms)
     return splits, tg
 

@@ -164,6 +164,9 @@ def test_one_tile_decodes_take_the_splits_that_shorten_the_longest_walk():
     assert split_plan(8, 8, 127, 128, 4, torch.bfloat16, 132) == (4, 4)
     assert split_plan(1, 8, 127, 256, 4, torch.bfloat16, 132) == (16, 1)  # head_dim 256: powers of two
     assert split_plan(1, 8, 127, 128, 4, torch.bfloat16, 132, num_splits=64) == (64, 1)  # forced: kept
+    assert split_plan(1, 8, 127, 128, 8, torch.bfloat16, 132) == (32, 1)  # GQA 8: its build is not listed
+    assert split_plan(1, 8, 127, 128, 4, torch.float16, 132) == (32, 1)  # float16 at 128: not listed either
+    assert split_plan(1, 8, 127, 128, 4, torch.bfloat16, 132, has_new=True)[0] == 32  # the chunk build
 
 
 def test_tile_groups_fill_the_padding_rows_only():

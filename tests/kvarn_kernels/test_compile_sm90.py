@@ -150,12 +150,13 @@ def test_decode_tile_loop_does_not_spill(compiled):
 def test_one_tile_split_builds_fit_the_programs_per_sm_the_split_rule_assumes(compiled):
     """`attention.one_tile_splits` fills a wave of DECODE_PROGRAMS_PER_SM_ONE_TILE programs per SM: if a build needed
     more registers or shared memory than that many leave (an H100 SM: 65536 registers, 228 KB), the splits past the
-    resident ones would wait for a second wave (batch 1 x 16K: 27.8 us instead of 20.4 with 2 per SM)."""
+    resident ones would wait for a second wave (batch 1 x 16K on an H100: 22.0 us at 64 splits, 20.4 at 48). Registers
+    are allocated per thread in steps of 8."""
     builds = compiled["one-tile-residency"]
     assert not isinstance(builds, str), builds
     assert builds, "no build listed"
     for name, (regs, threads, shared, per_sm) in builds.items():
-        assert regs * threads * per_sm <= 65536, (name, regs)
+        assert -(-regs // 8) * 8 * threads * per_sm <= 65536, (name, regs)
         assert shared * per_sm <= 228 * 1024, (name, shared)
 
 

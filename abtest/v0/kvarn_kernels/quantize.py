@@ -1,0 +1,467 @@
+"""Triton kernel: quantize full tiles (rotate + normalize + round + pack) straight into a paged cache.
+
+All tiles of a step go in one launch, grid (tiles, kv_heads, 2): K and V of a tile are separate programs. No
+host synchronization. The oracle is `reference.quantize_into_cache_ref`.
+
+How the kernel keeps the reference's semantics at a fraction of its work:
+- Rotation: a tensor-core dot with the unnormalized ±1 Hadamard matrix in 16 bits and float32 accumulation
+  (products are exact, so it equals the float32 reference up to summation order), then × 1/sqrt(D) in
+  float32. float32 inputs are split exactly into three bfloat16 parts first. An identity gather then moves the
+  tile out of the tensor cores' lopsided register layout (see `_rotate`).
+- K frame (format v2): the raw tile's per-channel range cost comes from the chunks the rotation loads anyway, the
+  rotated one from one min/max pass; an unrotated K reloads its tile (masked off when rotated) and is selected
+  with tl.where before normalization; the sign of K col_scale[0] records the choice.
+- Normalization never materializes a balanced tile. Balancing scales rows by a[r] = exp(-log_r[r]) and columns
+  by b[c] = exp(-log_c[c]), so a row's std of the balanced tile is a[r] · std_c(x[r, :] · b) and a column's is
+  b[c] · std_r(x[:, c] · a). One iteration therefore takes one pass over the tile per axis (the row stds of
+  the new state follow from the same pass by rescaling), and exp/log run on vectors only.
+- Each pass takes shifted one-pass moments Σd, Σd² with d = x·scale − shift, where shift is the mean of the
+  same row/column from the previous pass: as exact as two passes (the error grows with (mean − shift)²/var,
+  which stays small), with one (tuple) reduction instead of two dependent ones. The first state uses exact
+  two-pass moments.
+- Vector logs use the hardware lg2 (tl.log2 is a polynomial); the guard's spreads, the round-to-nearest ranges,
+  the row energies and the NaN poison come from one more pass; the tile is quantized in one last pass.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+
+import torch
+import triton
+import triton.language as tl
+
+from . import reference
+from .format import KVarNFormat
+from .reference import NORMALIZE_ITERS
+
+# The reference's constants, as constexprs so that jitted code may read them.
+STD_MIN = tl.constexpr(reference.STD_MIN)
+STD_MAX = tl.constexpr(reference.STD_MAX)
+LOG_SCALE_MIN = tl.constexpr(reference.LOG_SCALE_MIN)
+LOG_SCALE_MAX = tl.constexpr(reference.LOG_SCALE_MAX)
+RTN_MIN_SCALE = tl.constexpr(reference.RTN_MIN_SCALE)
+GUARD_FACTOR = tl.constexpr(reference.GUARD_FACTOR)
+
+
+# --- reductions ------------------------------------------------------------------------------------
+@triton.jit
+def _add2(a1, a2, b1, b2):
+    return a1 + b1, a2 + b2
+
+
+@triton.jit
+def _min_max(a_lo, a_hi, b_lo, b_hi):
+    return tl.minimum(a_lo, b_lo), tl.maximum(a_hi, b_hi)
+
+
+@triton.jit
+def _min_max_nan(a_lo, a_hi, b_lo, b_hi):
+    return (tl.minimum(a_lo, b_lo, propagate_nan=tl.PropagateNan.ALL),
+            tl.maximum(a_hi, b_hi, propagate_nan=tl.PropagateNan.ALL))
+
+
+@triton.jit
+def _guard_pass(a1, a2, a_lo, a_hi, a_blo, a_bhi, b1, b2, b_lo, b_hi, b_blo, b_bhi):
+    return (a1 + b1, a2 + b2, tl.minimum(a_lo, b_lo), tl.maximum(a_hi, b_hi), tl.minimum(a_blo, b_blo),
+            tl.maximum(a_bhi, b_bhi))
+
+
+@triton.jit
+def _sums(u, v, AXIS: tl.constexpr, COMPILED: tl.constexpr):
+    """(Σu, Σv) along AXIS. COMPILED: one reduction of both (one barrier round instead of two). The interpreter
+    runs custom combine functions element by element in Python, so it gets plain sums."""
+    if COMPILED:
+        su, sv = tl.reduce((u, v), AXIS, _add2)
+    else:
+        su = tl.sum(u, axis=AXIS)
+        sv = tl.sum(v, axis=AXIS)
+    return su, sv
+
+
+@triton.jit
+def _min_max_of(u, v, AXIS: tl.constexpr, COMPILED: tl.constexpr):
+    """(min u, max v) along AXIS, fused as in `_sums`."""
+    if COMPILED:
+        lo, hi = tl.reduce((u, v), AXIS, _min_max)
+    else:
+        lo = tl.min(u, axis=AXIS)
+        hi = tl.max(v, axis=AXIS)
+    return lo, hi
+
+
+# log of the reference's std clamp bounds: clamping a std and clamping its log are the same thing.
+LOG_STD_MIN = tl.constexpr(math.log(reference.STD_MIN))
+LOG_STD_MAX = tl.constexpr(math.log(reference.STD_MAX))
+HALF_LN2 = tl.constexpr(0.5 * math.log(2.0))
+
+
+@triton.jit
+def _clamp_log_std(v):
+    return tl.minimum(tl.maximum(v, LOG_STD_MIN), LOG_STD_MAX)
+
+
+@triton.jit
+def _clamp_log(v):
+    return tl.minimum(tl.maximum(v, LOG_SCALE_MIN), LOG_SCALE_MAX)
+
+
+@triton.jit
+def _log2(x, COMPILED: tl.constexpr):
+    """log2 by the hardware's approximation (MUFU.LG2, relative error < 2^-22): tl.log2 compiles to a
+    polynomial of a dozen instructions, which the replicated per-row/column vectors pay many times over."""
+    if COMPILED:
+        y = tl.inline_asm_elementwise("lg2.approx.f32 $0, $1;", "=r,r", [x], dtype=tl.float32, is_pure=True,
+                                      pack=1)
+    else:
+        y = tl.log2(x)
+    return y
+
+
+@triton.jit
+def _log_std(s1, s2, N: tl.constexpr, COMPILED: tl.constexpr):
+    """Unclamped log of the unbiased std, from Σd and Σd² of N values d = y − shift (log std = ½ log var)."""
+    var = (s2 - s1 * s1 * (1.0 / N)) * (1.0 / (N - 1))
+    return _log2(tl.maximum(var, 0.0), COMPILED) * HALF_LN2
+
+
+@triton.jit
+def _log_ratio(log_std, COMPILED: tl.constexpr):
+    """max(std)/min(std) from log stds."""
+    lo, hi = _min_max_of(log_std, log_std, 0, COMPILED)
+    return tl.exp(hi - lo)
+
+
+# --- normalize, round, pack, store ------------------------------------------------------------------
+@triton.jit
+def _range_cost(x, AXIS: tl.constexpr, COMPILED: tl.constexpr, w=None):
+    """Σ of the squared ranges of x along AXIS (`reference.k_range_cost` of a tile or a chunk of its channels),
+    each weighted by w (one weight per range; None: unweighted).
+
+    NaN when x holds a NaN or an Inf, as in the reference (compiled max/min would silently drop NaNs)."""
+    if COMPILED:
+        lo, hi = tl.reduce((x, x), AXIS, _min_max_nan)
+    else:
+        lo = tl.min(x, axis=AXIS)
+        hi = tl.max(x, axis=AXIS)
+    if w is None:
+        cost = tl.sum((hi - lo) * (hi - lo), axis=0)
+    else:
+        cost = tl.sum((hi - lo) * (hi - lo) * w, axis=0)
+    return cost
+
+
+@triton.jit
+def _quantize_store(x, words_ptr, scales_ptr, col0_sign, R: tl.constexpr, C: tl.constexpr, BITS: tl.constexpr,
+                    ITERS: tl.constexpr, CODES_TRANSPOSED: tl.constexpr, COMPILED: tl.constexpr):
+    """Normalize and round matrix x [R, C] (float32); write planar code words and row/col scales.
+
+    col0_sign (±1.0) multiplies col_scale[0]: −1.0 sets the K-frame flag of an unrotated K (see format.py).
+
+    Stds are kept as clamped logs (ls_*): the balancing works in the log domain, and max/min ratios of
+    stds are exp(max − min) of their logs.
+    """
+    # The untouched state, with exact two-pass moments.
+    sum_r = tl.sum(x, axis=1)
+    mean_r = sum_r * (1.0 / C)
+    mean_c = tl.sum(x, axis=0) * (1.0 / R)
+    dev_r = x - mean_r[:, None]
+    dev_c = x - mean_c[None, :]
+    ls_r = _clamp_log_std(_log_std(0.0, tl.sum(dev_r * dev_r, axis=1), C, COMPILED))
+    ls_c = _clamp_log_std(_log_std(0.0, tl.sum(dev_c * dev_c, axis=0), R, COMPILED))
+    best = _log_ratio(ls_c, COMPILED) + _log_ratio(ls_r, COMPILED)
+
+    log_r = tl.zeros([R], dtype=tl.float32)
+    best_r = log_r
+    best_c = tl.zeros([C], dtype=tl.float32)
+    # Each iteration first moves log_c by the log std of the current state's columns; that update is done at
+    # the end of the previous iteration, so the column stds need not stay live across iterations.
+    log_c = _clamp_log(ls_c)
+    for _ in range(ITERS):
+        # Rows of the state (log_r, log_c): log std = log std_c(x · b) − log_r.
+        d = x * tl.exp(-log_c)[None, :] - mean_r[:, None]
+        s1, s2 = _sums(d, d * d, 1, COMPILED)
+        mean_r = mean_r + s1 * (1.0 / C)
+        lt = _log_std(s1, s2, C, COMPILED)
+        log_r = _clamp_log(log_r + _clamp_log_std(lt - log_r))
+        # The new state: its row stds by rescaling, its column stds std_r(x · a) · b from one pass.
+        ls_r = _clamp_log_std(lt - log_r)
+        d = x * tl.exp(-log_r)[:, None] - mean_c[None, :]
+        s1, s2 = _sums(d, d * d, 0, COMPILED)
+        mean_c = mean_c + s1 * (1.0 / R)
+        ls_c = _clamp_log_std(_log_std(s1, s2, R, COMPILED) - log_c)
+        imb = _log_ratio(ls_c, COMPILED) + _log_ratio(ls_r, COMPILED)
+        better = imb <= best
+        best_r = tl.where(better, log_r, best_r)
+        best_c = tl.where(better, log_c, best_c)
+        best = tl.where(better, imb, best)
+        log_c = _clamp_log(log_c + ls_c)
+
+    # Guard: fall back to the untouched tile when balancing predicts a larger RTN error (see reference). The
+    # same pass takes the row energies and the NaN poison (0, or NaN when x holds a NaN or an Inf: max/min
+    # would silently drop NaNs); they are not kept live through the loop.
+    a = tl.exp(-best_r)
+    b = tl.exp(-best_c)
+    bal = x * a[:, None] * b[None, :]
+    if COMPILED:
+        energy, poison_r, x_lo, x_hi, bal_lo, bal_hi = tl.reduce((x * x, x * 0.0, x, x, bal, bal), 1, _guard_pass)
+    else:
+        energy, poison_r = _sums(x * x, x * 0.0, 1, False)
+        x_lo, x_hi = _min_max_of(x, x, 1, False)
+        bal_lo, bal_hi = _min_max_of(bal, bal, 1, False)
+    inv_energy = 1.0 / (energy + 1e-30)
+    spread = (bal_hi - bal_lo) * tl.exp(best_r)
+    err_best = tl.sum(spread * spread * inv_energy, axis=0) * tl.sum(tl.exp(2 * best_c), axis=0)
+    err_zero = tl.sum((x_hi - x_lo) * (x_hi - x_lo) * inv_energy, axis=0) * C
+    worse = err_best > GUARD_FACTOR * err_zero
+    best_r = tl.where(worse, 0.0, best_r)
+    best_c = tl.where(worse, 0.0, best_c)
+    a = tl.where(worse, 1.0, a)
+    b = tl.where(worse, 1.0, b)
+    lo = tl.where(worse, x_lo, bal_lo)
+    hi = tl.where(worse, x_hi, bal_hi)
+
+    step = tl.maximum((hi - lo) / (2**BITS - 1), RTN_MIN_SCALE)
+    bal = x * a[:, None] * b[None, :]
+    q = tl.floor(tl.div_rn(bal - lo[:, None], step[:, None]) + 0.5)
+    q = tl.minimum(tl.maximum(q, 0.0), 2**BITS - 1).to(tl.int8)
+    if CODES_TRANSPOSED:
+        _store_words(tl.trans(q), words_ptr, C, R, BITS)
+    else:
+        _store_words(q, words_ptr, R, C, BITS)
+
+    r = tl.arange(0, R)
+    s_row = tl.exp(best_r) + tl.sum(poison_r, axis=0)
+    ty: tl.constexpr = scales_ptr.dtype.element_ty
+    tl.store(scales_ptr + r, _round_to(s_row * step, ty))
+    tl.store(scales_ptr + R + r, _round_to(s_row * lo, ty))
+    c = tl.arange(0, C)
+    col = tl.exp(best_c) * tl.where(c == 0, col0_sign, 1.0)
+    tl.store(scales_ptr + 2 * R + c, _round_to(col, ty))
+
+
+@triton.jit
+def _round_to(x, ty: tl.constexpr):
+    """float32 → ty with round-to-nearest-even, also where a backend's bfloat16 cast truncates."""
+    if ty == tl.bfloat16:
+        bits = x.to(tl.uint32, bitcast=True)
+        rounded = (bits + 0x7FFF + ((bits >> 16) & 1)) & 0xFFFF0000
+        # A NaN keeps its bits: the GPU's canonical NaN 0x7FFFFFFF would carry into the sign and round to −0.0,
+        # silently dropping a NaN/Inf tile's poison (integer test: float compares may be folded).
+        rounded = tl.where((bits & 0x7FFFFFFF) > 0x7F800000, bits, rounded)
+        x = rounded.to(tl.float32, bitcast=True)
+    return x.to(ty)
+
+
+@triton.jit
+def _store_words(q, words_ptr, ROWS: tl.constexpr, N: tl.constexpr, BITS: tl.constexpr):
+    """Pack codes q [ROWS, N] planar: word j of a row holds columns j, j+N/4, j+N/2, j+3N/4."""
+    planes = tl.reshape(q, [ROWS, 4, N // 4]).to(tl.int32)
+    shifts = (tl.arange(0, 4) * BITS)[None, :, None]
+    words = tl.sum(planes << shifts, axis=1)
+    offs = tl.arange(0, ROWS)[:, None] * (N // 4) + tl.arange(0, N // 4)[None, :]
+    tl.store(words_ptr + offs, words.to(words_ptr.dtype.element_ty))
+
+
+# --- rotation --------------------------------------------------------------------------------------
+@triton.jit
+def _rotate(src_ptr, stride_t, signs_ptr, G: tl.constexpr, D: tl.constexpr, SCALE: tl.constexpr,
+            TRANSPOSED: tl.constexpr, INTERPRETED: tl.constexpr, RANGE_COST: tl.constexpr, w_ptr=None):
+    """(rotated tile, float32: [G, D] (x·H), or [D, G] ((x·H)ᵀ = H·xᵀ) when TRANSPOSED; raw cost).
+
+    raw cost: with RANGE_COST, `reference.k_range_cost` of the unrotated tile, taken from the chunks the dot
+    loads anyway (NaN when the tile holds a NaN or an Inf), its channels weighted by w_ptr[:D] if given (TRANSPOSED
+    only: `reference.choose_k_rotation`'s channel weights); 0.0 otherwise.
+
+    The ±1 matrix (bfloat16) and 16-bit inputs multiply exactly on tensor cores, with float32 sums: the float32
+    reference up to summation order. A float32 input is split exactly into three bfloat16 parts (8 significant
+    bits each) that accumulate into the same sums. INTERPRETED: the interpreter's bfloat16 dot is wrong, so the
+    dot runs in float32 there (the products are exact too).
+    """
+    # Sums over the D input channels in chunks of KC: shared memory holds one chunk of x and H at a time.
+    KC: tl.constexpr = 64
+    rot = tl.zeros([D, G] if TRANSPOSED else [G, D], dtype=tl.float32)
+    raw_cost = 0.0
+    for k0 in tl.range(0, D, KC):
+        kc = k0 + tl.arange(0, KC)
+        if TRANSPOSED:
+            signs = tl.load(signs_ptr + tl.arange(0, D)[:, None] * D + kc[None, :])  # H[:, kc]
+            x = tl.load(src_ptr + kc[:, None] + tl.arange(0, G)[None, :] * stride_t)  # xᵀ[kc, :]
+        else:
+            signs = tl.load(signs_ptr + kc[:, None] * D + tl.arange(0, D)[None, :])  # H[kc, :]
+            x = tl.load(src_ptr + tl.arange(0, G)[:, None] * stride_t + kc[None, :])  # x[:, kc]
+        if RANGE_COST:
+            # The chunk's channels run along axis 0 of xᵀ[kc, :] (TRANSPOSED) or axis 1 of x[:, kc].
+            if w_ptr is None:
+                raw_cost += _range_cost(x.to(tl.float32), 1 if TRANSPOSED else 0, not INTERPRETED)
+            else:
+                raw_cost += _range_cost(x.to(tl.float32), 1 if TRANSPOSED else 0, not INTERPRETED,
+                                        tl.load(w_ptr + kc))
+        if INTERPRETED:
+            rot = _signs_dot(x.to(tl.float32), signs.to(tl.float32), rot, TRANSPOSED)
+        elif x.dtype == tl.float32:
+            hi = x.to(tl.bfloat16)
+            rest = x - hi.to(tl.float32)
+            mid = rest.to(tl.bfloat16)
+            rot = _signs_dot(hi, signs, rot, TRANSPOSED)
+            rot = _signs_dot(mid, signs, rot, TRANSPOSED)
+            rot = _signs_dot((rest - mid.to(tl.float32)).to(tl.bfloat16), signs, rot, TRANSPOSED)
+        else:
+            rot = _signs_dot(x, signs, rot, TRANSPOSED)
+    # The dot leaves the tile in the tensor cores' layout, where each thread holds 2 rows x 16-32 columns:
+    # every column vector of the normalization would then cost 16-32 registers and instructions per thread.
+    # An identity gather is the one way to move it to a blocked layout (4-8 rows x 4-8 columns per thread).
+    n: tl.constexpr = G if TRANSPOSED else D
+    rot = tl.gather(rot, tl.broadcast_to(tl.arange(0, n)[None, :], rot.shape), axis=1)
+    return rot * SCALE, raw_cost
+
+
+@triton.jit
+def _signs_dot(x, signs, acc, TRANSPOSED: tl.constexpr):
+    if TRANSPOSED:
+        out = tl.dot(signs, x, acc, out_dtype=tl.float32)
+    else:
+        out = tl.dot(x, signs, acc, out_dtype=tl.float32)
+    return out
+
+
+# num_blocks only bounds-checks block ids: one build for every cache size (no specialization on 1 or multiples of 16).
+@triton.jit(do_not_specialize=["num_blocks"])
+def _quantize_tiles_kernel(
+    k_src, v_src, stride_t, stride_h, signs,
+    tile_starts, block_ids,
+    k_words, v_words, scales, kw_stride_b, kw_stride_h, vw_stride_b, vw_stride_h, scales_stride_b, scales_stride_h,
+    k_weights, num_blocks,
+    G: tl.constexpr, D: tl.constexpr, KBITS: tl.constexpr, VBITS: tl.constexpr, ITERS: tl.constexpr,
+    SCALE: tl.constexpr, INTERPRETED: tl.constexpr, HAS_WEIGHTS: tl.constexpr,
+):
+    n = tl.program_id(0)
+    h = tl.program_id(1)
+    block = tl.load(block_ids + n).to(tl.int64)
+    if (block < 0) | (block >= num_blocks):
+        return  # an out-of-range block id (device data, not checked on the host) writes nothing, never out of bounds
+    start = tl.load(tile_starts + n).to(tl.int64)
+    offset = start * stride_t + h * stride_h
+    scales_base = scales + block * scales_stride_b + h * scales_stride_h
+    # K and V of a tile are independent: separate programs double the parallelism of this latency-bound
+    # kernel (its tile-wide reductions each wait on a barrier).
+    if tl.program_id(2) == 0:
+        # The K frame (`reference.choose_k_rotation`): rotated iff that lowers the per-channel range cost (with
+        # channel weights w: Σ w·range² unrotated against mean(w)·Σ range² rotated). A NaN/Inf tile has a NaN raw
+        # cost, so it stays unrotated as in the reference (and poisons its scales).
+        if HAS_WEIGHTS:
+            w_ptr = k_weights + (n * tl.num_programs(1) + h) * D
+            k_rot, raw_cost = _rotate(k_src + offset, stride_t, signs, G, D, SCALE, True, INTERPRETED, True, w_ptr)
+            w_mean = tl.sum(tl.load(w_ptr + tl.arange(0, D)), axis=0) / D
+            rotated = w_mean * _range_cost(k_rot, 1, not INTERPRETED) < raw_cost
+        else:
+            k_rot, raw_cost = _rotate(k_src + offset, stride_t, signs, G, D, SCALE, True, INTERPRETED, True)
+            rotated = _range_cost(k_rot, 1, not INTERPRETED) < raw_cost
+        unrotated = rotated == 0
+        # The unrotated frame reloads the tile in the rotated tile's layout (no load when rotated): a second
+        # copy of the tile is live only here, before the normalization's working set.
+        ch = tl.arange(0, D)[:, None]
+        tok = tl.arange(0, G)[None, :]
+        raw = tl.load(k_src + offset + ch + tok * stride_t, mask=unrotated & (ch >= 0), other=0.0)
+        k_tile = tl.where(rotated, k_rot, raw.to(tl.float32))
+        _quantize_store(k_tile, k_words + block * kw_stride_b + h * kw_stride_h, scales_base,
+                        tl.where(rotated, 1.0, -1.0), D, G, KBITS, ITERS, False, not INTERPRETED)
+    else:
+        v_rot, _ = _rotate(v_src + offset, stride_t, signs, G, D, SCALE, False, INTERPRETED, False)
+        # Layout anchor: a never-taken select with a fully masked load of the tile (no memory traffic) moves the
+        # rotated tile into the loads' register layout (8 x 16 elements per thread), as the K frame's select does
+        # for K. Left in the gather's layout (32 rows x 4 columns), the normalization loop needed twice the
+        # shuffles and spilled: 2594 vs 1798 SASS instructions per iteration on sm_90; prefill quantize 12-16 %
+        # faster on an H100 (results/ab_session7.log).
+        v_tok = tl.arange(0, G)[:, None]
+        v_ch = tl.arange(0, D)[None, :]
+        anchor = tl.load(v_src + offset + v_tok * stride_t + v_ch, mask=(n < 0) & (v_ch >= 0), other=0.0)
+        v_rot = tl.where(n < 0, anchor.to(tl.float32), v_rot)
+        _quantize_store(v_rot, v_words + block * vw_stride_b + h * vw_stride_h, scales_base + 2 * D + G,
+                        1.0, G, D, VBITS, ITERS, True, not INTERPRETED)
+
+
+@functools.lru_cache(maxsize=32)
+def _signs(dim: int, dtype: torch.dtype, device: str) -> torch.Tensor:
+    """The unnormalized ±1 Sylvester Hadamard matrix [dim, dim] (cached: no rebuild, no sync per step)."""
+    return (reference.hadamard(dim, torch.float64) * math.sqrt(dim)).round().to(dtype=dtype, device=device)
+
+
+def quantize_into_cache(
+    k_src: torch.Tensor,
+    v_src: torch.Tensor,
+    tile_starts: torch.Tensor,
+    block_ids: torch.Tensor,
+    cache: torch.Tensor,
+    fmt: KVarNFormat,
+    k_weights: torch.Tensor | None = None,
+) -> None:
+    """Quantize tiles of G tokens from k_src/v_src [T, H, D] into cache blocks, all in one launch.
+
+    Tile i holds tokens tile_starts[i] .. tile_starts[i] + G - 1 of the source and is written to
+    cache[block_ids[i]] (all KV heads). The caller guarantees the tokens exist (no host sync here). A block id outside
+    [0, cache.shape[0]) is not checked on the host (that would sync): its tile is skipped, nothing is written.
+    k_weights (optional, float32 [N, H, D], contiguous): tile i's channel weights of the K-frame choice
+    (`reference.choose_k_rotation`).
+    """
+    _check_sources(k_src, v_src, tile_starts, block_ids, cache, fmt)
+    reference._check_k_weights(k_weights, (tile_starts.numel(), k_src.shape[1], fmt.head_dim))
+    if k_weights is not None and (not k_weights.is_contiguous() or k_weights.device != k_src.device):
+        raise ValueError(f"k_weights must be contiguous and on {k_src.device}")
+    n = tile_starts.numel()
+    if n == 0:
+        return
+    k_words, v_words, scales = fmt.word_views(cache)
+    opts = launch_options(fmt, k_src.dtype, interpreted=not k_src.is_cuda)
+    signs = _signs(fmt.head_dim, torch.float16 if k_src.dtype == torch.float16 else torch.bfloat16,
+                   str(k_src.device))
+    _quantize_tiles_kernel[(n, k_src.shape[1], 2)](
+        k_src, v_src, k_src.stride(0), k_src.stride(1), signs,
+        tile_starts, block_ids,
+        k_words, v_words, scales, k_words.stride(0), k_words.stride(1), v_words.stride(0), v_words.stride(1),
+        scales.stride(0), scales.stride(1), k_weights if k_weights is not None else scales, cache.shape[0],
+        HAS_WEIGHTS=k_weights is not None,
+        **opts["constexprs"], **{k: v for k, v in opts.items() if k != "constexprs"},
+    )
+
+
+# Launch options that override launch_options' choice (benchmarks sweep them, e.g. {"num_warps": 8}).
+LAUNCH_OVERRIDES: dict = {}
+
+
+def launch_options(fmt: KVarNFormat, dtype: torch.dtype, interpreted: bool = False) -> dict:
+    """Constexprs and launch options of `_quantize_tiles_kernel` (compile_stats_quantize.py reads them too)."""
+    # Few warps per program: this kernel waits on its tile-wide reductions (each a barrier across the program's
+    # warps), not on memory, and fewer warps make cheaper reductions and let two programs share an SM. H100, 16K
+    # prefill tokens (results/quantize_session6.log), ms: head_dim 128 x G 128 16 warps 1.22, 8 warps 0.83, 4 warps
+    # 0.75 (255 registers, 616 bytes spilled); head_dim 64 8 warps 0.45, 4 warps 0.34; G 64 8 warps 1.13, 4 warps
+    # 0.67; head_dim 256 (32K-element tiles) 16 warps 2.30, 8 warps 1.70. Register caps that force more programs per
+    # SM (4 warps at 128 or 168, 16 at 64) were slower.
+    num_warps = 4 if fmt.head_dim * fmt.group <= 128 * 128 else 8
+    constexprs = dict(G=fmt.group, D=fmt.head_dim, KBITS=fmt.k_bits, VBITS=fmt.v_bits, ITERS=NORMALIZE_ITERS,
+                      SCALE=1.0 / math.sqrt(fmt.head_dim),
+                      INTERPRETED=interpreted)
+    # num_stages=1: no software pipelining of the rotation's chunk loads (it would multiply their shared memory).
+    return {"constexprs": constexprs, "num_warps": num_warps, "num_stages": 1, **LAUNCH_OVERRIDES}
+
+
+def _check_sources(k_src, v_src, tile_starts, block_ids, cache, fmt: KVarNFormat) -> None:
+    if k_src.shape != v_src.shape or k_src.dim() != 3 or k_src.shape[-1] != fmt.head_dim:
+        raise ValueError(
+            f"k_src/v_src must both be [T, H, {fmt.head_dim}], got {tuple(k_src.shape)} and {tuple(v_src.shape)}"
+        )
+    if k_src.dtype != v_src.dtype or k_src.dtype not in (torch.float16, torch.bfloat16, torch.float32):
+        raise ValueError(f"K/V dtype {k_src.dtype}/{v_src.dtype} is not supported: use float16, bfloat16 or float32")
+    if k_src.stride(-1) != 1 or v_src.stride() != k_src.stride():
+        raise ValueError("k_src and v_src need unit stride in head_dim and identical strides")
+    if k_src.shape[1] != cache.shape[1]:
+        raise ValueError(f"k_src has {k_src.shape[1]} KV heads but the cache has {cache.shape[1]}")
+    for name, t in (("tile_starts", tile_starts), ("block_ids", block_ids)):
+        if t.dtype != torch.int32 or t.dim() != 1:
+            raise ValueError(f"{name} must be a 1-D int32 tensor, got {t.dtype} {tuple(t.shape)}")
+    if tile_starts.shape != block_ids.shape:
+        raise ValueError(f"tile_starts {tuple(tile_starts.shape)} and block_ids {tuple(block_ids.shape)} differ")
+    for t in (k_src, v_src, tile_starts, block_ids):
+        if t.device != cache.device:
+            raise ValueError(f"all inputs must be on the cache's device {cache.device}, found {t.device}")
