@@ -95,6 +95,22 @@ def _one_tile_residency():
     return out
 
 
+def _merge_waits_before_loading():
+    import re
+
+    from kvarn_kernels import aot
+
+    # [index of the grid-dependency wait (ACQBULK), index of the first global load] in the merge build's SASS.
+    out = {}
+    for splits in (2, 48, 64):
+        sass = aot.cuobjdump(aot.merge_kernel(128, splits), "-sass")
+        ops = [m.group(1).split()[0] for m in (re.match(r"\s+/\*[0-9a-f]{4,}\*/\s+(?:@!?U?P\w+\s+)?(.*?);", line)
+                                              for line in sass.splitlines()) if m]
+        out[splits] = [ops.index("ACQBULK") if "ACQBULK" in ops else -1,
+                       min(i for i, op in enumerate(ops) if op.startswith("LDG"))]
+    return out
+
+
 def _dense_history_shared(dtype, head_dim):
     import torch
 
@@ -114,7 +130,8 @@ def _run_all() -> dict:
                              ("quantize-weighted", _quantize_weighted_shared, ()),
                              ("quantize-loops", _quantize_loops, ()),
                              ("decode-loop-spills", _decode_loop_spills, ()),
-                             ("one-tile-residency", _one_tile_residency, ())]):
+                             ("one-tile-residency", _one_tile_residency, ()),
+                             ("merge-pdl-order", _merge_waits_before_loading, ())]):
         try:
             out[key] = fn(*args)
         except Exception as e:  # reported by the test, with the case that failed
@@ -158,6 +175,19 @@ def test_one_tile_split_builds_fit_the_programs_per_sm_the_split_rule_assumes(co
     for name, (regs, threads, shared, per_sm) in builds.items():
         assert -(-regs // 8) * 8 * threads * per_sm <= 65536, (name, regs)
         assert shared * per_sm <= 228 * 1024, (name, shared)
+
+
+def test_merge_waits_for_the_attention_launch_before_loading_its_partials(compiled):
+    """With programmatic dependent launch the merge may start while the attention launch still runs: its
+    griddepcontrol.wait (SASS ACQBULK) must come before every load of the partials (an inline-asm wait carries no
+    memory clobber, so this pins the order the compiler produced)."""
+    from kvarn_kernels import attention
+
+    order = compiled["merge-pdl-order"]
+    assert not isinstance(order, str), order
+    for splits, (wait, first_load) in order.items():
+        if attention.PDL:
+            assert 0 <= wait < first_load, (splits, wait, first_load)
 
 
 @pytest.mark.parametrize("case", ATTENTION_CASES, ids=lambda c: f"{c[0]}-d{c[1]}-rows{c[2]}")
