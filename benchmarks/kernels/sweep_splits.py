@@ -7,6 +7,7 @@ The split rule (`attention.choose_num_splits`) picks a power of two, and a split
 where 45 splits of 3 units each would fit the same wave if an SM held 3 programs. This sweep times, per shape, every
 (row groups, splits, register cap) of a grid that includes 3 * 2^k split counts and a 128-register cap (4 one-tile
 programs per SM), so that a rule can be chosen from data. One JSON line per shape; CUDA-graph medians in us.
+--q-heads sets the GQA group (query heads over 8 KV heads), --configs the (row groups/register cap) pairs timed.
 """
 
 from __future__ import annotations
@@ -32,21 +33,25 @@ def main() -> None:
     ap.add_argument("--out", type=Path, required=True)
     ap.add_argument("--head-dim", type=int, default=128)
     ap.add_argument("--shapes", default="", help="batch:context,... (default: the module's SHAPES)")
+    ap.add_argument("--q-heads", type=int, default=32, help="query heads over the 8 KV heads (GQA group = this / 8)")
+    ap.add_argument("--configs", default="1/0,1/128,4/0",
+                    help="row groups/register cap (0: none) pairs timed at every split count")
     args = ap.parse_args()
     d = args.head_dim
     dtype = torch.bfloat16
     fmt = KVarNFormat.from_preset("kvarn_k4v2_g128", d, dtype)
     shapes = [tuple(int(x) for x in s.split(":")) for s in args.shapes.split(",")] if args.shapes else SHAPES
+    configs = [tuple(int(x) for x in c.split("/")) for c in args.configs.split(",")]
     base_opts = dict(attention.LAUNCH_OPTIONS)
     base_min_units = attention.GROUP_MIN_UNITS
     rows = []
     for batch, ctx in tqdm(shapes, desc="shapes"):
         state = make_state(batch, ctx, 8, fmt, dtype)
-        q = torch.randn(batch, 32, d, device="cuda", dtype=dtype)
-        row: dict = {"batch": batch, "ctx": ctx, "d": d, "us": {}}
+        q = torch.randn(batch, args.q_heads, d, device="cuda", dtype=dtype)
+        row: dict = {"batch": batch, "ctx": ctx, "d": d, "q_heads": args.q_heads, "us": {}}
         row["auto_us"] = round(1e3 * graph_time_ms(lambda st=state: decode_attention(q, st)), 1)
         for splits in SPLITS[batch]:
-            for tg, cap in ((1, 0), (1, 128), (4, 0)):
+            for tg, cap in configs:
                 # Forcing: GROUP_MIN_UNITS 0 makes every split take row groups, a huge one none.
                 attention.GROUP_MIN_UNITS = 0 if tg > 1 else 1 << 30
                 attention.LAUNCH_OPTIONS.clear()
