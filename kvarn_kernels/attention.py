@@ -77,8 +77,8 @@ DENSE_CHUNK_MAX_BYTES = 4 << 30
 TILE_GROUPS = 4
 # ... when each split has at least this many work units; below, one at a time. With the decode split rule below,
 # over 18 shapes on an H100 (benchmarks/kernels/results/sweep_groups.json: every (groups, splits) timed) this
-# choice is within 1.9 % of each shape's best on geometric mean, 12 % at worst (batch 1 x 4K; `sweep_groups.py
-# --evaluate`, which tests/benchmarks/test_sweep_groups.py runs).
+# choice (with `one_tile_splits`) is within 0.1 % of each shape's best on geometric mean, 1 % at worst (session 10;
+# `sweep_groups.py --evaluate`, which tests/benchmarks/test_sweep_groups.py runs).
 GROUP_MIN_UNITS = 16
 # Decode programs one H100 SM holds at once, by head_dim: head_dim 64 and 128 take 232-255 registers in row groups
 # (2 x 4 warps), 256 needs 147 KB of shared memory (1 x 8 warps; compile_stats.py prints both). Decode splits fill

@@ -3,8 +3,8 @@
     PYTHONPATH=. python benchmarks/kernels/sweep_splits.py --out benchmarks/kernels/results/session10/sweep_splits.json
 
 The split rule (`attention.choose_num_splits`) picks a power of two, and a split's run of work units is rounded up
-(`cdiv(units, splits)`): at batch 1 x 16K (134 units) 32 splits leave 5 of 32 idle and the rest walk 5 units each,
-where 45 splits of 3 units each would fit the same wave if an SM held 3 programs. This sweep times, per shape, every
+(`cdiv(units, splits)`): at batch 1 x 16K (133 units) 32 splits leave 5 of 32 idle and the rest walk 5 units each,
+where 48 splits of 3 units each would fit one wave if an SM held 3 programs. This sweep times, per shape, every
 (row groups, splits, register cap) of a grid that includes 3 * 2^k split counts and a 128-register cap (4 one-tile
 programs per SM), so that a rule can be chosen from data. One JSON line per shape; CUDA-graph medians in us.
 --q-heads sets the GQA group (query heads over 8 KV heads), --configs the (row groups/register cap) pairs timed.
