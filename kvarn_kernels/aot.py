@@ -74,7 +74,8 @@ def attention_kernel(dot: str = "bfloat16", head_dim: int = 128, n_rep: int = 4,
                  "scales": scales, "sm_scale": "fp32"})
     aligned = {"kw_sb", "kw_sh", "vw_sb", "vw_sh", "scales_sb", "scales_sh", "stride_db", "stride_dh", "stride_qt",
                "stride_qh", "stride_nt", "stride_nh", "stride_ps", "stride_pt", "stride_ph"}
-    opts = dict(options if options is not None else attention.launch_options(rows, head_dim, dt, tile_groups))
+    opts = dict(options if options is not None else attention.launch_options(
+        rows, head_dim, dt, tile_groups, n_rep, num_splits, decode=not chunk_rows))
     return _compile(attention._paged_attention_kernel, constexprs, ptrs, aligned, opts)
 
 
@@ -141,11 +142,12 @@ def cuobjdump(kernel: Any, *flags: str) -> str:
         return subprocess.run([tool, *flags, path], capture_output=True, text=True, check=True).stdout
 
 
-def registers(kernel: Any) -> int:
-    """Registers per thread of a compiled kernel (ptxas's allocation, from cuobjdump: without a GPU the kernel object
-    has no n_regs)."""
+def resources(kernel: Any) -> dict[str, int]:
+    """ptxas's per-thread resources of a compiled kernel from cuobjdump (without a GPU the kernel object has no
+    n_regs): {"REG": registers, "STACK": bytes, "LOCAL": bytes (spills), ...}."""
     usage = cuobjdump(kernel, "--dump-resource-usage")
-    return int(re.findall(r"REG:(\d+)", usage)[-1])
+    line = [ln for ln in usage.splitlines() if "REG:" in ln][-1]
+    return {k: int(v) for k, v in re.findall(r"(\w+):(\d+)", line)}
 
 
 def sass_loops(sass: str) -> list[tuple[int, collections.Counter]]:

@@ -86,27 +86,36 @@ GROUP_MIN_UNITS = 16
 # fewer leave SMs idle.
 DECODE_PROGRAMS_PER_SM = {64: 2, 128: 2, 256: 1}
 # ... and of the one-tile-at-a-time split build (tile_groups 1, splits > 1), by (head_dim, model dtype, GQA group size),
-# where it holds more: that build takes 155-168 registers at head_dim 64 and in bfloat16 at 128 with GQA 4 (3 x 4 warps
-# per SM; the row-group build 232-255: 2). Not listed, as ptxas allocates them: bfloat16 at 128 with other GQA sizes
-# (213-224 registers) and float16 at 128 (250-255; capped at 168 it spills). Capped at 168, the bfloat16 GQA 1 and 8
-# builds do not spill, and with 48 splits they ran 8-12 % faster than this rule's pick at batch 1 x 16K and batch 8 x
-# 4K (results/session10/sweep_splits_gqa.json); not enabled until that capped build has passed the GPU tests.
+# where it holds more: 3 x 4 warps per SM (the row-group build takes 232-255 registers: 2). ptxas gives that build at
+# head_dim 64 155-168 registers without spilling (bfloat16 GQA 9-14 keep an 8-byte stack: not listed), in bfloat16 at
+# 128 with GQA 4 168, and 211-224 with other GQA sizes; those are capped at 168 (ONE_TILE_MAXNREG) where that leaves
+# them spill-free (not GQA 6 or 9-15). float16 at 128 takes 250-255 and spills 16-48 bytes capped: not listed.
+# (`benchmarks/kernels/compile_stats.py --splits 3 --tile-groups 1 --n-rep N` prints each.)
 # The listed decodes take any split count of ONE_TILE_SPLITS that fits such a wave, not only powers of two: a split
 # walks cdiv(units, splits) units one after another, so batch 1 x 16K (133 units) walked 5 per split with 32 splits
 # and walks 3 with 48. H100, GQA 4, us (benchmarks/kernels/results/session10/sweep_splits.json, sweep_groups.json):
 # head_dim 128 batch 1 x 16K 23.1 -> 20.4, batch 1 x 4K 14.7 -> 13.8, batch 8 x 4K 34.6 -> 30.3; head_dim 64 batch 1
-# x 16K 17.5 -> 15.0. A 128-register cap (4 programs per SM) was slower at every shape timed. test_compile_sm90 checks
-# every listed build.
+# x 16K 17.5 -> 15.0. Other GQA sizes at head_dim 128, capped, against the rule for 2 per SM uncapped: GQA 1 and 8
+# 8-12 % faster at batch 1 x 16K and batch 8 x 4K (results/session10/sweep_splits_gqa.json); GQA 2, 3, 7, 16 batch 1
+# x 16K 22.0-23.9 -> 19.8-20.2, batch 8 x 4K GQA 3, 7, 16 31.5 -> 29.7, 32.5 -> 31.4, 35.7 -> 32.7
+# (results/session11/sweep_splits_gqa.json). A 128-register cap (4 programs per SM) was slower at every shape timed.
+# test_compile_sm90 checks every listed build.
 DECODE_PROGRAMS_PER_SM_ONE_TILE = {
-    **{(64, dtype, n_rep): 3 for dtype in (torch.bfloat16, torch.float16) for n_rep in (1, 2, 4, 8, 16)},
-    (128, torch.bfloat16, 4): 3,
+    **{(64, torch.float16, n_rep): 3 for n_rep in range(1, 17)},
+    **{(64, torch.bfloat16, n_rep): 3 for n_rep in (*range(1, 9), 15, 16)},
+    **{(128, torch.bfloat16, n_rep): 3 for n_rep in (1, 2, 3, 4, 5, 7, 8, 16)},
 }
+# Register caps of one-tile split builds (decode, tile_groups 1, splits > 1), keyed as above. Not GQA 4: it fits in
+# 168 uncapped, and the cap changes its build (1081 -> 1130 instructions per tile-loop iteration).
+ONE_TILE_MAXNREG = {(128, torch.bfloat16, n_rep): 168 for n_rep in (1, 2, 3, 5, 7, 8, 16)}
 ONE_TILE_SPLITS = (1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 64)
 
 
-def launch_options(rows: int, head_dim: int, dot: tl.dtype = tl.bfloat16, groups: int = 1) -> dict:
+def launch_options(rows: int, head_dim: int, dot: tl.dtype = tl.bfloat16, groups: int = 1, n_rep: int = 0,
+                   splits: int = 1, decode: bool = False) -> dict:
     """Launch options of the attention kernel for `rows` (query, head) rows per program (16: decode), tensor-core
-    operand dtype `dot` and `groups` row groups (`tile_groups`)."""
+    operand dtype `dot`, `groups` row groups (`tile_groups`), GQA group size `n_rep` and `splits` splits; decode: a
+    decode build (one query per sequence, no new tokens), which ONE_TILE_MAXNREG may cap."""
     if rows > 16:
         return CHUNK_LAUNCH_OPTIONS
     if groups > 1 and head_dim == 128:
@@ -114,7 +123,9 @@ def launch_options(rows: int, head_dim: int, dot: tl.dtype = tl.bfloat16, groups
     if head_dim > 128:
         return LAUNCH_OPTIONS_D256
     # float32 models' IEEE dots spill anyway; a register cap would only make them spill more.
-    return LAUNCH_OPTIONS_D64 if head_dim <= 64 and dot != tl.float32 else LAUNCH_OPTIONS
+    options = LAUNCH_OPTIONS_D64 if head_dim <= 64 and dot != tl.float32 else LAUNCH_OPTIONS
+    cap = ONE_TILE_MAXNREG.get((head_dim, _TORCH_DTYPE[dot], n_rep)) if decode and splits > 1 else None
+    return {**options, "maxnreg": cap} if cap else options
 
 
 def tile_groups(rows: int, n_rep: int, block_m: int, units_per_split: int,
@@ -760,7 +771,8 @@ def paged_attention(
         BLOCK_M=block_m, ROWS=rows, HAS_NEW=has_new, NUM_SPLITS=splits,
         DOT=dot, PRECISION=precision, DENSE_BLOCK=DENSE_BLOCK, MAGIC=magic, OFFSET=offset,
         UNROTATE_F32=dot == tl.float32 or _interpreted(), TG=tg, DU=dense_units(has_new),
-        PDL=splits > 1 and pdl, **launch_options(rows, d, dot, tg),
+        PDL=splits > 1 and pdl,
+        **launch_options(rows, d, dot, tg, n_rep, splits, decode=block_m == 1 and not has_new),
     )
     if splits > 1:
         _merge_splits_kernel[(tq * hq,)](part, part_lse, out, tq * hq, **merge_meta(splits, d),

@@ -9,6 +9,8 @@ machine. Launch options default to the ones the real launch uses (`attention.lau
 import argparse
 import collections
 
+import torch
+
 from kvarn_kernels import aot, attention
 
 
@@ -33,8 +35,11 @@ def main() -> None:
                     help="also print the SASS instruction count and opcode mix of the longest loop (the tile loop)")
     args = ap.parse_args()
     rows = args.chunk_rows or 16
-    groups = args.tile_groups or (attention.TILE_GROUPS if not args.chunk_rows else 1)
-    options = dict(attention.launch_options(rows, args.head_dim, aot.DOTS[args.dot], groups))
+    block_m = max(1, args.chunk_rows // args.n_rep) if args.chunk_rows else 1
+    groups = args.tile_groups or attention.tile_groups(  # as aot.attention_kernel picks them for a long context
+        rows, args.n_rep, block_m, 1 << 20, torch.float32 if args.dot == "float32" else torch.bfloat16)
+    options = dict(attention.launch_options(rows, args.head_dim, aot.DOTS[args.dot], groups, args.n_rep, args.splits,
+                                           decode=not args.chunk_rows))
     if args.num_warps:
         options["num_warps"] = args.num_warps
     if args.num_stages:

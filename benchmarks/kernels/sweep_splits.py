@@ -44,12 +44,14 @@ def main() -> None:
     configs = [tuple(int(x) for x in c.split("/")) for c in args.configs.split(",")]
     base_opts = dict(attention.LAUNCH_OPTIONS)
     base_min_units = attention.GROUP_MIN_UNITS
+    base_caps = dict(attention.ONE_TILE_MAXNREG)
     rows = []
     for batch, ctx in tqdm(shapes, desc="shapes"):
         state = make_state(batch, ctx, 8, fmt, dtype)
         q = torch.randn(batch, args.q_heads, d, device="cuda", dtype=dtype)
         row: dict = {"batch": batch, "ctx": ctx, "d": d, "q_heads": args.q_heads, "us": {}}
         row["auto_us"] = round(1e3 * graph_time_ms(lambda st=state: decode_attention(q, st)), 1)
+        attention.ONE_TILE_MAXNREG.clear()  # each config's cap is the only one (0: none), the auto row's are kept
         for splits in SPLITS[batch]:
             for tg, cap in configs:
                 # Forcing: GROUP_MIN_UNITS 0 makes every split take row groups, a huge one none.
@@ -60,6 +62,7 @@ def main() -> None:
                 row["us"][key] = round(1e3 * graph_time_ms(
                     lambda s=splits, st=state: decode_attention(q, st, num_splits=s)), 1)
         attention.GROUP_MIN_UNITS = base_min_units
+        attention.ONE_TILE_MAXNREG.update(base_caps)
         attention.LAUNCH_OPTIONS.clear()
         attention.LAUNCH_OPTIONS.update(base_opts)
         add_row(rows, row)

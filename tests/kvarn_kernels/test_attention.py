@@ -2,6 +2,7 @@
 
 import pytest
 import torch
+import triton.language as tl
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -64,6 +65,20 @@ def test_decode_head_dim_128_k4v4(device):
     q = torch.randn(2, 4, 128, device=device).half()
     expected = ref.paged_attention_ref(q, state, _cu([1, 1], device))
     torch.testing.assert_close(decode_attention(q, state, num_splits=2).float(), expected.float(), atol=8e-3, rtol=0)
+
+
+@pytest.mark.parametrize("n_rep", [1, 7])
+def test_decode_register_capped_builds(n_rep, device):
+    """bfloat16 head_dim 128 one-tile split builds run capped at 168 registers (attention.ONE_TILE_MAXNREG; GQA 1 and
+    7 here, 4 is not capped): on a GPU that is the build that runs; its sm_90 compile is checked spill-free."""
+    assert (128, torch.bfloat16, n_rep) in attention.ONE_TILE_MAXNREG
+    state = _state([200, 4 * 128 + 9], 1, 128, torch.bfloat16, device, "kvarn_k4v2_g128")
+    q = torch.randn(2, n_rep, 128, generator=torch.Generator().manual_seed(n_rep)).to(device, torch.bfloat16)
+    expected = ref.paged_attention_ref(q, state, _cu([1, 1], device)).float()
+    # As test_decode_matches_reference judges 16-bit operands: beyond one bfloat16 output step, within the 16-bit floor.
+    err = ((decode_attention(q, state, num_splits=3).float() - expected).abs() - 2**-7 * expected.abs()).max().item()
+    floor = (sixteen_bit_decode(q, state) - expected).abs().max().item()
+    assert err <= max(TOL[torch.bfloat16], 2 * floor), (err, floor)
 
 
 @pytest.mark.parametrize("splits", [1, 3])
@@ -164,9 +179,24 @@ def test_one_tile_decodes_take_the_splits_that_shorten_the_longest_walk():
     assert split_plan(8, 8, 127, 128, 4, torch.bfloat16, 132) == (4, 4)
     assert split_plan(1, 8, 127, 256, 4, torch.bfloat16, 132) == (16, 1)  # head_dim 256: powers of two
     assert split_plan(1, 8, 127, 128, 4, torch.bfloat16, 132, num_splits=64) == (64, 1)  # forced: kept
-    assert split_plan(1, 8, 127, 128, 8, torch.bfloat16, 132) == (32, 1)  # GQA 8: its build is not listed
+    assert split_plan(1, 8, 127, 128, 8, torch.bfloat16, 132) == (48, 1)  # GQA 8: its capped build holds 3 too
+    assert split_plan(1, 8, 127, 128, 6, torch.bfloat16, 132) == (32, 1)  # GQA 6: its build is not listed
     assert split_plan(1, 8, 127, 128, 4, torch.float16, 132) == (32, 1)  # float16 at 128: not listed either
     assert split_plan(1, 8, 127, 128, 4, torch.bfloat16, 132, has_new=True)[0] == 32  # the chunk build
+
+
+def test_register_caps_apply_to_the_listed_one_tile_decode_split_builds_only():
+    capped = {**attention.LAUNCH_OPTIONS, "maxnreg": 168}
+    for n_rep in (1, 2, 3, 5, 7, 8, 16):
+        assert attention.launch_options(16, 128, tl.bfloat16, 1, n_rep, 48, decode=True) == capped
+        assert attention.launch_options(16, 128, tl.bfloat16, 1, n_rep, 1, decode=True) == attention.LAUNCH_OPTIONS
+        assert attention.launch_options(16, 128, tl.bfloat16, 1, n_rep, 48) == attention.LAUNCH_OPTIONS  # chunks
+    assert attention.launch_options(16, 128, tl.bfloat16, 1, 4, 48, decode=True) == attention.LAUNCH_OPTIONS
+    assert attention.launch_options(16, 128, tl.bfloat16, 1, 6, 48, decode=True) == attention.LAUNCH_OPTIONS
+    assert attention.launch_options(16, 128, tl.float16, 1, 8, 48, decode=True) == attention.LAUNCH_OPTIONS
+    assert attention.launch_options(16, 128, tl.bfloat16, 4, 1, 48, decode=True) == attention.LAUNCH_OPTIONS_GROUPS
+    # Every capped build is also counted as holding several programs per SM (what the cap is for).
+    assert set(attention.ONE_TILE_MAXNREG) <= set(attention.DECODE_PROGRAMS_PER_SM_ONE_TILE)
 
 
 def test_tile_groups_fill_the_padding_rows_only():

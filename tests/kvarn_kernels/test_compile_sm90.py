@@ -85,13 +85,18 @@ def _one_tile_residency():
     from kvarn_kernels import aot, attention
 
     # The one-tile split builds that `attention.DECODE_PROGRAMS_PER_SM_ONE_TILE` counts several of per SM:
-    # [registers per thread, threads, shared bytes, programs per SM it assumes].
+    # [registers per thread, threads, shared bytes, programs per SM it assumes, local (spill) bytes per thread], with
+    # the launch options the real launch uses (register caps: attention.ONE_TILE_MAXNREG). 3 splits: a constexpr
+    # divisor that is not a power of two (the capped builds are compiled with 2 as well).
     out = {}
     for (head_dim, dtype, n_rep), per_sm in attention.DECODE_PROGRAMS_PER_SM_ONE_TILE.items():
         dot = str(dtype).removeprefix("torch.")
-        kernel = aot.attention_kernel(dot, head_dim, n_rep=n_rep, num_splits=2, tile_groups=1)
-        out[f"{dot}-d{head_dim}-gqa{n_rep}"] = [aot.registers(kernel), 32 * kernel.metadata.num_warps,
-                                               kernel.metadata.shared, per_sm]
+        for splits in (2, 3) if (head_dim, dtype, n_rep) in attention.ONE_TILE_MAXNREG else (3,):
+            kernel = aot.attention_kernel(dot, head_dim, n_rep=n_rep, num_splits=splits, tile_groups=1)
+            usage = aot.resources(kernel)
+            out[f"{dot}-d{head_dim}-gqa{n_rep}-s{splits}"] = [usage["REG"], 32 * kernel.metadata.num_warps,
+                                                             kernel.metadata.shared, per_sm,
+                                                             usage["LOCAL"] + usage["STACK"]]
     return out
 
 
@@ -172,9 +177,11 @@ def test_one_tile_split_builds_fit_the_programs_per_sm_the_split_rule_assumes(co
     builds = compiled["one-tile-residency"]
     assert not isinstance(builds, str), builds
     assert builds, "no build listed"
-    for name, (regs, threads, shared, per_sm) in builds.items():
+    for name, (regs, threads, shared, per_sm, local) in builds.items():
         assert -(-regs // 8) * 8 * threads * per_sm <= 65536, (name, regs)
         assert shared * per_sm <= 228 * 1024, (name, shared)
+        # ... and they fit without spilling (a register cap, ONE_TILE_MAXNREG, could make ptxas spill instead).
+        assert local == 0, (name, local)
 
 
 def test_merge_waits_for_the_attention_launch_before_loading_its_partials(compiled):
