@@ -63,6 +63,7 @@ def attention_kernel(dot: str = "bfloat16", head_dim: int = 128, n_rep: int = 4,
         "DENSE_BLOCK": attention.DENSE_BLOCK, "MAGIC": magic, "OFFSET": offset, "UNROTATE_F32": dt == tl.float32,
         "TG": tile_groups, "DU": attention.dense_units(bool(chunk_rows)),
         "PDL": num_splits > 1 and attention.PDL,  # as an H100 launch has it
+        "ROT_PARTS": attention.merge_unrotates(num_splits, tile_groups, head_dim, block_m, bool(chunk_rows)),
     }
     act = "*" + {"float32": "fp32", "float16": "fp16", "bfloat16": "bf16"}[dot]
     scales = "*fp16" if dot == "float16" else "*bf16"  # bfloat16 scales for bfloat16 and float32 models
@@ -79,9 +80,10 @@ def attention_kernel(dot: str = "bfloat16", head_dim: int = 128, n_rep: int = 4,
     return _compile(attention._paged_attention_kernel, constexprs, ptrs, aligned, opts)
 
 
-def merge_kernel(head_dim: int, splits: int = 64, out_dtype: str = "bf16") -> Any:
-    """The split merge as `paged_attention` launches it for `splits` partials (64: the most it picks)."""
-    constexprs = dict(attention.merge_meta(splits, head_dim), PDL=attention.PDL)
+def merge_kernel(head_dim: int, splits: int = 64, out_dtype: str = "bf16", unrotate: bool = False) -> Any:
+    """The split merge as `paged_attention` launches it for `splits` partials (64: the most it picks); unrotate: the
+    build that un-rotates outputs left rotated (`attention.merge_unrotates`)."""
+    constexprs = dict(attention.merge_meta(splits, head_dim, unrotate), PDL=attention.PDL)
     options = {"num_warps": constexprs.pop("num_warps"), "launch_pdl": attention.PDL}
     ptrs = {"part": "*fp32", "part_lse": "*fp32", "out": "*" + out_dtype}
     return _compile(attention._merge_splits_kernel, constexprs, ptrs, set(), options)

@@ -87,9 +87,9 @@ GROUP_MIN_UNITS = 16
 DECODE_PROGRAMS_PER_SM = {64: 2, 128: 2, 256: 1}
 # ... and of the one-tile-at-a-time split build (tile_groups 1, splits > 1), by (head_dim, model dtype, GQA group size),
 # where it holds more: 3 x 4 warps per SM (the row-group build takes 232-255 registers: 2). ptxas gives that build at
-# head_dim 64 155-168 registers without spilling (bfloat16 GQA 9-14 keep an 8-byte stack: not listed), in bfloat16 at
-# 128 with GQA 4 168, and 211-224 with other GQA sizes; those are capped at 168 (ONE_TILE_MAXNREG) where that leaves
-# them spill-free (not GQA 6 or 9-15). float16 at 128 takes 250-255 and spills 16-48 bytes capped: not listed.
+# head_dim 64 155-168 registers and in bfloat16 at 128 with GQA 4 168; with other GQA sizes at 128 211-224, so those
+# are capped at 168 (ONE_TILE_MAXNREG). None spills in its tile loop; some keep 8-16 bytes of stack outside it (a
+# spilled register stored once per program). float16 at 128 takes 250-255 and spills 16-48 bytes capped: not listed.
 # (`benchmarks/kernels/compile_stats.py --splits 3 --tile-groups 1 --n-rep N` prints each.)
 # The listed decodes take any split count of ONE_TILE_SPLITS that fits such a wave, not only powers of two: a split
 # walks cdiv(units, splits) units one after another, so batch 1 x 16K (133 units) walked 5 per split with 32 splits
@@ -101,13 +101,12 @@ DECODE_PROGRAMS_PER_SM = {64: 2, 128: 2, 256: 1}
 # (results/session11/sweep_splits_gqa.json). A 128-register cap (4 programs per SM) was slower at every shape timed.
 # test_compile_sm90 checks every listed build.
 DECODE_PROGRAMS_PER_SM_ONE_TILE = {
-    **{(64, torch.float16, n_rep): 3 for n_rep in range(1, 17)},
-    **{(64, torch.bfloat16, n_rep): 3 for n_rep in (*range(1, 9), 15, 16)},
-    **{(128, torch.bfloat16, n_rep): 3 for n_rep in (1, 2, 3, 4, 5, 7, 8, 16)},
+    **{(64, dtype, n_rep): 3 for dtype in (torch.bfloat16, torch.float16) for n_rep in range(1, 17)},
+    **{(128, torch.bfloat16, n_rep): 3 for n_rep in range(1, 17)},
 }
 # Register caps of one-tile split builds (decode, tile_groups 1, splits > 1), keyed as above. Not GQA 4: it fits in
 # 168 uncapped, and the cap changes its build (1081 -> 1130 instructions per tile-loop iteration).
-ONE_TILE_MAXNREG = {(128, torch.bfloat16, n_rep): 168 for n_rep in (1, 2, 3, 5, 7, 8, 16)}
+ONE_TILE_MAXNREG = {(128, torch.bfloat16, n_rep): 168 for n_rep in range(1, 17) if n_rep != 4}
 ONE_TILE_SPLITS = (1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 64)
 
 
@@ -144,10 +143,30 @@ def tile_groups(rows: int, n_rep: int, block_m: int, units_per_split: int,
     return TILE_GROUPS if rows // triton.next_power_of_2(n_rep) >= TILE_GROUPS else 1
 
 
-def merge_meta(splits: int, head_dim: int) -> dict:
-    """Constexprs and launch options of the merge kernel (one row per program, all `splits` in one load)."""
+def merge_meta(splits: int, head_dim: int, unrotate: bool = False) -> dict:
+    """Constexprs and launch options of the merge kernel (one row per program, all `splits` in one load); unrotate:
+    it un-rotates the outputs the attention kernel left rotated (`merge_unrotates`), in one warp: its reductions and
+    reshapes then cross no warps (no barriers). H100, batch-1 decode, head_dim 128 (results/session11/ab_unrotate.log),
+    merge launch 4.0 us with 4 warps, 3.1-3.8 with 2, 2.0-2.8 with 1 (2.0-2.2 without the un-rotation); the plain merge
+    gained nothing from one warp. Past 48 splits of 128 dimensions one warp's registers spill: two."""
     p2 = triton.next_power_of_2(splits)
-    return {"NUM_SPLITS": splits, "SPLITS_P2": p2, "D": head_dim, "num_warps": 4 if p2 * head_dim <= 8192 else 8}
+    if unrotate:
+        warps = 1 if splits * head_dim <= 48 * 128 else 2
+    else:
+        warps = 4 if p2 * head_dim <= 8192 else 8
+    return {"NUM_SPLITS": splits, "SPLITS_P2": p2, "D": head_dim, "UNROTATE": unrotate, "num_warps": warps}
+
+
+def merge_unrotates(splits: int, groups: int, head_dim: int, block_m: int, has_new: bool) -> bool:
+    """Whether a launch's split outputs may stay in the rotated frame for the merge to un-rotate (the kernel's
+    ROT_PARTS): decodes (one query, no new tokens) that take one tile at a time over several splits, head_dim <= 128.
+    Their splits are short (a few tiles), so the un-rotation (two [16, D] x [D, D] dots per split) was a large share of
+    each. H100, head_dim 128 (results/session11/ab_unrotate.log, us): batch 1 x 16K attention launch 16.8 -> 15.1,
+    merge 2.2 -> 2.8, call 19.7-19.9 -> 18.7-18.8; batch 1 x 2K 11.1 -> 9.9-10.1, x 4K 13.2 -> 12.0-12.2, batch 8 x
+    2K 19.9-20.1 -> 18.1-18.3; batch 1 x 1K 9.0-9.1 -> 9.1-9.3. Splits holding 16-bit tokens still un-rotate their
+    tiles' share themselves (the two frames meet in the split's output), and row-group builds are left alone: without
+    the un-rotation their registers were allocated differently and long contexts ran up to 13 % slower."""
+    return splits > 1 and groups == 1 and block_m == 1 and not has_new and head_dim <= 128
 
 
 @triton.jit
@@ -448,6 +467,7 @@ def _paged_attention_kernel(
     BLOCK_M: tl.constexpr, ROWS: tl.constexpr, HAS_NEW: tl.constexpr, NUM_SPLITS: tl.constexpr,
     DOT: tl.constexpr, PRECISION: tl.constexpr, DENSE_BLOCK: tl.constexpr, MAGIC: tl.constexpr,
     OFFSET: tl.constexpr, UNROTATE_F32: tl.constexpr, TG: tl.constexpr, DU: tl.constexpr, PDL: tl.constexpr = False,
+    ROT_PARTS: tl.constexpr = False,
 ):
     b = tl.program_id(0)
     m_block = tl.program_id(1)
@@ -520,6 +540,9 @@ def _paged_attention_kernel(
     u1 = tl.minimum(u0 + per_split, units)
     first_tile = tl.maximum(u0 - DU, 0)
     last_tile = tl.minimum(u1 - DU, n_tiles)
+    # ROT_PARTS: a split attending no 16-bit token (neither the sink's first unit nor the tail's) leaves its output in
+    # the rotated frame; the merge un-rotates the sum of such splits' outputs once (see `merge_unrotates`).
+    plain_frame = (u0 == 0) | ((u0 <= DU + n_tiles) & (DU + n_tiles < u1))
     # Loaded once: the offsets tensor is dead before the tile loop (registers are what limit this kernel).
     qp = tl.load(q + q_offs, mask=q_ok[:, None], other=0.0).to(DOT)
     if first_tile < last_tile:
@@ -560,7 +583,11 @@ def _paged_attention_kernel(
         m_q = m_q * LN2  # back to natural-log units (−inf stays −inf)
         # Un-rotate here (·H), not in the merge: the merge is then a plain weighted sum that spreads over
         # every row (a dot needs 16 rows per program; batch-1 decode has 32 rows and up to 64 splits).
-        acc_q = _unrotate(acc_q, hadamard_ptr, D, UNROTATE_F32)
+        if ROT_PARTS:
+            if plain_frame:
+                acc_q = _unrotate(acc_q, hadamard_ptr, D, UNROTATE_F32)
+        else:
+            acc_q = _unrotate(acc_q, hadamard_ptr, D, UNROTATE_F32)
 
     if u0 == 0:
         sink_block = tl.load(dense_table + 2 * b).to(tl.int64)
@@ -602,6 +629,10 @@ def _paged_attention_kernel(
         # batch 1 x 128K 81.0 -> 76.4). test_compile_sm90 checks that the loop does not spill.
         lse_offs = split * (stride_ps // D) + t_idx * (stride_pt // D) + head * (stride_ph // D)
         tl.store(part_lse + lse_offs, tl.where(l_i > 0, m_i + tl.log(l_i), float("-inf")), mask=row_ok)
+        if ROT_PARTS:
+            # The frame of this output (1.0: rotated), after the log-sum-exps of every split (part_lse holds 2 * S).
+            tl.store(part_lse + NUM_SPLITS * (stride_ps // D) + lse_offs, tl.where(plain_frame, 0.0, 1.0) + l_i * 0.0,
+                     mask=row_ok)
         tl.store(part + split * stride_ps + out_offs, acc * tl.where(l_i > 0, 1.0 / l_i, 0.0)[:, None],
                  mask=row_ok[:, None])
         if PDL:
@@ -631,25 +662,59 @@ def _unrotate(x, hadamard_ptr, D: tl.constexpr, F32: tl.constexpr):
 
 
 @triton.jit
+def _sylvester_signs(n: tl.constexpr):
+    """The n x n Sylvester Hadamard matrix (±1.0, float32) from its entries' formula (-1)^popcount(i & j): no load."""
+    i = tl.arange(0, n)
+    v = i[:, None] & i[None, :]
+    v = v ^ (v >> 4)
+    v = v ^ (v >> 2)
+    v = v ^ (v >> 1)
+    return 1.0 - 2.0 * (v & 1).to(tl.float32)
+
+
+@triton.jit
+def _unrotate_vector(y, D: tl.constexpr):
+    """y·H/sqrt(D) for one float32 vector y [D] (D <= 256), exact up to float32 sums. The Sylvester matrix factors as
+    H_A ⊗ H_B (D = A·B, index a·B + b), so with Y = y as [A, B] the product is H_A·Y·H_B: A·B·(A + B) multiply-adds
+    instead of D², on matrices built in registers."""
+    B: tl.constexpr = 16 if D >= 128 else 8
+    A: tl.constexpr = D // B
+    y2 = tl.reshape(y, [A, B])
+    z = tl.sum(y2[:, :, None] * _sylvester_signs(B)[None, :, :], axis=1)  # Y·H_B
+    r = tl.sum(_sylvester_signs(A)[:, :, None] * z[None, :, :], axis=1)  # H_A·(Y·H_B)
+    return tl.reshape(r, [D]) * (1.0 / tl.sqrt(D * 1.0))
+
+
+@triton.jit
 def _merge_splits_kernel(part, part_lse, out, n_rows, NUM_SPLITS: tl.constexpr, SPLITS_P2: tl.constexpr,
-                         D: tl.constexpr, PDL: tl.constexpr = False):
-    """Merge of one (query, head) row's split outputs [S, rows, D] (normalized, already un-rotated), weighted by
-    their log-sum-exps [S, rows], stored in out's dtype: all splits in one [S, D] load, so a row costs one memory
-    round trip. PDL: launched as a programmatic dependent of the attention launch (see `PDL`), it waits for that
-    launch's writes before its loads."""
+                         D: tl.constexpr, PDL: tl.constexpr = False, UNROTATE: tl.constexpr = False):
+    """Merge of one (query, head) row's split outputs [S, rows, D] (normalized), weighted by their log-sum-exps
+    [S, rows], stored in out's dtype: all splits in one [S, D] load, so a row costs one memory round trip. PDL:
+    launched as a programmatic dependent of the attention launch (see `PDL`), it waits for that launch's writes
+    before its loads.
+
+    UNROTATE (`merge_unrotates`): part_lse holds 2 * S rows, the second S each output's frame (1.0: left rotated by
+    the attention kernel, 0.0: un-rotated there); the weighted sum of the rotated ones is un-rotated here, in float32,
+    once per row instead of once per split (`_unrotate_vector`). Otherwise every output is un-rotated already."""
     row = tl.program_id(0).to(tl.int64)
     s = tl.arange(0, SPLITS_P2)
     s_ok = s < NUM_SPLITS
     d = tl.arange(0, D)
     if PDL:
         tl.extra.cuda.gdc_wait()
-    # Both loads issued before any use: one memory round trip, not two.
+    # All loads issued before any use: one memory round trip, not several.
     lse = tl.load(part_lse + s * n_rows + row, mask=s_ok, other=float("-inf"))
     o = tl.load(part + (s[:, None] * n_rows + row) * D + d[None, :], mask=s_ok[:, None], other=0.0)
+    if UNROTATE:
+        rotated = tl.load(part_lse + (NUM_SPLITS + s) * n_rows + row, mask=s_ok, other=0.0)
     m = tl.max(lse, axis=0)
     w = tl.where(lse > float("-inf"), tl.exp(lse - tl.where(m == float("-inf"), 0.0, m)), 0.0)  # 0: saw no key
     w_tot = tl.sum(w, axis=0)
-    res = tl.sum(o * w[:, None], axis=0)
+    if UNROTATE:
+        w_rot = w * rotated
+        res = tl.sum(o * (w - w_rot)[:, None], axis=0) + _unrotate_vector(tl.sum(o * w_rot[:, None], axis=0), D)
+    else:
+        res = tl.sum(o * w[:, None], axis=0)
     tl.store(out + row * D + d, (res * tl.where(w_tot > 0, 1.0 / w_tot, 0.0)).to(out.dtype.element_ty))
 
 
@@ -748,17 +813,20 @@ def paged_attention(
     # One split writes the output itself; more write partials (un-rotated, normalized, with their log-sum-exps) for
     # the merge. (With one split the kernel never touches part, part_lse: `out` stands in for them.)
     part = part_lse = out
+    rot_parts = merge_unrotates(splits, tg, d, block_m, has_new)
     if splits > 1:
         part = torch.empty(splits, tq, hq, d, device=q.device, dtype=torch.float32)
-        part_lse = torch.empty(splits, tq, hq, device=q.device, dtype=torch.float32)
+        # ROT_PARTS: each output's frame after the S log-sum-exps.
+        part_lse = torch.empty((2 if rot_parts else 1) * splits, tq, hq, device=q.device, dtype=torch.float32)
     kn = k_new if has_new else q
     vn = v_new if has_new else q
     k_words, v_words, scales = fmt.word_views(state.cache)
     magic, offset = code_conversion(dot)
     pdl = _pdl(q.device)
+    signs = _signs(d, _TORCH_DTYPE[dot], q.device)
     grid = (batch, q_blocks, hkv * splits)
     _paged_attention_kernel[grid](
-        q, _signs(d, _TORCH_DTYPE[dot], q.device), q.stride(0), q.stride(1),
+        q, signs, q.stride(0), q.stride(1),
         kn, vn, kn.stride(0), kn.stride(1),
         cu_seqlens_q, cu_seqlens_k if has_new else cu_seqlens_q, state.seq_lens,
         state.block_table, state.block_table.stride(0), state.dense_table,
@@ -771,11 +839,11 @@ def paged_attention(
         BLOCK_M=block_m, ROWS=rows, HAS_NEW=has_new, NUM_SPLITS=splits,
         DOT=dot, PRECISION=precision, DENSE_BLOCK=DENSE_BLOCK, MAGIC=magic, OFFSET=offset,
         UNROTATE_F32=dot == tl.float32 or _interpreted(), TG=tg, DU=dense_units(has_new),
-        PDL=splits > 1 and pdl,
+        PDL=splits > 1 and pdl, ROT_PARTS=rot_parts,
         **launch_options(rows, d, dot, tg, n_rep, splits, decode=block_m == 1 and not has_new),
     )
     if splits > 1:
-        _merge_splits_kernel[(tq * hq,)](part, part_lse, out, tq * hq, **merge_meta(splits, d),
+        _merge_splits_kernel[(tq * hq,)](part, part_lse, out, tq * hq, **merge_meta(splits, d, rot_parts),
                                          **({"PDL": True, "launch_pdl": True} if pdl else {}))
     return out
 

@@ -81,6 +81,24 @@ def test_decode_register_capped_builds(n_rep, device):
     assert err <= max(TOL[torch.bfloat16], 2 * floor), (err, floor)
 
 
+def test_rotated_split_outputs_are_unrotated_by_the_merge(device):
+    """One-tile decode splits that attend no 16-bit token leave their output rotated; the merge un-rotates their
+    weighted sum (attention.merge_unrotates). 10 tiles over 6 splits: the sink's and the tail's splits un-rotate their
+    own tiles' share, the others do not; a sequence whose history is all 16-bit has no rotated output at all."""
+    assert attention.merge_unrotates(6, 1, 64, 1, False)
+    assert not attention.merge_unrotates(1, 1, 64, 1, False)  # one split: the kernel stores the output itself
+    assert not attention.merge_unrotates(6, 4, 128, 1, False)  # row groups
+    assert not attention.merge_unrotates(6, 1, 64, 1, True)  # new tokens (chunk build)
+    assert not attention.merge_unrotates(6, 1, 256, 1, False)
+    lens = [11 * 64 + 5, 100, 3 * 64]
+    state = _state(lens, 2, 64, torch.bfloat16, device)
+    q = torch.randn(len(lens), 4, 64, generator=torch.Generator().manual_seed(5)).to(device, torch.bfloat16)
+    expected = ref.paged_attention_ref(q, state, _cu([1] * len(lens), device)).float()
+    err = ((decode_attention(q, state, num_splits=6).float() - expected).abs() - 2**-7 * expected.abs()).max().item()
+    floor = (sixteen_bit_decode(q, state) - expected).abs().max().item()
+    assert err <= max(TOL[torch.bfloat16], 2 * floor), (err, floor)
+
+
 @pytest.mark.parametrize("splits", [1, 3])
 def test_decode_head_dim_256(splits, device):
     """head_dim 256: one split stores the output from the attention kernel; 3 (not a power of two) go through the
@@ -180,19 +198,18 @@ def test_one_tile_decodes_take_the_splits_that_shorten_the_longest_walk():
     assert split_plan(1, 8, 127, 256, 4, torch.bfloat16, 132) == (16, 1)  # head_dim 256: powers of two
     assert split_plan(1, 8, 127, 128, 4, torch.bfloat16, 132, num_splits=64) == (64, 1)  # forced: kept
     assert split_plan(1, 8, 127, 128, 8, torch.bfloat16, 132) == (48, 1)  # GQA 8: its capped build holds 3 too
-    assert split_plan(1, 8, 127, 128, 6, torch.bfloat16, 132) == (32, 1)  # GQA 6: its build is not listed
+    assert split_plan(1, 8, 127, 128, 6, torch.bfloat16, 132) == (48, 1)  # GQA 6 too
     assert split_plan(1, 8, 127, 128, 4, torch.float16, 132) == (32, 1)  # float16 at 128: not listed either
     assert split_plan(1, 8, 127, 128, 4, torch.bfloat16, 132, has_new=True)[0] == 32  # the chunk build
 
 
 def test_register_caps_apply_to_the_listed_one_tile_decode_split_builds_only():
     capped = {**attention.LAUNCH_OPTIONS, "maxnreg": 168}
-    for n_rep in (1, 2, 3, 5, 7, 8, 16):
+    for n_rep in (1, 2, 3, 5, 6, 7, 8, 12, 16):
         assert attention.launch_options(16, 128, tl.bfloat16, 1, n_rep, 48, decode=True) == capped
         assert attention.launch_options(16, 128, tl.bfloat16, 1, n_rep, 1, decode=True) == attention.LAUNCH_OPTIONS
         assert attention.launch_options(16, 128, tl.bfloat16, 1, n_rep, 48) == attention.LAUNCH_OPTIONS  # chunks
     assert attention.launch_options(16, 128, tl.bfloat16, 1, 4, 48, decode=True) == attention.LAUNCH_OPTIONS
-    assert attention.launch_options(16, 128, tl.bfloat16, 1, 6, 48, decode=True) == attention.LAUNCH_OPTIONS
     assert attention.launch_options(16, 128, tl.float16, 1, 8, 48, decode=True) == attention.LAUNCH_OPTIONS
     assert attention.launch_options(16, 128, tl.bfloat16, 4, 1, 48, decode=True) == attention.LAUNCH_OPTIONS_GROUPS
     # Every capped build is also counted as holding several programs per SM (what the cap is for).
