@@ -98,7 +98,9 @@ DECODE_PROGRAMS_PER_SM = {64: 2, 128: 2, 256: 1}
 # x 16K 17.5 -> 15.0. Other GQA sizes at head_dim 128, capped, against the rule for 2 per SM uncapped: GQA 1 and 8
 # 8-12 % faster at batch 1 x 16K and batch 8 x 4K (results/session10/sweep_splits_gqa.json); GQA 2, 3, 7, 16 batch 1
 # x 16K 22.0-23.9 -> 19.8-20.2, batch 8 x 4K GQA 3, 7, 16 31.5 -> 29.7, 32.5 -> 31.4, 35.7 -> 32.7
-# (results/session11/sweep_splits_gqa.json). A 128-register cap (4 programs per SM) was slower at every shape timed.
+# (results/session11/sweep_splits_gqa.json); GQA 6, 12 batch 1 x 16K 20.9 -> 18.7, 20.6 -> 18.6, batch 8 x 4K 30.0 ->
+# 28.3, 31.0 -> 28.5 (sweep_splits_gqa6_12.json, with the merge's un-rotation on both sides). A 128-register cap
+# (4 programs per SM) was slower at every shape timed.
 # test_compile_sm90 checks every listed build.
 DECODE_PROGRAMS_PER_SM_ONE_TILE = {
     **{(64, dtype, n_rep): 3 for dtype in (torch.bfloat16, torch.float16) for n_rep in range(1, 17)},
