@@ -583,8 +583,10 @@ def _paged_attention_kernel(
                     HAS_NEW or BLOCK_M > 1)
                 k_rz, v_cs, vz0, vz1, vz2, vz3 = k_rz1, v_cs1, vz01, vz11, vz21, vz31
         m_q = m_q * LN2  # back to natural-log units (−inf stays −inf)
-        # Un-rotate here (·H), not in the merge: the merge is then a plain weighted sum that spreads over
-        # every row (a dot needs 16 rows per program; batch-1 decode has 32 rows and up to 64 splits).
+        # Un-rotate here (·H): the merge is then a plain weighted sum that spreads over every row (a dot needs 16 rows
+        # per program; batch-1 decode has 32 rows and up to 64 splits). ROT_PARTS (short one-tile decode splits, where
+        # these two dots are a large share of the work): only splits whose output also holds 16-bit tokens do; the
+        # merge un-rotates the others' sum once per row.
         if ROT_PARTS:
             if plain_frame:
                 acc_q = _unrotate(acc_q, hadamard_ptr, D, UNROTATE_F32)
@@ -812,8 +814,9 @@ def paged_attention(
     dot = _dot_dtype(q.dtype)
     precision = "ieee" if dot == tl.float32 else "tf32"
     out = torch.empty(tq, hq, d, device=q.device, dtype=q.dtype)
-    # One split writes the output itself; more write partials (un-rotated, normalized, with their log-sum-exps) for
-    # the merge. (With one split the kernel never touches part, part_lse: `out` stands in for them.)
+    # One split writes the output itself; more write partials (normalized, with their log-sum-exps; un-rotated unless
+    # rot_parts leaves that to the merge) for the merge. (With one split the kernel never touches part, part_lse: `out`
+    # stands in for them.)
     part = part_lse = out
     rot_parts = merge_unrotates(splits, tg, d, block_m, has_new)
     if splits > 1:
