@@ -794,6 +794,8 @@ def paged_attention(
     """
     fmt = state.fmt
     _check_attention_inputs(q, state, cu_seqlens_q, k_new, v_new, cu_seqlens_k)
+    if os.environ.get("KVARN_CHECK_TABLES") == "1":
+        state.check_tables(max_history)  # debugging: syncs with the device
     if num_splits is None and _dense_chunk(q, state, max_q_len, k_new, max_history):
         return _attend_dense_chunk(q, state, cu_seqlens_q, max_q_len, k_new, v_new, cu_seqlens_k, sm_scale,
                                    max_history)

@@ -25,8 +25,9 @@ class PagedKV:
     fmt: KVarNFormat
     cache: torch.Tensor  # uint8 [num_blocks, H, record_bytes]
     block_table: torch.Tensor  # int32 [B, max_tiles]
-    # int32 [B], history tokens: >= 0 and covered by block_table. Device values, not checked (that needs a sync); a
-    # negative entry may leave its sequence's decode output unwritten (row-group launches return early on it).
+    # int32 [B], history tokens: >= 0 and covered by block_table. Device values, not checked per call (that needs a
+    # sync; `check_tables` does); a negative entry may leave its sequence's decode output unwritten (row-group launches
+    # return early on it).
     seq_lens: torch.Tensor
     sink_k: torch.Tensor  # [Ns, H, G, D] 16-bit (or float32)
     sink_v: torch.Tensor
@@ -77,6 +78,38 @@ class PagedKV:
                 )
         if self.seq_lens.dtype != torch.int32 or self.seq_lens.dim() != 1:
             raise ValueError(f"seq_lens must be int32 [B], got {self.seq_lens.dtype} {tuple(self.seq_lens.shape)}")
+
+
+    def check_tables(self, max_history: int | None = None) -> None:
+        """Check the device-side metadata the kernels trust (this synchronizes with the device: for debugging and
+        tests; `KVARN_CHECK_TABLES=1` makes every attention call run it). Raises ValueError naming the sequence and
+        the value when a history length is negative or above max_history (the host bound a caller passed), needs more
+        tiles than its block-table row holds, or a block id it reads lies outside its pool (quantized tiles: the
+        cache's blocks; sink and tail, where they hold tokens: their pools' blocks)."""
+        g = self.fmt.group
+        lens = self.seq_lens.tolist()
+        table = self.block_table.cpu()
+        dense = self.dense_table.cpu().tolist()
+        pools = (("sink", self.sink_k.shape[0]), ("tail", self.tail_k.shape[0]))
+        for b, length in enumerate(lens):
+            if length < 0 or (max_history is not None and length > max_history):
+                bound = f"[0, {max_history}]" if max_history is not None else ">= 0"
+                raise ValueError(f"seq_lens[{b}] = {length}: a history length must be {bound}")
+            tiles = max(length - g, 0) // g
+            if tiles > table.shape[1]:
+                raise ValueError(f"sequence {b} ({length} tokens) has {tiles} quantized tiles but its block_table row "
+                                 f"holds {table.shape[1]}")
+            ids = table[b, :tiles]
+            bad = ((ids < 0) | (ids >= self.cache.shape[0])).nonzero()
+            if bad.numel():
+                i = int(bad[0, 0])
+                raise ValueError(f"block_table[{b}, {i}] = {int(ids[i])}: tile {i} of sequence {b} must be a block of "
+                                 f"the cache, [0, {self.cache.shape[0]})")
+            sink, _, tail = _split(length, g)
+            for col, ((name, blocks), used) in enumerate(zip(pools, (sink, tail), strict=True)):
+                if used and not 0 <= dense[b][col] < blocks:
+                    raise ValueError(f"dense_table[{b}, {col}] = {dense[b][col]}: sequence {b}'s {name} block must be "
+                                     f"in [0, {blocks})")
 
 
 def build_paged_kv(

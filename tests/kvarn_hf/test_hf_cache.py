@@ -51,6 +51,7 @@ def assert_rows(cache: KVarNCache, rows_k: list[torch.Tensor], rows_v: list[torc
     """Every layer's stored history of row b equals expected_history of the given row tokens."""
     for layer in range(LAYERS):
         state = cache.layers[layer].paged_state()
+        state.check_tables()  # lengths, block ids and sink/tail ids the kernels would read are all in range
         for b, (k, v) in enumerate(zip(rows_k, rows_v, strict=True)):
             got_k, got_v = gather_history(state, b)
             want_k, want_v = expected_history(k + layer, v - layer)

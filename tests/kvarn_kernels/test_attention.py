@@ -1,5 +1,7 @@
 """Triton paged attention (decode and chunk) versus the PyTorch reference."""
 
+import dataclasses
+
 import pytest
 import torch
 import triton.language as tl
@@ -214,6 +216,42 @@ def test_register_caps_apply_to_the_listed_one_tile_decode_split_builds_only():
     assert attention.launch_options(16, 128, tl.bfloat16, 4, 1, 48, decode=True) == attention.LAUNCH_OPTIONS_GROUPS
     # Every capped build is also counted as holding several programs per SM (what the cap is for).
     assert set(attention.ONE_TILE_MAXNREG) <= set(attention.DECODE_PROGRAMS_PER_SM_ONE_TILE)
+
+
+def test_check_tables_names_bad_device_metadata(device, monkeypatch):
+    """The kernels trust seq_lens and the block tables (checking them costs a device sync); PagedKV.check_tables does
+    check them, and KVARN_CHECK_TABLES=1 runs it on every attention call, so a bad id raises instead of reading out of
+    bounds."""
+    lens = [3 * 64 + 5, 40]
+    state = _state(lens, 1, 64, torch.float16, device)
+    q = torch.randn(2, 2, 64, device=device).half()
+    state.check_tables()
+    state.check_tables(max_history=max(lens))
+    with pytest.raises(ValueError, match=r"seq_lens\[0\] = 197: a history length must be \[0, 100\]"):
+        state.check_tables(max_history=100)
+    bad = dataclasses.replace(state, block_table=state.block_table.clone())
+    bad.block_table[0, 1] = state.cache.shape[0]
+    with pytest.raises(ValueError, match=r"block_table\[0, 1\] = \d+: tile 1 of sequence 0 must be a block"):
+        bad.check_tables()
+    bad.block_table[0, 1] = 0
+    bad.block_table[1, 0] = -5  # sequence 1 has no quantized tile: an unused entry is not checked
+    bad.check_tables()
+    narrow = dataclasses.replace(state, block_table=state.block_table[:, :1].contiguous())
+    with pytest.raises(ValueError, match="has 2 quantized tiles but its block_table row holds 1"):
+        narrow.check_tables()
+    for col, name in ((0, "sink"), (1, "tail")):
+        dense = dataclasses.replace(state, dense_table=state.dense_table.clone())
+        dense.dense_table[0, col] = 99
+        with pytest.raises(ValueError, match=rf"dense_table\[0, {col}\] = 99: sequence 0's {name} block"):
+            dense.check_tables()
+    negative = dataclasses.replace(state, seq_lens=torch.tensor([-1, 40], dtype=torch.int32, device=device))
+    with pytest.raises(ValueError, match=r"seq_lens\[0\] = -1"):
+        negative.check_tables()
+    bad.block_table[0, 1] = state.cache.shape[0]
+    monkeypatch.setenv("KVARN_CHECK_TABLES", "1")
+    with pytest.raises(ValueError, match="must be a block of the cache"):
+        decode_attention(q, bad)
+    decode_attention(q, state)  # good tables pass
 
 
 def test_tile_groups_fill_the_padding_rows_only():
