@@ -95,7 +95,7 @@ class PagedKV:
             if length < 0 or (max_history is not None and length > max_history):
                 bound = f"[0, {max_history}]" if max_history is not None else ">= 0"
                 raise ValueError(f"seq_lens[{b}] = {length}: a history length must be {bound}")
-            tiles = max(length - g, 0) // g
+            sink, tiles, tail = _split(length, g)
             if tiles > table.shape[1]:
                 raise ValueError(f"sequence {b} ({length} tokens) has {tiles} quantized tiles but its block_table row "
                                  f"holds {table.shape[1]}")
@@ -105,7 +105,6 @@ class PagedKV:
                 i = int(bad[0, 0])
                 raise ValueError(f"block_table[{b}, {i}] = {int(ids[i])}: tile {i} of sequence {b} must be a block of "
                                  f"the cache, [0, {self.cache.shape[0]})")
-            sink, _, tail = _split(length, g)
             for col, ((name, blocks), used) in enumerate(zip(pools, (sink, tail), strict=True)):
                 if used and not 0 <= dense[b][col] < blocks:
                     raise ValueError(f"dense_table[{b}, {col}] = {dense[b][col]}: sequence {b}'s {name} block must be "
