@@ -8,6 +8,8 @@ channels stay unrotated, heavy tails rotate) and NaN poisoning.
 
 import pytest
 import torch
+import triton
+import triton.language as tl
 
 from kvarn_kernels import quantize
 from kvarn_kernels import reference as ref
@@ -143,3 +145,32 @@ def test_weighted_k_frame_matches_reference(dtype, head_dim):
     weighted = _compare(k, v, fmt, n, w)
     plain = _compare(k, v, fmt, n)
     assert not torch.equal(ref.dequantize_records(weighted, fmt)[2], ref.dequantize_records(plain, fmt)[2])
+
+
+@triton.jit
+def _quotient_pair_kernel(num_ptr, step_ptr, fast_ptr, exact_ptr, R: tl.constexpr, C: tl.constexpr):
+    offs = tl.program_id(0) * R * C + tl.arange(0, R)[:, None] * C + tl.arange(0, C)[None, :]
+    num = tl.load(num_ptr + offs)
+    step = tl.load(step_ptr + tl.program_id(0) * R + tl.arange(0, R))
+    tl.store(fast_ptr + offs, quantize._row_quotient(num, step, True))
+    tl.store(exact_ptr + offs, tl.div_rn(num, step[:, None]))
+
+
+@pytest.mark.parametrize("levels", [3, 15])
+def test_row_quotient_equals_the_division(levels):
+    """`_row_quotient` (a reciprocal per row and Markstein's correction) is the IEEE division bit for bit over the
+    rounding pass's domain: steps from RTN_MIN_SCALE to 2^122 with numerators in [0, levels·step], including
+    numerators within a few ulps of every half-integer multiple of the step (where the codes round)."""
+    g = torch.Generator(device="cuda").manual_seed(levels)
+    rows, r, c = 4096, 128, 128
+    step = (2.0 ** (torch.rand(rows * r, device="cuda", generator=g) * 155 - 33)).float()
+    step = step.clamp_min(ref.RTN_MIN_SCALE)
+    frac = torch.rand(rows * r, c, device="cuda", generator=g) * levels
+    ties = (torch.randint(0, levels, (rows * r, c), device="cuda", generator=g) + 0.5).float()
+    half = torch.rand(rows * r, c, device="cuda", generator=g) < 0.5
+    num = torch.where(half, ties, frac) * step[:, None]
+    nudge = torch.randint(-3, 4, num.shape, device="cuda", generator=g).to(torch.int32)
+    num = torch.where(half, (num.view(torch.int32) + nudge).view(torch.float32), num).clamp_min(0.0)
+    fast, exact = torch.empty_like(num), torch.empty_like(num)
+    _quotient_pair_kernel[(rows,)](num, step, fast, exact, R=r, C=c)
+    assert torch.equal(fast.view(torch.int32), exact.view(torch.int32))
