@@ -64,8 +64,8 @@ def _min_max_nan(a_lo, a_hi, b_lo, b_hi):
 
 
 @triton.jit
-def _guard_pass(a1, a2, a_lo, a_hi, a_blo, a_bhi, b1, b2, b_lo, b_hi, b_blo, b_bhi):
-    return (a1 + b1, a2 + b2, tl.minimum(a_lo, b_lo), tl.maximum(a_hi, b_hi), tl.minimum(a_blo, b_blo),
+def _guard_pass(a1, a_lo, a_hi, a_blo, a_bhi, b1, b_lo, b_hi, b_blo, b_bhi):
+    return (a1 + b1, tl.minimum(a_lo, b_lo), tl.maximum(a_hi, b_hi), tl.minimum(a_blo, b_blo),
             tl.maximum(a_bhi, b_bhi))
 
 
@@ -200,17 +200,19 @@ def _quantize_store(x, words_ptr, scales_ptr, col0_sign, R: tl.constexpr, C: tl.
         log_c = _clamp_log(log_c + ls_c)
 
     # Guard: fall back to the untouched tile when balancing predicts a larger RTN error (see reference). The
-    # same pass takes the row energies and the NaN poison (0, or NaN when x holds a NaN or an Inf: max/min
-    # would silently drop NaNs); they are not kept live through the loop.
+    # same pass takes the row energies and ranges; they are not kept live through the loop.
     a = tl.exp(-best_r)
     b = tl.exp(-best_c)
     bal = x * a[:, None] * b[None, :]
     if COMPILED:
-        energy, poison_r, x_lo, x_hi, bal_lo, bal_hi = tl.reduce((x * x, x * 0.0, x, x, bal, bal), 1, _guard_pass)
+        energy, x_lo, x_hi, bal_lo, bal_hi = tl.reduce((x * x, x, x, bal, bal), 1, _guard_pass)
     else:
-        energy, poison_r = _sums(x * x, x * 0.0, 1, False)
+        energy = tl.sum(x * x, axis=1)
         x_lo, x_hi = _min_max_of(x, x, 1, False)
         bal_lo, bal_hi = _min_max_of(bal, bal, 1, False)
+    # The NaN poison of a row: NaN when it holds a NaN (its energy is NaN; compiled max/min would silently drop it) or
+    # an Inf (its range reaches one), else 0. A finite row whose energy overflows is not poisoned.
+    poison_r = tl.where((energy != energy) | (x_hi == float("inf")) | (x_lo == float("-inf")), float("nan"), 0.0)
     inv_energy = 1.0 / (energy + 1e-30)
     spread = (bal_hi - bal_lo) * tl.exp(best_r)
     err_best = tl.sum(spread * spread * inv_energy, axis=0) * tl.sum(tl.exp(2 * best_c), axis=0)
@@ -225,8 +227,11 @@ def _quantize_store(x, words_ptr, scales_ptr, col0_sign, R: tl.constexpr, C: tl.
 
     step = tl.maximum((hi - lo) / (2**BITS - 1), RTN_MIN_SCALE)
     bal = x * a[:, None] * b[None, :]
-    q = tl.floor(_row_quotient(bal - lo[:, None], step, COMPILED) + 0.5)
-    q = tl.minimum(tl.maximum(q, 0.0), 2**BITS - 1).to(tl.int8)
+    # Round half up, then clamp: floor(u + 0.5) as a truncating conversion (one conversion-pipe operation per code, not
+    # a floor and a conversion), which equals the floor wherever u + 0.5 >= 0 and clamps to 0 like it below; a NaN
+    # converts to 0, as the float clamp made it before.
+    q = (_row_quotient(bal - lo[:, None], step, COMPILED) + 0.5).to(tl.int32)
+    q = tl.minimum(tl.maximum(q, 0), 2**BITS - 1).to(tl.int8)
     if CODES_TRANSPOSED:
         _store_words(tl.trans(q), words_ptr, C, R, BITS)
     else:

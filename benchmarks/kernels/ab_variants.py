@@ -31,7 +31,7 @@ from kvarn_kernels.format import KVarNFormat
 from kvarn_kernels.reference import paged_attention_ref
 
 DECODE_SHAPES = [(1, 1024), (1, 2048), (1, 4096), (1, 16384), (8, 2048), (8, 16384), (64, 16384), (64, 131072),
-                 (8, 65536), (1, 131072), (8, 131072)]
+                 (8, 65536), (1, 131072), (8, 131072), (32, 131072), (64, 65536)]
 # The module's own defaults, restored before each config so that one config's overrides do not leak into the next.
 _PROGRAMS_PER_SM = dict(attention.DECODE_PROGRAMS_PER_SM)
 _CHUNK_ROWS = attention.CHUNK_ROWS.copy() if isinstance(attention.CHUNK_ROWS, dict) else attention.CHUNK_ROWS
