@@ -8,7 +8,8 @@ tar -x -C /tmp/v0`), so several revisions run in one device call. Each config se
 `chunk_rows`, `min_tiles_per_split` and `dims` (head dims, default [128]), `dense_block` (16-bit tokens per step,
 default 32), `tile_groups` (tiles a decode program attends at once, default 4), `dense_units` (work units a
 split counts per G 16-bit tokens; default: the module's), `programs_per_sm` ({head_dim: n}: the split rule's decode
-programs per SM), `chunk_ns` (query counts of the timed chunks, default [8, 512]). `what` (default decode,chunk) may
+programs per SM), `chunk_ns` (query counts of the timed chunks, default [8, 512]), `attrs` ({name: value}: other
+constants of the attention module, set before the config runs). `what` (default decode,chunk) may
 add `split` (per-kernel times of batch-1 decode) and `flash` (flash SDPA on 16-bit KV at the decode shapes, once).
 One JSON line per (config, head_dim): max |error| of decode and a chunk against `reference.paged_attention_ref`,
 then microseconds per call (CUDA-graph medians) for a few decode shapes (32 query / 8 KV heads) and a 16K-history
@@ -63,6 +64,8 @@ def _set_options(cfg: dict) -> None:
         attention.TILE_GROUPS = cfg.get("tile_groups", 4)
     if "dense_units" in cfg:
         attention.DENSE_UNITS = cfg["dense_units"]
+    for name, value in cfg.get("attrs", {}).items():  # module constants of the attention module
+        setattr(attention, name, value)
     attention.DECODE_PROGRAMS_PER_SM.clear()
     attention.DECODE_PROGRAMS_PER_SM.update(_PROGRAMS_PER_SM)
     attention.DECODE_PROGRAMS_PER_SM.update({int(d): n for d, n in cfg.get("programs_per_sm", {}).items()})
