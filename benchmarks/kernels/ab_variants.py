@@ -37,6 +37,8 @@ DECODE_SHAPES = [(1, 1024), (1, 2048), (1, 4096), (1, 16384), (8, 2048), (8, 163
 _PROGRAMS_PER_SM = dict(attention.DECODE_PROGRAMS_PER_SM)
 _CHUNK_ROWS = attention.CHUNK_ROWS.copy() if isinstance(attention.CHUNK_ROWS, dict) else attention.CHUNK_ROWS
 
+_ATTRS: dict = {}  # the attention module's values of the constants the current config's `attrs` set
+
 
 def _set_options(cfg: dict) -> None:
     attention.LAUNCH_OPTIONS.clear()
@@ -64,7 +66,11 @@ def _set_options(cfg: dict) -> None:
         attention.TILE_GROUPS = cfg.get("tile_groups", 4)
     if "dense_units" in cfg:
         attention.DENSE_UNITS = cfg["dense_units"]
-    for name, value in cfg.get("attrs", {}).items():  # module constants of the attention module
+    for name, value in _ATTRS.items():  # the previous config's `attrs`, restored
+        setattr(attention, name, value)
+    _ATTRS.clear()
+    for name, value in cfg.get("attrs", {}).items():
+        _ATTRS[name] = getattr(attention, name)
         setattr(attention, name, value)
     attention.DECODE_PROGRAMS_PER_SM.clear()
     attention.DECODE_PROGRAMS_PER_SM.update(_PROGRAMS_PER_SM)
