@@ -50,7 +50,7 @@ def attention_kernel(dot: str = "bfloat16", head_dim: int = 128, n_rep: int = 4,
     replaces the launch options (`attention.launch_options`). tile_groups: decode's row groups (None: what a long
     context gets, `attention.tile_groups`)."""
     dt = DOTS[dot]
-    magic, offset = attention.code_conversion(dt)
+    magic, offset = attention.code_conversion(dt, head_dim)
     rows = chunk_rows or max(16, triton.next_power_of_2(n_rep))
     block_m = max(1, chunk_rows // n_rep) if chunk_rows else 1
     if tile_groups is None:

@@ -89,7 +89,7 @@ DECODE_PROGRAMS_PER_SM = {64: 2, 128: 2, 256: 1}
 # where it holds more: 3 x 4 warps per SM (the row-group build takes 232-255 registers: 2). ptxas gives that build at
 # head_dim 64 155-168 registers and in bfloat16 at 128 with GQA 4 168; with other GQA sizes at 128 211-224, so those
 # are capped at 168 (ONE_TILE_MAXNREG). None spills in its tile loop; some keep 8-16 bytes of stack outside it (a
-# spilled register stored once per program). float16 at 128 takes 250-255 and spills 16-48 bytes capped: not listed.
+# spilled register stored once per program). float16 at 128: see below.
 # (`benchmarks/kernels/compile_stats.py --splits 3 --tile-groups 1 --n-rep N` prints each.)
 # The listed decodes take any split count of ONE_TILE_SPLITS that fits such a wave, not only powers of two: a split
 # walks cdiv(units, splits) units one after another, so batch 1 x 16K (133 units) walked 5 per split with 32 splits
@@ -102,13 +102,21 @@ DECODE_PROGRAMS_PER_SM = {64: 2, 128: 2, 256: 1}
 # 28.3, 31.0 -> 28.5 (sweep_splits_gqa6_12.json, with the merge's un-rotation on both sides). A 128-register cap
 # (4 programs per SM) was slower at every shape timed.
 # test_compile_sm90 checks every listed build.
+# float16 at head_dim 128 (session 12): with the float16 PTX unpack (F16_SUB_ASM) its one-tile build takes 215-226
+# registers uncapped; capped at 168 it reloads 0-8 spilled values per tile-loop iteration (of ~1245 instructions; no
+# stores) and still runs faster at 3 per SM. H100 (results/session12/sweep_f16_gqa4.json, sweep_f16_gqa8.json, us, the
+# power-of-two rule's pick uncapped -> 3 per SM capped): GQA 4 batch 1 x 16K 21.0 -> 19.4, batch 8 x 4K 31.8 -> 29.5
+# (batch 1 x 4K 12.4 -> 12.5); GQA 8 batch 1 x 16K 20.5 -> 19.2, batch 8 x 4K 31.9 -> 28.8.
 DECODE_PROGRAMS_PER_SM_ONE_TILE = {
     **{(64, dtype, n_rep): 3 for dtype in (torch.bfloat16, torch.float16) for n_rep in range(1, 17)},
-    **{(128, torch.bfloat16, n_rep): 3 for n_rep in range(1, 17)},
+    **{(128, dtype, n_rep): 3 for dtype in (torch.bfloat16, torch.float16) for n_rep in range(1, 17)},
 }
-# Register caps of one-tile split builds (decode, tile_groups 1, splits > 1), keyed as above. Not GQA 4: it fits in
-# 168 uncapped, and the cap changes its build (1081 -> 1130 instructions per tile-loop iteration).
-ONE_TILE_MAXNREG = {(128, torch.bfloat16, n_rep): 168 for n_rep in range(1, 17) if n_rep != 4}
+# Register caps of one-tile split builds (decode, tile_groups 1, splits > 1), keyed as above. Not bfloat16 GQA 4: it
+# fits in 168 uncapped, and the cap changes its build (1081 -> 1130 instructions per tile-loop iteration).
+ONE_TILE_MAXNREG = {
+    **{(128, torch.bfloat16, n_rep): 168 for n_rep in range(1, 17) if n_rep != 4},
+    **{(128, torch.float16, n_rep): 168 for n_rep in range(1, 17)},
+}
 ONE_TILE_SPLITS = (1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 64)
 
 
@@ -227,6 +235,20 @@ _ASM_PLANE2 = tl.constexpr(
     "{ .reg .b32 lo, hi; prmt.b32 lo, $2, 0, 0x4140; prmt.b32 hi, $2, 0, 0x4342; shr.b32 lo, lo, $3; "
     "shr.b32 hi, hi, $3; lop3.b32 $0, lo, $7, 0x43004300, 0xEA; lop3.b32 $1, hi, $7, 0x43004300, 0xEA; }")
 
+# float16 (session 12): the code OR-ed into 1024.0's mantissa, then 1024 subtracted in the same registers (sub.f16x2:
+# exact), so the dot gets the code itself. The offset must not reach the dot: summed with the codes inside the tensor
+# cores it cost float16 outputs ~10 bits (see MAGIC_DTYPES). 2-bit planes are shifted down (float16's 1024 has an ulp of
+# 1, so a plane weight 4^p would have to come off the probabilities, which can underflow in float16). The marker is not
+# an OR constant: the kernel's OFFSET is 0 on this path.
+F16_SUB_ASM = tl.constexpr(0x16400)
+_ASM_PLANE4_F16 = tl.constexpr(
+    "{ .reg .b32 t, m; shr.b32 t, $1, $2; lop3.b32 t, t, 0x000F000F, 0x64006400, 0xEA; mov.b32 m, 0x64006400; "
+    "sub.rn.f16x2 $0, t, m; }")
+_ASM_PLANE2_F16 = tl.constexpr(
+    "{ .reg .b32 lo, hi, m; prmt.b32 lo, $2, 0, 0x4140; prmt.b32 hi, $2, 0, 0x4342; shr.b32 lo, lo, $3; "
+    "shr.b32 hi, hi, $3; lop3.b32 lo, lo, 0x00030003, 0x64006400, 0xEA; lop3.b32 hi, hi, 0x00030003, 0x64006400, 0xEA; "
+    "mov.b32 m, 0x64006400; sub.rn.f16x2 $0, lo, m; sub.rn.f16x2 $1, hi, m; }")
+
 
 @triton.jit
 def _plane(words, PLANE: tl.constexpr, BITS: tl.constexpr, DOT: tl.constexpr, MAGIC: tl.constexpr):
@@ -251,6 +273,14 @@ def _plane(words, PLANE: tl.constexpr, BITS: tl.constexpr, DOT: tl.constexpr, MA
             mask = tl.full(words.shape, 0x00030003 if PLANE == 3 else 0x00030003 << (2 * PLANE), tl.int32)
             out = tl.inline_asm_elementwise(_ASM_PLANE2, "=r,=r,r,r,r,r,r,r,r,r,r", [words, shift, mask],
                                             dtype=tl.bfloat16, is_pure=True, pack=4)
+    elif MAGIC == F16_SUB_ASM:
+        shift = tl.full(words.shape, PLANE * BITS, tl.int32)
+        if BITS == 4:
+            out = tl.inline_asm_elementwise(_ASM_PLANE4_F16, "=r,r,r,r", [words, shift], dtype=tl.float16,
+                                            is_pure=True, pack=2)
+        else:
+            out = tl.inline_asm_elementwise(_ASM_PLANE2_F16, "=r,=r,r,r,r,r,r", [words, shift], dtype=tl.float16,
+                                            is_pure=True, pack=4)
     else:
         c = (words.to(tl.int32) >> (PLANE * BITS)) & (2**BITS - 1)
         if MAGIC == 0:
@@ -828,7 +858,7 @@ def paged_attention(
     kn = k_new if has_new else q
     vn = v_new if has_new else q
     k_words, v_words, scales = fmt.word_views(state.cache)
-    magic, offset = code_conversion(dot)
+    magic, offset = code_conversion(dot, d)
     pdl = _pdl(q.device)
     signs = _signs(d, _TORCH_DTYPE[dot], q.device)
     grid = (batch, q_blocks, hkv * splits)
@@ -939,18 +969,28 @@ def chunk_attention(
 # in float16 (10 bits); OR-ing a code below 128 into it gives offset + code exactly.
 _MAGIC = {tl.bfloat16: 0x4300, tl.float16: 0x6400}
 _MAGIC_OFFSET = {tl.bfloat16: 128.0, tl.float16: 1024.0}
-# Dot dtypes that take the mantissa-OR path. Not float16: its offset 1024 cancels ~10 bits inside the
-# tensor-core sums, and on an H100 chunk outputs differed from the reference by up to 0.021 with it versus
-# 0.0039 with plain conversion (benchmarks/kernels/results/gpu_checks.log). Tests add float16 to exercise it.
+# Dot dtypes that take the mantissa-OR path with the offset removed algebraically. Not float16: its offset 1024
+# cancels ~10 bits inside the tensor-core sums, and on an H100 chunk outputs differed from the reference by up to 0.021
+# with it versus 0.0039 with plain conversion (benchmarks/kernels/results/gpu_checks.log). Tests add float16 to exercise
+# it. float16 takes F16_SUB_ASM instead (see F16_ASM), which removes the offset before the dot.
 MAGIC_DTYPES = {tl.bfloat16}
+# float16 dots on NVIDIA at head_dim <= 128 take the PTX path that subtracts the offset in registers (F16_SUB_ASM);
+# False: plain conversion (I2F, a quarter-rate pipe: one per code) everywhere. head_dim 256 keeps the plain conversion:
+# its sm_90 row-group build spilled more with the PTX path (152 vs 64 bytes of stack), and it was not timed.
+F16_ASM = True
 
 
-def code_conversion(dot: tl.dtype) -> tuple[int, float]:
+def code_conversion(dot: tl.dtype, head_dim: int = 128) -> tuple[int, float]:
     """(MAGIC, OFFSET) of the attention kernel for dot dtype `dot`: the mantissa-OR constant and the offset it
-    adds, or (0, 0.0) for plain int→float conversion."""
-    # The bfloat16 mantissa-OR path is inline PTX (NVIDIA only): ROCm builds convert codes plainly.
-    if dot in MAGIC_DTYPES and torch.version.hip is None:
+    adds; F16_SUB_ASM and 0.0 for float16 on NVIDIA at head_dim <= 128 (the offset is subtracted before the dot); or
+    (0, 0.0) for plain int→float conversion."""
+    # The mantissa-OR paths are inline PTX (NVIDIA only): ROCm builds convert codes plainly.
+    if torch.version.hip is not None:
+        return 0, 0.0
+    if dot in MAGIC_DTYPES:
         return _MAGIC[dot], _MAGIC_OFFSET[dot]
+    if dot == tl.float16 and F16_ASM and head_dim <= 128:
+        return F16_SUB_ASM.value, 0.0
     return 0, 0.0
 
 

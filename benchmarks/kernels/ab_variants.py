@@ -9,9 +9,10 @@ tar -x -C /tmp/v0`), so several revisions run in one device call. Each config se
 default 32), `tile_groups` (tiles a decode program attends at once, default 4), `dense_units` (work units a
 split counts per G 16-bit tokens; default: the module's), `programs_per_sm` ({head_dim: n}: the split rule's decode
 programs per SM), `chunk_ns` (query counts of the timed chunks, default [8, 512]), `attrs` ({name: value}: other
-constants of the attention module, set before the config runs). `what` (default decode,chunk) may
-add `split` (per-kernel times of batch-1 decode) and `flash` (flash SDPA on 16-bit KV at the decode shapes, once).
-One JSON line per (config, head_dim): max |error| of decode and a chunk against `reference.paged_attention_ref`,
+constants of the attention module, set before the config runs), `dtype` (the model dtype, default "bfloat16").
+`what` (default decode,chunk) may add `split` (per-kernel times of batch-1 decode) and `flash` (flash SDPA on 16-bit
+KV at the decode shapes, once per dtype). One JSON line per (config, head_dim): max |error| of decode and a chunk
+against `reference.paged_attention_ref` and a digest of those outputs' bits (equal across versions: bit-identical),
 then microseconds per call (CUDA-graph medians) for a few decode shapes (32 query / 8 KV heads) and a 16K-history
 chunk of 8 and 512 queries.
 Results of one session: benchmarks/kernels/results/ab_session3.log.
@@ -19,6 +20,7 @@ Results of one session: benchmarks/kernels/results/ab_session3.log.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import sys
 
@@ -77,17 +79,21 @@ def _set_options(cfg: dict) -> None:
     attention.DECODE_PROGRAMS_PER_SM.update({int(d): n for d, n in cfg.get("programs_per_sm", {}).items()})
 
 
-def _errors(fmt: KVarNFormat, d: int, dtype: torch.dtype) -> tuple[float, float]:
+def _errors(fmt: KVarNFormat, d: int, dtype: torch.dtype) -> tuple[float, float, str]:
+    """(max |error| of a decode and of a chunk against the reference, a digest of both outputs' bits: equal digests
+    across code versions mean bit-identical outputs; the inputs come from the seeded generator)."""
     state = make_state(2, 4096 + 77, 8, fmt, dtype)
     q = torch.randn(2, 32, d, device="cuda", dtype=dtype)
     cu = torch.arange(3, device="cuda", dtype=torch.int32)
-    err = (decode_attention(q, state).float() - paged_attention_ref(q, state, cu).float()).abs().max().item()
+    out = decode_attention(q, state)
+    err = (out.float() - paged_attention_ref(q, state, cu).float()).abs().max().item()
     qc = torch.randn(96, 32, d, device="cuda", dtype=dtype)
     kn = torch.randn(96, 8, d, device="cuda", dtype=dtype)
     cuc = torch.tensor([0, 40, 96], device="cuda", dtype=torch.int32)
-    got = paged_attention(qc, state, cuc, 56, kn, kn, cuc).float()
-    err_chunk = (got - paged_attention_ref(qc, state, cuc, kn, kn, cuc).float()).abs().max().item()
-    return err, err_chunk
+    got = paged_attention(qc, state, cuc, 56, kn, kn, cuc)
+    err_chunk = (got.float() - paged_attention_ref(qc, state, cuc, kn, kn, cuc).float()).abs().max().item()
+    bits = torch.cat([out.flatten(), got.flatten()]).contiguous().view(torch.int16).cpu().numpy().tobytes()
+    return err, err_chunk, hashlib.sha256(bits).hexdigest()[:16]
 
 
 def _time_decode(fmt: KVarNFormat, d: int, dtype: torch.dtype, batch: int, ctx: int) -> float:
@@ -142,15 +148,17 @@ def main() -> None:
     what = sys.argv[3] if len(sys.argv) > 3 else "decode,chunk"
     print("module", kvarn_kernels.__file__, flush=True)
     torch.manual_seed(0)
-    dtype = torch.bfloat16
     if "flash" in what:
-        print(json.dumps(_flash_row(tag, 128, dtype)), flush=True)
+        for name in sorted({cfg.get("dtype", "bfloat16") for cfg in configs}):
+            print(json.dumps(_flash_row(tag, 128, getattr(torch, name))), flush=True)
     for cfg in configs:
         _set_options(cfg)
+        dtype = getattr(torch, cfg.get("dtype", "bfloat16"))
         for d in cfg.get("dims", [128]):
             fmt = KVarNFormat.from_preset("kvarn_k4v2_g128", d, dtype)
-            err, err_chunk = _errors(fmt, d, dtype)
-            row = {"tag": tag, "cfg": cfg, "d": d, "err_decode": round(err, 4), "err_chunk": round(err_chunk, 4)}
+            err, err_chunk, digest = _errors(fmt, d, dtype)
+            row = {"tag": tag, "cfg": cfg, "d": d, "err_decode": round(err, 4), "err_chunk": round(err_chunk, 4),
+                   "outputs_sha256": digest}
             if "decode" in what:
                 for batch, ctx in DECODE_SHAPES:
                     if d == 128 or ctx <= 16384:

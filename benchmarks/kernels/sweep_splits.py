@@ -34,11 +34,12 @@ def main() -> None:
     ap.add_argument("--head-dim", type=int, default=128)
     ap.add_argument("--shapes", default="", help="batch:context,... (default: the module's SHAPES)")
     ap.add_argument("--q-heads", type=int, default=32, help="query heads over the 8 KV heads (GQA group = this / 8)")
+    ap.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16"], help="the model dtype")
     ap.add_argument("--configs", default="1/0,1/128,4/0",
                     help="row groups/register cap (0: none) pairs timed at every split count")
     args = ap.parse_args()
     d = args.head_dim
-    dtype = torch.bfloat16
+    dtype = getattr(torch, args.dtype)
     fmt = KVarNFormat.from_preset("kvarn_k4v2_g128", d, dtype)
     shapes = [tuple(int(x) for x in s.split(":")) for s in args.shapes.split(",")] if args.shapes else SHAPES
     configs = [tuple(int(x) for x in c.split("/")) for c in args.configs.split(",")]
@@ -49,7 +50,7 @@ def main() -> None:
     for batch, ctx in tqdm(shapes, desc="shapes"):
         state = make_state(batch, ctx, 8, fmt, dtype)
         q = torch.randn(batch, args.q_heads, d, device="cuda", dtype=dtype)
-        row: dict = {"batch": batch, "ctx": ctx, "d": d, "q_heads": args.q_heads, "us": {}}
+        row: dict = {"batch": batch, "ctx": ctx, "d": d, "q_heads": args.q_heads, "dtype": args.dtype, "us": {}}
         row["auto_us"] = round(1e3 * graph_time_ms(lambda st=state: decode_attention(q, st)), 1)
         attention.ONE_TILE_MAXNREG.clear()  # each config's cap is the only one (0: none), the auto row's are kept
         for splits in SPLITS[batch]:

@@ -69,18 +69,21 @@ def test_decode_head_dim_128_k4v4(device):
     torch.testing.assert_close(decode_attention(q, state, num_splits=2).float(), expected.float(), atol=8e-3, rtol=0)
 
 
-@pytest.mark.parametrize("n_rep", [1, 7])
-def test_decode_register_capped_builds(n_rep, device):
-    """bfloat16 head_dim 128 one-tile split builds run capped at 168 registers (attention.ONE_TILE_MAXNREG; GQA 1 and
-    7 here, 4 is not capped): on a GPU that is the build that runs; its sm_90 compile is checked spill-free."""
-    assert (128, torch.bfloat16, n_rep) in attention.ONE_TILE_MAXNREG
-    state = _state([200, 4 * 128 + 9], 1, 128, torch.bfloat16, device, "kvarn_k4v2_g128")
-    q = torch.randn(2, n_rep, 128, generator=torch.Generator().manual_seed(n_rep)).to(device, torch.bfloat16)
+@pytest.mark.parametrize("dtype,n_rep", [(torch.bfloat16, 1), (torch.bfloat16, 7), (torch.float16, 4),
+                                         (torch.float16, 8)])
+def test_decode_register_capped_builds(dtype, n_rep, device):
+    """head_dim 128 one-tile split builds run capped at 168 registers (attention.ONE_TILE_MAXNREG; bfloat16 GQA 4 is
+    not capped, float16 is at every GQA size): on a GPU that is the build that runs (float16 with its PTX unpack); its
+    sm_90 compile is checked (test_compile_sm90)."""
+    assert (128, dtype, n_rep) in attention.ONE_TILE_MAXNREG
+    state = _state([200, 4 * 128 + 9], 1, 128, dtype, device, "kvarn_k4v2_g128")
+    q = torch.randn(2, n_rep, 128, generator=torch.Generator().manual_seed(n_rep)).to(device, dtype)
     expected = ref.paged_attention_ref(q, state, _cu([1, 1], device)).float()
-    # As test_decode_matches_reference judges 16-bit operands: beyond one bfloat16 output step, within the 16-bit floor.
-    err = ((decode_attention(q, state, num_splits=3).float() - expected).abs() - 2**-7 * expected.abs()).max().item()
+    # As test_decode_matches_reference judges 16-bit operands: beyond one output step, within the 16-bit floor.
+    step = 2.0 ** -(7 if dtype == torch.bfloat16 else 10)
+    err = ((decode_attention(q, state, num_splits=3).float() - expected).abs() - step * expected.abs()).max().item()
     floor = (sixteen_bit_decode(q, state) - expected).abs().max().item()
-    assert err <= max(TOL[torch.bfloat16], 2 * floor), (err, floor)
+    assert err <= max(TOL[dtype], 2 * floor), (err, floor)
 
 
 def test_rotated_split_outputs_are_unrotated_by_the_merge(device):
@@ -201,7 +204,7 @@ def test_one_tile_decodes_take_the_splits_that_shorten_the_longest_walk():
     assert split_plan(1, 8, 127, 128, 4, torch.bfloat16, 132, num_splits=64) == (64, 1)  # forced: kept
     assert split_plan(1, 8, 127, 128, 8, torch.bfloat16, 132) == (48, 1)  # GQA 8: its capped build holds 3 too
     assert split_plan(1, 8, 127, 128, 6, torch.bfloat16, 132) == (48, 1)  # GQA 6 too
-    assert split_plan(1, 8, 127, 128, 4, torch.float16, 132) == (32, 1)  # float16 at 128: not listed either
+    assert split_plan(1, 8, 127, 128, 4, torch.float16, 132) == (48, 1)  # float16 at 128 (capped) too
     assert split_plan(1, 8, 127, 128, 4, torch.bfloat16, 132, has_new=True)[0] == 32  # the chunk build
 
 
@@ -211,8 +214,10 @@ def test_register_caps_apply_to_the_listed_one_tile_decode_split_builds_only():
         assert attention.launch_options(16, 128, tl.bfloat16, 1, n_rep, 48, decode=True) == capped
         assert attention.launch_options(16, 128, tl.bfloat16, 1, n_rep, 1, decode=True) == attention.LAUNCH_OPTIONS
         assert attention.launch_options(16, 128, tl.bfloat16, 1, n_rep, 48) == attention.LAUNCH_OPTIONS  # chunks
+        assert attention.launch_options(16, 128, tl.float16, 1, n_rep, 48, decode=True) == capped
     assert attention.launch_options(16, 128, tl.bfloat16, 1, 4, 48, decode=True) == attention.LAUNCH_OPTIONS
-    assert attention.launch_options(16, 128, tl.float16, 1, 8, 48, decode=True) == attention.LAUNCH_OPTIONS
+    assert attention.launch_options(16, 128, tl.float16, 1, 4, 48, decode=True) == capped
+    assert attention.launch_options(16, 64, tl.float16, 1, 8, 48, decode=True) == attention.LAUNCH_OPTIONS_D64
     assert attention.launch_options(16, 128, tl.bfloat16, 4, 1, 48, decode=True) == attention.LAUNCH_OPTIONS_GROUPS
     # Every capped build is also counted as holding several programs per SM (what the cap is for).
     assert set(attention.ONE_TILE_MAXNREG) <= set(attention.DECODE_PROGRAMS_PER_SM_ONE_TILE)
@@ -361,42 +366,55 @@ def test_magic_code_conversion_path_matches_reference(preset, monkeypatch, devic
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("bits", [2, 4])
-def test_bfloat16_ptx_unpack_gives_offset_plus_weighted_code_for_every_plane(bits):
-    """The packed-register PTX unpack (bfloat16 dots on a GPU) against integer arithmetic, every code value: 128 +
-    code, but 128 + 4^p·code for 2-bit planes 0-2 (masked in place; `_v_operand` divides by the same weight)."""
+@pytest.mark.parametrize("dot", ["bfloat16", "float16"])
+def test_ptx_unpack_gives_every_code_of_every_plane(dot, bits):
+    """The packed-register PTX unpacks against integer arithmetic, every code value. bfloat16 (offset removed
+    algebraically): 128 + code, but 128 + 4^p·code for 2-bit planes 0-2 (masked in place; `_v_operand` divides by the
+    same weight). float16 (offset subtracted in registers): the code itself, exactly."""
     import triton
     import triton.language as tl
 
-    from kvarn_kernels.attention import BF16_MAGIC_ASM, _plane
+    from kvarn_kernels.attention import BF16_MAGIC_ASM, F16_SUB_ASM, _plane
 
     @triton.jit
-    def unpack_kernel(words_ptr, out_ptr, BITS: tl.constexpr, R: tl.constexpr, W: tl.constexpr):
+    def unpack_kernel(words_ptr, out_ptr, BITS: tl.constexpr, R: tl.constexpr, W: tl.constexpr, DOT: tl.constexpr,
+                      MAGIC: tl.constexpr):
         offs = tl.arange(0, R)[:, None] * W + tl.arange(0, W)[None, :]
         words = tl.load(words_ptr + offs)
         for plane in tl.static_range(4):
-            tl.store(out_ptr + plane * R * W + offs, _plane(words, plane, BITS, tl.bfloat16, BF16_MAGIC_ASM))
+            tl.store(out_ptr + plane * R * W + offs, _plane(words, plane, BITS, DOT, MAGIC))
 
     r, w = 64, 32
     gen = torch.Generator().manual_seed(0)
     wdtype = torch.int16 if bits == 4 else torch.uint8
     words = torch.randint(0, 2 ** (4 * bits), (r, w), generator=gen).to(torch.int32).to(wdtype).cuda()
-    out = torch.empty(4, r, w, dtype=torch.bfloat16, device="cuda")
-    unpack_kernel[(1,)](words, out, BITS=bits, R=r, W=w)
+    out = torch.empty(4, r, w, dtype=getattr(torch, dot), device="cuda")
+    magic = BF16_MAGIC_ASM if dot == "bfloat16" else F16_SUB_ASM
+    unpack_kernel[(1,)](words, out, BITS=bits, R=r, W=w, DOT=getattr(tl, dot), MAGIC=magic)
     as_int = words.to(torch.int32) & (2 ** (4 * bits) - 1)
-    weights = (1, 4, 16, 1) if bits == 2 else (1, 1, 1, 1)
-    expected = torch.stack([128 + weights[p] * ((as_int >> (p * bits)) & (2**bits - 1)) for p in range(4)]).float()
-    assert torch.equal(out.float(), expected)
+    codes = torch.stack([(as_int >> (p * bits)) & (2**bits - 1) for p in range(4)])
+    assert set(codes.unique().tolist()) == set(range(2**bits))  # every code value is checked
+    if dot == "bfloat16":
+        weights = torch.tensor((1, 4, 16, 1) if bits == 2 else (1, 1, 1, 1), device="cuda")[:, None, None]
+        expected = 128 + weights * codes
+    else:
+        expected = codes
+    assert torch.equal(out.float(), expected.float())
 
 
 def test_code_conversion_avoids_ptx_on_rocm(monkeypatch):
     import triton.language as tl
 
-    from kvarn_kernels.attention import BF16_MAGIC_ASM, code_conversion
+    from kvarn_kernels.attention import BF16_MAGIC_ASM, F16_SUB_ASM, code_conversion
 
     assert code_conversion(tl.bfloat16) == (BF16_MAGIC_ASM.value, 128.0)  # the PTX unpack on NVIDIA GPUs
+    assert code_conversion(tl.float16) == (F16_SUB_ASM.value, 0.0)  # offset removed before the dot
+    assert code_conversion(tl.float16, 64) == (F16_SUB_ASM.value, 0.0)
+    assert code_conversion(tl.float16, 256) == (0, 0.0)  # head_dim 256: plain conversion
     assert code_conversion(tl.float32) == (0, 0.0)
     monkeypatch.setattr(torch.version, "hip", "6.4")
     assert code_conversion(tl.bfloat16) == (0, 0.0)
+    assert code_conversion(tl.float16) == (0, 0.0)
 
 
 def test_max_history_bounds_splits_without_changing_results(device):

@@ -111,7 +111,7 @@ def _one_tile_residency():
             out[f"{dot}-d{head_dim}-gqa{n_rep}-s{splits}"] = [usage["REG"], 32 * kernel.metadata.num_warps,
                                                              kernel.metadata.shared, per_sm,
                                                              usage["LOCAL"] + usage["STACK"],
-                                                             loop["LDL"] + loop["STL"]]
+                                                             loop["LDL"], loop["STL"]]
     return out
 
 
@@ -193,14 +193,18 @@ def test_one_tile_split_builds_fit_the_programs_per_sm_the_split_rule_assumes(co
     builds = compiled["one-tile-residency"]
     assert not isinstance(builds, str), builds
     assert builds, "no build listed"
-    for name, (regs, threads, shared, per_sm, local, loop_spills) in builds.items():
+    for name, (regs, threads, shared, per_sm, local, loop_reloads, loop_stores) in builds.items():
         assert -(-regs // 8) * 8 * threads * per_sm <= 65536, (name, regs)
         assert shared * per_sm <= 228 * 1024, (name, shared)
         # ... and fit without spilling in the tile loop (a register cap, ONE_TILE_MAXNREG, could make ptxas spill
         # instead). Outside it, some keep a spilled register or two (8-16 bytes of stack: a few stores and loads per
-        # program, around the epilogue's conditional un-rotation).
-        assert loop_spills == 0, (name, loop_spills)
-        assert local <= 16, (name, local)
+        # program, around the epilogue's conditional un-rotation). float16 at head_dim 128 reloads up to 8 values per
+        # iteration (~1245 instructions) under its cap, stores none, keeps up to 40 bytes of stack, and was measured
+        # faster that way (attention.DECODE_PROGRAMS_PER_SM_ONE_TILE).
+        f16_d128 = name.startswith("float16-d128-")
+        assert loop_stores == 0, (name, loop_stores)
+        assert loop_reloads <= (8 if f16_d128 else 0), (name, loop_reloads)
+        assert local <= (40 if f16_d128 else 16), (name, local)
 
 
 def test_merge_waits_for_the_attention_launch_before_loading_its_partials(compiled):
@@ -224,8 +228,9 @@ def test_attention_kernel_compiles_within_shared_memory(compiled, case):
 
 
 def test_quantize_normalizes_k_and_v_in_the_same_register_layout(compiled):
-    """V's tile is anchored in the layout K's select gives K (quantize.py): left in the rotation gather's layout, V's
-    normalization loop took 2594 sm_90 instructions per iteration against K's 1797, and spilled inside the loop."""
+    """V's tile is anchored in a blocked layout like the one K's select gives K (quantize.py; since session 12 one with
+    4 lanes along its rows and 8 along its columns): left in the rotation gather's layout, V's normalization loop took
+    2594 sm_90 instructions per iteration against K's 1797, and spilled inside the loop."""
     loops = compiled["quantize-loops"]
     assert not isinstance(loops, str), loops
     assert len(loops) == 2, loops
