@@ -106,7 +106,8 @@ DECODE_PROGRAMS_PER_SM = {64: 2, 128: 2, 256: 1}
 # registers uncapped; capped at 168 it reloads 0-8 spilled values per tile-loop iteration (of ~1245 instructions; no
 # stores) and still runs faster at 3 per SM. H100 (results/session12/sweep_f16_gqa4.json, sweep_f16_gqa8.json, us, the
 # power-of-two rule's pick uncapped -> 3 per SM capped): GQA 4 batch 1 x 16K 21.0 -> 19.4, batch 8 x 4K 31.8 -> 29.5
-# (batch 1 x 4K 12.4 -> 12.5); GQA 8 batch 1 x 16K 20.5 -> 19.2, batch 8 x 4K 31.9 -> 28.8.
+# (batch 1 x 4K 12.4 -> 12.5); GQA 8 batch 1 x 16K 20.5 -> 19.2, batch 8 x 4K 31.9 -> 28.8. On another H100 the gain was
+# smaller (GQA 4 batch 1 x 16K 19.5 -> 19.4, x 4K 12.6 -> 12.3; results/session12/ab_f16_listing.log).
 DECODE_PROGRAMS_PER_SM_ONE_TILE = {
     **{(64, dtype, n_rep): 3 for dtype in (torch.bfloat16, torch.float16) for n_rep in range(1, 17)},
     **{(128, dtype, n_rep): 3 for dtype in (torch.bfloat16, torch.float16) for n_rep in range(1, 17)},
