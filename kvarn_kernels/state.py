@@ -79,7 +79,6 @@ class PagedKV:
         if self.seq_lens.dtype != torch.int32 or self.seq_lens.dim() != 1:
             raise ValueError(f"seq_lens must be int32 [B], got {self.seq_lens.dtype} {tuple(self.seq_lens.shape)}")
 
-
     def check_tables(self, max_history: int | None = None) -> None:
         """Check the device-side metadata the kernels trust (this synchronizes with the device: for debugging and
         tests; `KVARN_CHECK_TABLES=1` makes every attention call run it). Raises ValueError naming the sequence and
