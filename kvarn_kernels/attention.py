@@ -231,7 +231,10 @@ _ASM_PLANE4 = tl.constexpr("{ .reg .b32 t; shr.b32 t, $1, $2; lop3.b32 $0, t, 0x
 # 2-bit codes: the two PRMTs spread a register's four bytes into 16-bit halves (the same for every plane: ptxas
 # computes them once for the four planes); planes 0-2 are then masked in place (bits 2p, 2p+1 lie inside the
 # mantissa: the value is 128 + 4^p·code, and `_v_operand` divides the probabilities by 4^p to match); plane 3 (bits
-# 6-7, which reach into the exponent) is shifted down first.
+# 6-7, which reach into the exponent) is shifted down first. Keys shift every plane down (`_plane`'s WEIGHTED): their
+# planes share one query operand, so nothing could take a weight off. (Until session 13 they were weighted too, and
+# bfloat16 k2v2 decode on a GPU was wrong: the CPU tests run the interpreter's plain conversion, and the GPU tests
+# attended only 4-bit keys.)
 _ASM_PLANE2 = tl.constexpr(
     "{ .reg .b32 lo, hi; prmt.b32 lo, $2, 0, 0x4140; prmt.b32 hi, $2, 0, 0x4342; shr.b32 lo, lo, $3; "
     "shr.b32 hi, hi, $3; lop3.b32 $0, lo, $7, 0x43004300, 0xEA; lop3.b32 $1, hi, $7, 0x43004300, 0xEA; }")
@@ -252,26 +255,35 @@ _ASM_PLANE2_F16 = tl.constexpr(
 
 
 @triton.jit
-def _plane(words, PLANE: tl.constexpr, BITS: tl.constexpr, DOT: tl.constexpr, MAGIC: tl.constexpr):
+def _plane(words, PLANE: tl.constexpr, BITS: tl.constexpr, DOT: tl.constexpr, MAGIC: tl.constexpr,
+           WEIGHTED: tl.constexpr):
     """Plane PLANE of code words [R, W] (tokens PLANE*W + j) as DOT values code + offset.
 
     With MAGIC (a 16-bit float's exponent bits, e.g. 0x4300 = 128.0 in bfloat16) the code is OR-ed into the
     mantissa: the value is MAGIC's float + code, exact, in integer ops and a free bitcast; the caller
     removes the offset algebraically. Without MAGIC the code is converted (offset 0).
+
+    WEIGHTED (values only): on the bfloat16 PTX path 2-bit planes 0-2 may come as offset + 4^PLANE·code (masked in
+    place, no shift), which `_v_operand` compensates in the probabilities. Keys pass False: one query operand
+    serves all four planes of a tile, so each plane's codes must come unweighted (shifted down first).
     """
     # Both branches in one if/else: Triton's code generator still compiles statements after an early return.
     if MAGIC == BF16_MAGIC_ASM:
         # PTX on packed registers: one shift and one LOP3 per two codes (4-bit codes in int16 words); two LOP3s per
-        # four 2-bit codes (bytes), plus two PRMTs per register shared by its four planes and, for plane 3, two
-        # shifts. Triton's own lowering spends ~5 ops per code. Shifts and masks are constant operands: ptxas folds
-        # them into immediates.
+        # four 2-bit codes (bytes), plus two PRMTs per register shared by its four planes and two shifts for value
+        # plane 3 and key planes 1-3. Triton's own lowering spends ~5 ops per code. Shifts and masks are constant
+        # operands: ptxas folds them into immediates.
         if BITS == 4:
             shift = tl.full(words.shape, PLANE * BITS, tl.int32)
             out = tl.inline_asm_elementwise(_ASM_PLANE4, "=r,r,r,r", [words, shift], dtype=tl.bfloat16,
                                             is_pure=True, pack=2)
         else:
-            shift = tl.full(words.shape, 6 if PLANE == 3 else 0, tl.int32)
-            mask = tl.full(words.shape, 0x00030003 if PLANE == 3 else 0x00030003 << (2 * PLANE), tl.int32)
+            if WEIGHTED and PLANE < 3:
+                shift = tl.full(words.shape, 0, tl.int32)
+                mask = tl.full(words.shape, 0x00030003 << (2 * PLANE), tl.int32)
+            else:
+                shift = tl.full(words.shape, 2 * PLANE, tl.int32)
+                mask = tl.full(words.shape, 0x00030003, tl.int32)
             out = tl.inline_asm_elementwise(_ASM_PLANE2, "=r,=r,r,r,r,r,r,r,r,r,r", [words, shift, mask],
                                             dtype=tl.bfloat16, is_pure=True, pack=4)
     elif MAGIC == F16_SUB_ASM:
@@ -308,7 +320,7 @@ def _tile_scores(qs, kw, scales_ptr, PLANE: tl.constexpr, W: tl.constexpr, D: tl
                  DOT: tl.constexpr, MAGIC: tl.constexpr, PRECISION: tl.constexpr):
     """Σ_d qs[r, d]·(code[d, t] + offset) for the W tokens of one plane, scaled by their column scales."""
     tok = PLANE * W + tl.arange(0, W)
-    s = tl.dot(qs, _plane(kw, PLANE, KBITS, DOT, MAGIC), input_precision=PRECISION)
+    s = tl.dot(qs, _plane(kw, PLANE, KBITS, DOT, MAGIC, False), input_precision=PRECISION)
     return s, tl.abs(tl.load(scales_ptr + 2 * D + tok).to(tl.float32))  # col_scale[0]'s sign is the K-frame flag
 
 
@@ -320,7 +332,7 @@ def _tile_values(pv, p, vw, row_zero, scales_ptr, PLANE: tl.constexpr, W: tl.con
     per-element terms whose row sums complete the value rows (row zeros, minus the offset)."""
     tok = PLANE * W + tl.arange(0, W)
     pr = _v_operand(p, tl.load(scales_ptr + 2 * D + G + tok).to(tl.float32)[None, :], PLANE, VBITS, DOT, MAGIC)
-    pv = tl.dot(pr, tl.trans(_plane(vw, PLANE, VBITS, DOT, MAGIC)), pv, input_precision=PRECISION)
+    pv = tl.dot(pr, tl.trans(_plane(vw, PLANE, VBITS, DOT, MAGIC, True)), pv, input_precision=PRECISION)
     return pv, p * row_zero.to(tl.float32)[None, :] - OFFSET * pr.to(tl.float32)
 
 
@@ -433,10 +445,10 @@ def _attend_tile_group(q_rot, q_plain, bt, i, last_tile, grp, k_base, v_base, he
     for g in tl.static_range(TG):
         kw = tl.load(k_base + tl.load(bt + tl.minimum(i + g, last_tile - 1)).to(tl.int64) * kw_sb + w_offs)
         sel = (grp == g)[:, None]
-        s0 = tl.where(sel, tl.dot(qs, _plane(kw, 0, KBITS, DOT, MAGIC), input_precision=PRECISION), s0)
-        s1 = tl.where(sel, tl.dot(qs, _plane(kw, 1, KBITS, DOT, MAGIC), input_precision=PRECISION), s1)
-        s2 = tl.where(sel, tl.dot(qs, _plane(kw, 2, KBITS, DOT, MAGIC), input_precision=PRECISION), s2)
-        s3 = tl.where(sel, tl.dot(qs, _plane(kw, 3, KBITS, DOT, MAGIC), input_precision=PRECISION), s3)
+        s0 = tl.where(sel, tl.dot(qs, _plane(kw, 0, KBITS, DOT, MAGIC, False), input_precision=PRECISION), s0)
+        s1 = tl.where(sel, tl.dot(qs, _plane(kw, 1, KBITS, DOT, MAGIC, False), input_precision=PRECISION), s1)
+        s2 = tl.where(sel, tl.dot(qs, _plane(kw, 2, KBITS, DOT, MAGIC, False), input_precision=PRECISION), s2)
+        s3 = tl.where(sel, tl.dot(qs, _plane(kw, 3, KBITS, DOT, MAGIC, False), input_precision=PRECISION), s3)
     # Scores in log2 units (as in _attend_tile); tiles past the split's end score −inf.
     cs = sc + 2 * D + t[None, :]
     ok = (tile < last_tile)[:, None]
@@ -461,10 +473,10 @@ def _attend_tile_group(q_rot, q_plain, bt, i, last_tile, grp, k_base, v_base, he
     pv = tl.zeros_like(acc)
     for g in tl.static_range(TG):
         vw = tl.load(v_base + tl.load(bt + tl.minimum(i + g, last_tile - 1)).to(tl.int64) * vw_sb + w_offs)
-        pg = tl.dot(pr0, tl.trans(_plane(vw, 0, VBITS, DOT, MAGIC)), input_precision=PRECISION)
-        pg = tl.dot(pr1, tl.trans(_plane(vw, 1, VBITS, DOT, MAGIC)), pg, input_precision=PRECISION)
-        pg = tl.dot(pr2, tl.trans(_plane(vw, 2, VBITS, DOT, MAGIC)), pg, input_precision=PRECISION)
-        pg = tl.dot(pr3, tl.trans(_plane(vw, 3, VBITS, DOT, MAGIC)), pg, input_precision=PRECISION)
+        pg = tl.dot(pr0, tl.trans(_plane(vw, 0, VBITS, DOT, MAGIC, True)), input_precision=PRECISION)
+        pg = tl.dot(pr1, tl.trans(_plane(vw, 1, VBITS, DOT, MAGIC, True)), pg, input_precision=PRECISION)
+        pg = tl.dot(pr2, tl.trans(_plane(vw, 2, VBITS, DOT, MAGIC, True)), pg, input_precision=PRECISION)
+        pg = tl.dot(pr3, tl.trans(_plane(vw, 3, VBITS, DOT, MAGIC, True)), pg, input_precision=PRECISION)
         pv = tl.where((grp == g)[:, None], pg, pv)
     pv = pv + tl.sum(z, axis=1)[:, None]
     acc = acc * alpha[:, None] + pv * v_col_scale.to(tl.float32)

@@ -365,12 +365,13 @@ def test_magic_code_conversion_path_matches_reference(preset, monkeypatch, devic
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("weighted", [False, True])
 @pytest.mark.parametrize("bits", [2, 4])
 @pytest.mark.parametrize("dot", ["bfloat16", "float16"])
-def test_ptx_unpack_gives_every_code_of_every_plane(dot, bits):
+def test_ptx_unpack_gives_every_code_of_every_plane(dot, bits, weighted):
     """The packed-register PTX unpacks against integer arithmetic, every code value. bfloat16 (offset removed
-    algebraically): 128 + code, but 128 + 4^p·code for 2-bit planes 0-2 (masked in place; `_v_operand` divides by the
-    same weight). float16 (offset subtracted in registers): the code itself, exactly."""
+    algebraically): 128 + code, but for values (weighted) 128 + 4^p·code for 2-bit planes 0-2 (masked in place;
+    `_v_operand` divides by the same weight). float16 (offset subtracted in registers): the code itself, exactly."""
     import triton
     import triton.language as tl
 
@@ -378,11 +379,11 @@ def test_ptx_unpack_gives_every_code_of_every_plane(dot, bits):
 
     @triton.jit
     def unpack_kernel(words_ptr, out_ptr, BITS: tl.constexpr, R: tl.constexpr, W: tl.constexpr, DOT: tl.constexpr,
-                      MAGIC: tl.constexpr):
+                      MAGIC: tl.constexpr, WEIGHTED: tl.constexpr):
         offs = tl.arange(0, R)[:, None] * W + tl.arange(0, W)[None, :]
         words = tl.load(words_ptr + offs)
         for plane in tl.static_range(4):
-            tl.store(out_ptr + plane * R * W + offs, _plane(words, plane, BITS, DOT, MAGIC))
+            tl.store(out_ptr + plane * R * W + offs, _plane(words, plane, BITS, DOT, MAGIC, WEIGHTED))
 
     r, w = 64, 32
     gen = torch.Generator().manual_seed(0)
@@ -390,12 +391,12 @@ def test_ptx_unpack_gives_every_code_of_every_plane(dot, bits):
     words = torch.randint(0, 2 ** (4 * bits), (r, w), generator=gen).to(torch.int32).to(wdtype).cuda()
     out = torch.empty(4, r, w, dtype=getattr(torch, dot), device="cuda")
     magic = BF16_MAGIC_ASM if dot == "bfloat16" else F16_SUB_ASM
-    unpack_kernel[(1,)](words, out, BITS=bits, R=r, W=w, DOT=getattr(tl, dot), MAGIC=magic)
+    unpack_kernel[(1,)](words, out, BITS=bits, R=r, W=w, DOT=getattr(tl, dot), MAGIC=magic, WEIGHTED=weighted)
     as_int = words.to(torch.int32) & (2 ** (4 * bits) - 1)
     codes = torch.stack([(as_int >> (p * bits)) & (2**bits - 1) for p in range(4)])
     assert set(codes.unique().tolist()) == set(range(2**bits))  # every code value is checked
     if dot == "bfloat16":
-        weights = torch.tensor((1, 4, 16, 1) if bits == 2 else (1, 1, 1, 1), device="cuda")[:, None, None]
+        weights = torch.tensor((1, 4, 16, 1) if bits == 2 and weighted else (1, 1, 1, 1), device="cuda")[:, None, None]
         expected = 128 + weights * codes
     else:
         expected = codes
