@@ -8,7 +8,7 @@ from kvarn_kernels.attention import chunk_attention, decode_attention
 from kvarn_kernels.format import KVarNFormat
 from kvarn_kernels.quantize import quantize_into_cache
 from kvarn_kernels.state import build_paged_kv
-from kvarn_kernels.testing import sixteen_bit_decode, synthetic_kv
+from kvarn_kernels.testing import sixteen_bit_chunk, sixteen_bit_decode, synthetic_kv
 
 pytestmark = pytest.mark.gpu
 
@@ -129,17 +129,21 @@ def test_decode_replays_from_a_cuda_graph():
     assert torch.equal(decode_attention(q, state), expected)
 
 
+@pytest.mark.parametrize("head_dim", [64, 128, 256])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("preset", ["kvarn_k4v2_g128", "kvarn_k4v4_g128", "kvarn_k4v2_g64", "kvarn_k4v4_g64",
                                     "kvarn_k2v2_g128"])
-def test_every_preset_attends_like_the_reference(preset, dtype):
-    """Every preset and model dtype through each build of the attention kernel: decode one tile at a time (many
-    splits), decode in row groups (one split over 40+ tiles), and a chunk. The code unpack differs by code width
+def test_every_preset_attends_like_the_reference(preset, dtype, head_dim):
+    """Every preset, model dtype and head_dim through each build of the attention kernel: decode one tile at a time
+    (many splits), decode in row groups (one split over 40+ tiles), and a chunk. The code unpack differs by code width
     (4-bit codes in int16 words, 2-bit codes in bytes, for keys and values alike) and by dtype (the PTX paths), so
-    each combination is checked against the reference, decode against the 16-bit floor of the same history (1.5x: one
-    query draw; k2v2 in bfloat16 measured 0.0197 against a floor of 0.0150 on an H100, with the plain conversion as
-    well as the PTX path). Before session 13 bfloat16 k2v2 decode was off by 7.6 here (key planes weighted 4^p)."""
-    head_dim, hkv, n_rep = 128, 2, 4
+    each combination is checked against the reference, held to the 16-bit floors of the same history
+    (`testing.sixteen_bit_decode`, `sixteen_bit_chunk`). The bounds are loose multiples of them: one query draw, and
+    measured on an H100 (session 13, results/session13/diag_presets.log) bfloat16 decode at head_dim 256 erred 1.8x
+    its floor, bfloat16 k2v2 1.3x, and bfloat16 g64 chunks at head_dim 64 3.6x (3-4 output steps at values near 5),
+    with the plain code conversion as with the PTX path. An unpack bug is far outside them: before session 13
+    bfloat16 k2v2 decode erred 7.6 against a floor of 0.015 here (key planes weighted 4^p)."""
+    hkv, n_rep = 2, 4
     fmt = KVarNFormat.from_preset(preset, head_dim, dtype)
     lens = [300, 48 * fmt.group + 77]
     kv = [synthetic_kv(n, hkv, head_dim, dtype, seed=i, device="cuda") for i, n in enumerate(lens)]
@@ -154,15 +158,14 @@ def test_every_preset_attends_like_the_reference(preset, dtype):
     rounding = 2.0**-8 if dtype == torch.bfloat16 else 2.0**-11
     for splits in (16, 1):  # one tile at a time; row groups (>= 16 units per split)
         err = (decode_attention(q, state, num_splits=splits).float() - expected).abs() - rounding * expected.abs()
-        assert err.max() <= 1.5 * floor, f"{splits} split(s): error {err.max():.4f} vs 16-bit floor {floor:.4f}"
+        assert err.max() <= 2.5 * floor, f"{splits} split(s): error {err.max():.4f} vs 16-bit floor {floor:.4f}"
     n_q = [5, 3]
     cu_q = torch.tensor([0, 5, 8], dtype=torch.int32, device="cuda")
     qc = torch.randn(sum(n_q), hkv * n_rep, head_dim, device="cuda", dtype=dtype, generator=gen)
     kn = torch.randn(sum(n_q), hkv, head_dim, device="cuda", dtype=dtype, generator=gen)
     vn = torch.randn_like(kn)
     expected_c = ref.paged_attention_ref(qc, state, cu_q, kn, vn, cu_q).float()
-    actual_c = chunk_attention(qc, kn, vn, cu_q, cu_q, max(n_q), state).float()
-    # One step of the output dtype of the value, and an absolute term (bfloat16: k4v2_g64 measured 0.027 at one of
-    # 8192 elements, a value of 0.82, on an H100).
-    atol, rtol = (3e-2, 2.0**-7) if dtype == torch.bfloat16 else (8e-3, 2.0**-10)
-    torch.testing.assert_close(actual_c, expected_c, atol=atol, rtol=rtol)
+    floor_c = max((sixteen_bit_chunk(qc, state, cu_q, kn, vn, cu_q) - expected_c).abs().max().item(), 4e-3)
+    err_c = (chunk_attention(qc, kn, vn, cu_q, cu_q, max(n_q), state).float() - expected_c).abs()
+    err_c = err_c - rounding * expected_c.abs()
+    assert err_c.max() <= 5 * floor_c, f"chunk: error {err_c.max():.4f} vs 16-bit floor {floor_c:.4f}"
