@@ -129,6 +129,26 @@ def test_decode_replays_from_a_cuda_graph():
     assert torch.equal(decode_attention(q, state), expected)
 
 
+def preset_case(preset: str, dtype: torch.dtype, head_dim: int):
+    """Two sequences (300 tokens; 48 tiles + 77) of `preset` quantized by the Triton kernel, 2 KV heads with GQA 4:
+    (state, decode queries, their cu_seqlens, (chunk queries, new keys, new values, chunk cu_seqlens, longest chunk)).
+    Also run by benchmarks/kernels/diag_presets.py."""
+    hkv, n_rep = 2, 4
+    fmt = KVarNFormat.from_preset(preset, head_dim, dtype)
+    lens = [300, 48 * fmt.group + 77]
+    kv = [synthetic_kv(n, hkv, head_dim, dtype, seed=i, device="cuda") for i, n in enumerate(lens)]
+    state = build_paged_kv([a for a, _ in kv], [b for _, b in kv], fmt, quantize_into_cache)
+    cu = torch.arange(len(lens) + 1, dtype=torch.int32, device="cuda")
+    gen = torch.Generator(device="cuda").manual_seed(7)
+    q = torch.randn(len(lens), hkv * n_rep, head_dim, device="cuda", dtype=dtype, generator=gen)
+    n_q = [5, 3]
+    cu_q = torch.tensor([0, 5, 8], dtype=torch.int32, device="cuda")
+    qc = torch.randn(sum(n_q), hkv * n_rep, head_dim, device="cuda", dtype=dtype, generator=gen)
+    kn = torch.randn(sum(n_q), hkv, head_dim, device="cuda", dtype=dtype, generator=gen)
+    vn = torch.randn_like(kn)
+    return state, q, cu, (qc, kn, vn, cu_q, max(n_q))
+
+
 @pytest.mark.parametrize("head_dim", [64, 128, 256])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("preset", ["kvarn_k4v2_g128", "kvarn_k4v4_g128", "kvarn_k4v2_g64", "kvarn_k4v4_g64",
@@ -143,14 +163,7 @@ def test_every_preset_attends_like_the_reference(preset, dtype, head_dim):
     its floor, bfloat16 k2v2 1.3x, and bfloat16 g64 chunks at head_dim 64 3.6x (3-4 output steps at values near 5),
     with the plain code conversion as with the PTX path. An unpack bug is far outside them: before session 13
     bfloat16 k2v2 decode erred 7.6 against a floor of 0.015 here (key planes weighted 4^p)."""
-    hkv, n_rep = 2, 4
-    fmt = KVarNFormat.from_preset(preset, head_dim, dtype)
-    lens = [300, 48 * fmt.group + 77]
-    kv = [synthetic_kv(n, hkv, head_dim, dtype, seed=i, device="cuda") for i, n in enumerate(lens)]
-    state = build_paged_kv([a for a, _ in kv], [b for _, b in kv], fmt, quantize_into_cache)
-    cu = torch.arange(len(lens) + 1, dtype=torch.int32, device="cuda")
-    gen = torch.Generator(device="cuda").manual_seed(7)
-    q = torch.randn(len(lens), hkv * n_rep, head_dim, device="cuda", dtype=dtype, generator=gen)
+    state, q, cu, (qc, kn, vn, cu_q, max_q) = preset_case(preset, dtype, head_dim)
     expected = ref.paged_attention_ref(q, state, cu).float()
     floor = max((sixteen_bit_decode(q, state) - expected).abs().max().item(), 4e-3)
     # The floor's outputs stay float32; the kernel's are rounded to the model dtype (half a step: 2^-9 of the value
@@ -159,13 +172,8 @@ def test_every_preset_attends_like_the_reference(preset, dtype, head_dim):
     for splits in (16, 1):  # one tile at a time; row groups (>= 16 units per split)
         err = (decode_attention(q, state, num_splits=splits).float() - expected).abs() - rounding * expected.abs()
         assert err.max() <= 2.5 * floor, f"{splits} split(s): error {err.max():.4f} vs 16-bit floor {floor:.4f}"
-    n_q = [5, 3]
-    cu_q = torch.tensor([0, 5, 8], dtype=torch.int32, device="cuda")
-    qc = torch.randn(sum(n_q), hkv * n_rep, head_dim, device="cuda", dtype=dtype, generator=gen)
-    kn = torch.randn(sum(n_q), hkv, head_dim, device="cuda", dtype=dtype, generator=gen)
-    vn = torch.randn_like(kn)
     expected_c = ref.paged_attention_ref(qc, state, cu_q, kn, vn, cu_q).float()
     floor_c = max((sixteen_bit_chunk(qc, state, cu_q, kn, vn, cu_q) - expected_c).abs().max().item(), 4e-3)
-    err_c = (chunk_attention(qc, kn, vn, cu_q, cu_q, max(n_q), state).float() - expected_c).abs()
+    err_c = (chunk_attention(qc, kn, vn, cu_q, cu_q, max_q, state).float() - expected_c).abs()
     err_c = err_c - rounding * expected_c.abs()
     assert err_c.max() <= 5 * floor_c, f"chunk: error {err_c.max():.4f} vs 16-bit floor {floor_c:.4f}"
