@@ -29,7 +29,7 @@ class PagedKV:
     # sync; `check_tables` does); a negative entry may leave its sequence's decode output unwritten (row-group launches
     # return early on it).
     seq_lens: torch.Tensor
-    sink_k: torch.Tensor  # [Ns, H, G, D] 16-bit (or float32)
+    sink_k: torch.Tensor  # [Ns, H, G', D] 16-bit (or float32), G' >= G token rows per block
     sink_v: torch.Tensor
     tail_k: torch.Tensor  # [Nt, H, G, D]
     tail_v: torch.Tensor
@@ -59,11 +59,13 @@ class PagedKV:
         """Shape, dtype and device checks with messages that name the offending value."""
         fmt = self.fmt
         fmt.check_cache(self.cache)
-        dense_shape = (self.num_kv_heads, fmt.group, fmt.head_dim)
+        h, g, d = self.num_kv_heads, fmt.group, fmt.head_dim
         for name in ("sink_k", "sink_v", "tail_k", "tail_v"):
             t = getattr(self, name)
-            if t.dim() != 4 or tuple(t.shape[1:]) != dense_shape:
-                raise ValueError(f"{name} has shape {tuple(t.shape)}: expected [N, {', '.join(map(str, dense_shape))}]")
+            # A block may hold more than G token rows (vLLM stages speculative tokens past the tile); kernels read
+            # the first G through the tensor's strides.
+            if t.dim() != 4 or t.shape[1] != h or t.shape[2] < g or t.shape[3] != d:
+                raise ValueError(f"{name} has shape {tuple(t.shape)}: expected [N, {h}, >= {g}, {d}]")
             if not t.is_contiguous():
                 raise ValueError(f"{name} must be contiguous")
             if t.device != self.cache.device:
