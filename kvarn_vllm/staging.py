@@ -63,7 +63,8 @@ class StagingPool:
     @staticmethod
     def nbytes(fmt: KVarNFormat, num_slots: int, num_kv_heads: int, overflow: int, dtype: torch.dtype) -> int:
         rows = fmt.group + overflow
-        return 2 * 2 * (num_slots + 1) * num_kv_heads * rows * fmt.head_dim * torch.tensor([], dtype=dtype).element_size()
+        item = torch.tensor([], dtype=dtype).element_size()
+        return 2 * 2 * (num_slots + 1) * num_kv_heads * rows * fmt.head_dim * item
 
     def source_view(self) -> tuple[torch.Tensor, torch.Tensor]:
         """The pool seen as [T, H, D] token rows, so that pool row r's tile is tile_start r * H * (G + X): the

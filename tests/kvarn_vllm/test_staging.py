@@ -93,7 +93,7 @@ def _run(schedule_seed: int, spec: int, steps: int = 24, prefix_hit: bool = Fals
         pool.pre(plan, cache)
         _check_state(plan, pool, cache, table, rows, fmt, commit_first=plan.commit_first)
         pool.post(plan, key, val, cache)
-        for r, q, acc in zip(rows, qs, accepted, strict=True):
+        for r, acc in zip(rows, accepted, strict=True):
             r.done += acc
 
 
@@ -146,8 +146,8 @@ def test_prefix_hit_continues_from_the_cached_tiles():
 def test_decode_commits_before_attention():
     fmt = _fmt()
     g = fmt.group
-    pool = StagingPool(fmt, 1, H, 0, torch.float32, "cpu")
-    cache = fmt.allocate(4, H)
+    StagingPool(fmt, 1, H, 0, torch.float32, "cpu")
+    fmt.allocate(4, H)
     frontier = torch.zeros(2, dtype=torch.int32)
     frontier[0] = g
     table = torch.tensor([[0, 1, 2, 3]], dtype=torch.int32)

@@ -1,0 +1,157 @@
+"""Greedy outputs of a real model through vLLM: 16-bit cache vs KVarN presets (eager and CUDA graphs), and through
+`vllm serve` + the openai client. One engine per subprocess (vLLM engines do not share a process well).
+
+    python benchmarks/vllm/e2e_greedy.py --model DIR --out benchmarks/vllm/results/e2e_smollm2.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+PARAGRAPH = (
+    "The history of the lighthouse begins with fires lit on hilltops to guide ships home. Later, towers of stone "
+    "carried lamps of oil, and mirrors gathered their light into beams that reached far across the water. Keepers "
+    "lived beside them, trimming wicks through the night, writing the weather in their logbooks, and rowing out to "
+    "help sailors in distress. When electricity arrived, the lamps grew brighter and the keepers fewer; today most "
+    "lights run on their own, watched from offices many miles away. "
+)
+QUESTIONS = [
+    "Summarize the text above in two sentences.",
+    "What did lighthouse keepers do at night? Answer briefly.",
+    "List three facts from the text.",
+    "Write a short poem about the sea.",
+    "Explain why lighthouses needed mirrors.",
+    "What changed when electricity arrived?",
+]
+
+
+def prompts(n_repeat: list[int]) -> list[str]:
+    out = []
+    for i, q in enumerate(QUESTIONS):
+        out.append(PARAGRAPH * n_repeat[i % len(n_repeat)] + "\n\n" + q)
+    return out
+
+
+def run_engine(args: argparse.Namespace, kv: str, eager: bool, extra: dict) -> dict:
+    code = f"""
+import json, os, time, sys
+os.environ.setdefault("VLLM_USE_FLASHINFER_SAMPLER", "0")
+from vllm import LLM, SamplingParams
+kw = dict(model={args.model!r}, dtype={args.dtype!r}, gpu_memory_utilization={args.gpu_mem}, max_model_len=8192,
+          enforce_eager={eager}, seed=0, **{extra!r})
+if {kv!r} != "auto":
+    kw["kv_cache_dtype"] = {kv!r}
+t0 = time.time()
+llm = LLM(**kw)
+t1 = time.time()
+sp = SamplingParams(temperature=0.0, max_tokens={args.max_tokens}, logprobs=1)
+outs = llm.generate({prompts(args.repeats)!r}, sp)
+t2 = time.time()
+res = dict(tokens=[list(o.outputs[0].token_ids) for o in outs], text=[o.outputs[0].text for o in outs],
+           logprobs=[[max(lp.values(), key=lambda x: x.logprob).logprob for lp in o.outputs[0].logprobs] for o in outs],
+           prompt_tokens=[len(o.prompt_token_ids) for o in outs], start_s=t1 - t0, gen_s=t2 - t1)
+print("RESULT" + json.dumps(res))
+"""
+    t = time.time()
+    p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=args.timeout)
+    lines = [ln for ln in p.stdout.splitlines() if ln.startswith("RESULT")]
+    if p.returncode or not lines:
+        tail = (p.stdout + p.stderr)[-6000:]
+        return {"error": f"rc={p.returncode}", "log_tail": tail, "wall_s": time.time() - t}
+    res = json.loads(lines[-1][6:])
+    res["wall_s"] = time.time() - t
+    return res
+
+
+def run_server(args: argparse.Namespace, kv: str) -> dict:
+    """`vllm serve` as users start it; greedy chat-free completions through the openai client over HTTP."""
+    port = 8011
+    cmd = ["vllm", "serve", args.model, "--port", str(port), "--dtype", args.dtype, "--max-model-len", "8192",
+           "--gpu-memory-utilization", str(args.gpu_mem), "--kv-cache-dtype", kv, "--enforce-eager"]
+    env = dict(os.environ, VLLM_USE_FLASHINFER_SAMPLER="0")
+    log = open("/tmp/vllm_serve.log", "w")
+    proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env)
+    try:
+        import urllib.request
+
+        deadline = time.time() + args.timeout
+        while time.time() < deadline:
+            if proc.poll() is not None:
+                break
+            try:
+                urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=2)
+                break
+            except Exception:
+                time.sleep(2)
+        if proc.poll() is not None:
+            return {"error": "server exited", "log_tail": Path("/tmp/vllm_serve.log").read_text()[-6000:]}
+        from openai import OpenAI
+
+        client = OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="none")
+        texts = []
+        for pr in prompts(args.repeats):
+            r = client.completions.create(model=args.model, prompt=pr, max_tokens=args.max_tokens, temperature=0.0)
+            texts.append(r.choices[0].text)
+        log_text = Path("/tmp/vllm_serve.log").read_text()
+        lines = [ln for ln in log_text.splitlines() if "KV cache size" in ln or "KVarN" in ln]
+        return {"text": texts, "log_lines": lines}
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+
+
+def agreement(a: list[list[int]], b: list[list[int]]) -> dict:
+    first_diff, same = [], 0
+    for x, y in zip(a, b, strict=True):
+        n = next((i for i, (u, v) in enumerate(zip(x, y, strict=False)) if u != v), min(len(x), len(y)))
+        first_diff.append(n)
+        same += x == y
+    return {"identical_outputs": same, "of": len(a), "first_divergence": first_diff}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__)
+    ap.add_argument("--model", required=True)
+    ap.add_argument("--dtype", default="bfloat16")
+    ap.add_argument("--presets", default="kvarn_k4v2_g128")
+    ap.add_argument("--repeats", default="1,3,6,12", help="paragraph repeats per prompt (~110 tokens each)")
+    ap.add_argument("--max-tokens", type=int, default=64)
+    ap.add_argument("--gpu-mem", type=float, default=0.3)
+    ap.add_argument("--timeout", type=int, default=400)
+    ap.add_argument("--modes", default="eager,graphs,serve")
+    ap.add_argument("--out", required=True)
+    args = ap.parse_args()
+    args.repeats = [int(x) for x in args.repeats.split(",")]
+    modes = args.modes.split(",")
+    results: dict = {"command": " ".join(sys.argv), "model": args.model, "dtype": args.dtype, "runs": {}}
+    base = run_engine(args, "auto", True, {})
+    results["runs"]["auto/eager"] = base
+    print("auto/eager", {k: v for k, v in base.items() if k != "log_tail"} if "error" not in base else base, flush=True)
+    for preset in args.presets.split(","):
+        for mode in modes:
+            if mode == "serve":
+                r = run_server(args, preset)
+            else:
+                r = run_engine(args, preset, mode == "eager", {})
+            key = f"{preset}/{mode}"
+            if "tokens" in r and "tokens" in base:
+                r["vs_16bit"] = agreement(base["tokens"], r["tokens"])
+            if "text" in r and "text" in base:
+                r["same_text_as_16bit"] = sum(a == b for a, b in zip(base["text"], r["text"], strict=True))
+            results["runs"][key] = r
+            print(key, json.dumps({k: v for k, v in r.items() if k not in ("tokens", "logprobs")})[:3000], flush=True)
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(json.dumps(results, indent=1))
+
+
+if __name__ == "__main__":
+    main()

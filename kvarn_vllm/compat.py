@@ -1,0 +1,210 @@
+"""Every vLLM-version-specific hook of the plugin, in one place.
+
+vLLM 0.22 has no registration API for a new KV-cache dtype, so the plugin extends it where 0.22 looks:
+  - the `CacheDType` Literal (pydantic validation of `CacheConfig.cache_dtype` and the CLI's choices) and
+    `STR_DTYPE_TO_TORCH_DTYPE` (pages are bytes);
+  - `Attention.get_kv_cache_spec`: a KVarN layer's page is num_kv_heads records (`TQFullAttentionSpec` already
+    sizes a page as block_size x heads x bytes per token, and its manager is the full-attention one);
+  - backend choice: 0.22's priority lists never pick the CUSTOM slot, so KVarN layers are routed to it and
+    skipped layers (`--kv-cache-dtype-skip-layers`) keep vLLM's own backend;
+  - `VllmConfig.__post_init__`: the block size follows the preset, unsupported models are refused up front;
+  - `GPUModelRunner._update_states`: staging slots follow vLLM's persistent batch.
+A newer vLLM release is a new entry in `HOOKS` (0.23+ register spec classes, 0.28 adds `customize_spec`, 0.32
+`register_backend` by name, 0.33 `register_kv_cache_dtype`), not a rewrite.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import typing
+from collections.abc import Callable
+from typing import Any
+
+import torch
+
+from kvarn_kernels import PRESETS, KVarNFormat
+from kvarn_kernels.format import SUPPORTED_HEAD_DIMS
+
+logger = logging.getLogger("kvarn_vllm")
+
+BACKEND_PATH = "kvarn_vllm.backend.KVarNAttentionBackend"
+SUPPORTED_VLLM = ("0.22",)
+
+
+def vllm_series(version: str) -> str:
+    return ".".join(version.split(".")[:2])
+
+
+def check_version(version: str) -> None:
+    if vllm_series(version) not in SUPPORTED_VLLM:
+        raise RuntimeError(
+            f"kvarn_vllm supports vLLM {', '.join(s + '.x' for s in SUPPORTED_VLLM)}; this is vLLM {version}. "
+            "Install vllm==0.22.0, or use the transformers front-end (kvarn_hf)."
+        )
+
+
+def _extend_cache_dtype() -> None:
+    import pydantic
+    from vllm.config import cache as cache_mod
+    from vllm.utils import torch_utils
+    from vllm.v1.attention import selector
+
+    old = cache_mod.CacheDType
+    names = tuple(typing.get_args(old))
+    missing = tuple(p for p in PRESETS if p not in names)
+    if missing:
+        new = typing.Literal[names + missing]  # type: ignore[valid-type]
+        cache_mod.CacheDType = new
+        selector.CacheDType = new
+        fields = cache_mod.CacheConfig.__dataclass_fields__
+        fields["cache_dtype"].type = new
+        cache_mod.CacheConfig.__annotations__["cache_dtype"] = new
+        pydantic.dataclasses.rebuild_dataclass(cache_mod.CacheConfig, force=True)
+        from vllm.config import vllm as vllm_mod
+
+        pydantic.dataclasses.rebuild_dataclass(vllm_mod.VllmConfig, force=True)
+        from vllm.engine import arg_utils
+
+        arg_utils._compute_kwargs.cache_clear()
+    for p in PRESETS:
+        torch_utils.STR_DTYPE_TO_TORCH_DTYPE[p] = torch.uint8
+
+
+def _patch_kv_cache_spec() -> None:
+    from vllm.model_executor.layers.attention import attention as attn_mod
+    from vllm.v1.kv_cache_interface import TQFullAttentionSpec
+
+    cls = attn_mod.Attention
+    original = cls.get_kv_cache_spec
+    if getattr(original, "_kvarn", False):
+        return
+
+    @functools.wraps(original)
+    def get_kv_cache_spec(self: Any, vllm_config: Any) -> Any:
+        if self.kv_cache_dtype not in PRESETS:
+            return original(self, vllm_config)
+        fmt = KVarNFormat.from_preset(self.kv_cache_dtype, self.head_size)
+        return TQFullAttentionSpec(
+            block_size=vllm_config.cache_config.block_size, num_kv_heads=self.num_kv_heads,
+            head_size=self.head_size, head_size_v=self.head_size, dtype=torch.uint8,
+            tq_slot_size=fmt.record_bytes // fmt.group,
+        )
+
+    get_kv_cache_spec._kvarn = True  # type: ignore[attr-defined]
+    cls.get_kv_cache_spec = get_kv_cache_spec
+
+
+def _route_backend() -> None:
+    from vllm.v1.attention import selector
+    from vllm.v1.attention.backends.registry import AttentionBackendEnum, register_backend
+
+    register_backend(AttentionBackendEnum.CUSTOM, BACKEND_PATH)
+    original = selector._cached_get_attn_backend
+    if getattr(original, "_kvarn", False):
+        return
+
+    @functools.cache
+    def cached_get_attn_backend(backend: Any, attn_selector_config: Any, num_heads: int | None = None) -> Any:
+        if attn_selector_config.kv_cache_dtype in PRESETS:
+            from .backend import KVarNAttentionBackend
+
+            return KVarNAttentionBackend
+        return original(backend, attn_selector_config, num_heads)
+
+    cached_get_attn_backend._kvarn = True  # type: ignore[attr-defined]
+    selector._cached_get_attn_backend = cached_get_attn_backend
+
+
+def validate_config(vllm_config: Any) -> None:
+    """Refuse what KVarN cannot serve, at config time, naming the value and the alternatives; fix the block size."""
+    cache = vllm_config.cache_config
+    preset = cache.cache_dtype
+    if preset not in PRESETS:
+        return
+    group = PRESETS[preset][2]
+    model = vllm_config.model_config
+    if cache.user_specified_block_size and cache.block_size != group:
+        raise ValueError(f"--kv-cache-dtype {preset} stores one {group}-token tile per block: drop --block-size "
+                         f"{cache.block_size} or pass --block-size {group}")
+    cache.block_size = group
+    if model is None:
+        return
+    if model.use_mla:
+        raise ValueError(f"--kv-cache-dtype {preset} does not support MLA models ({model.model}); use fp8 or auto")
+    if model.is_encoder_decoder:
+        raise ValueError(f"--kv-cache-dtype {preset} supports decoder-only models, not encoder-decoder "
+                         f"{model.model}")
+    head = model.get_head_size()
+    if head not in SUPPORTED_HEAD_DIMS:
+        raise ValueError(f"--kv-cache-dtype {preset}: head_dim {head} is not supported: use a model with head_dim "
+                         f"{', '.join(map(str, SUPPORTED_HEAD_DIMS))}, or --kv-cache-dtype fp8")
+    if model.dtype not in (torch.float16, torch.bfloat16):
+        raise ValueError(f"--kv-cache-dtype {preset}: model dtype {model.dtype} is not supported: pass --dtype "
+                         "bfloat16 or --dtype float16")
+    window = getattr(model.hf_text_config, "sliding_window", None)
+    layer_types = getattr(model.hf_text_config, "layer_types", None) or []
+    if (window or "sliding_attention" in layer_types) and "sliding_window" not in cache.kv_cache_dtype_skip_layers:
+        raise ValueError(
+            f"--kv-cache-dtype {preset}: {model.model} has sliding-window attention layers, which KVarN does not "
+            "quantize yet; this vLLM release cannot mix their pages with KVarN pages. Use fp8 for this model.")
+    fmt = KVarNFormat.from_preset(preset, head, model.dtype)
+    sched = vllm_config.scheduler_config
+    logger.warning(
+        "KVarN %s: %d-bit keys, %d-bit values, %d-token tiles, %.0f bytes per token per KV head (%.2fx smaller "
+        "than 16-bit); 16-bit: each sequence's first tile and its newest partial tile (staging slots for "
+        "max_num_seqs=%d requests, allocated before vLLM measures its KV budget)",
+        preset, fmt.k_bits, fmt.v_bits, group, fmt.bytes_per_token_per_head, fmt.compression_vs_16bit,
+        sched.max_num_seqs)
+
+
+def _patch_config_validation() -> None:
+    from vllm.config import vllm as vllm_mod
+
+    cls = vllm_mod.VllmConfig
+    original = cls.__post_init__
+    if getattr(original, "_kvarn", False):
+        return
+
+    @functools.wraps(original)
+    def post_init(self: Any) -> None:
+        original(self)
+        validate_config(self)
+
+    post_init._kvarn = True  # type: ignore[attr-defined]
+    cls.__post_init__ = post_init
+
+
+def _patch_runner() -> None:
+    try:
+        from vllm.v1.worker import gpu_model_runner
+    except Exception:  # CPU-only installs may lack the GPU runner's dependencies; nothing runs there.
+        return
+    cls = gpu_model_runner.GPUModelRunner
+    original = cls._update_states
+    if getattr(original, "_kvarn", False):
+        return
+
+    @functools.wraps(original)
+    def update_states(self: Any, scheduler_output: Any) -> Any:
+        result = original(self, scheduler_output)
+        from .runtime import get_runtime
+
+        rt = get_runtime()
+        if rt is not None:
+            rt.update(self.input_batch, scheduler_output)
+        return result
+
+    update_states._kvarn = True  # type: ignore[attr-defined]
+    cls._update_states = update_states
+
+
+HOOKS: dict[str, list[Callable[[], None]]] = {
+    "0.22": [_extend_cache_dtype, _patch_kv_cache_spec, _route_backend, _patch_config_validation, _patch_runner],
+}
+
+
+def install(version: str) -> None:
+    check_version(version)
+    for hook in HOOKS[vllm_series(version)]:
+        hook()
