@@ -7,6 +7,9 @@ set -euo pipefail
 . "$(dirname "$0")/_venv.sh"
 python -m pip install -q torch==2.13.0
 python -m pip install -q -e ".[test,eval]"
+# vLLM 0.22 without its GPU dependencies: the plugin's config-level tests (tests/kvarn_vllm/test_plugin.py).
+echo "installing vLLM 0.22.0 (CPU, no GPU dependencies) for the plugin's config tests"
+python -m pip install -q --no-deps -r requirements/vllm-0.22-cpu.txt
 ruff check .
 set +e
 python -m pytest -q "$@"
