@@ -34,11 +34,10 @@ except ImportError as exc:  # pragma: no cover - exercised only without vLLM
     raise ImportError("kvarn_vllm.backend needs vLLM: pip install 'kvarn[vllm]'") from exc
 
 
-def current_preset() -> str:
+def current_group() -> int:
+    """The tile size of the configured preset (vLLM asks for block sizes outside any layer)."""
     dtype = get_current_vllm_config().cache_config.cache_dtype
-    if dtype not in PRESETS:
-        raise ValueError(f"kv_cache_dtype {dtype!r} is not a KVarN preset: use one of {', '.join(PRESETS)}")
-    return dtype
+    return PRESETS[dtype][2] if dtype in PRESETS else 128
 
 
 class KVarNAttentionBackend(AttentionBackend):
@@ -53,11 +52,11 @@ class KVarNAttentionBackend(AttentionBackend):
 
     @staticmethod
     def get_supported_kernel_block_sizes() -> list[int]:
-        return [PRESETS[current_preset()][2]]
+        return [current_group()]
 
     @classmethod
     def get_preferred_block_size(cls, default_block_size: int) -> int:
-        return PRESETS[current_preset()][2]
+        return current_group()
 
     @staticmethod
     def get_kv_cache_shape(num_blocks: int, block_size: int, num_kv_heads: int, head_size: int,

@@ -1,0 +1,148 @@
+"""The backend's layer step (builder + impl) over a shuffled paged cache, against the kernel core's reference of the
+same history — the idea of vLLM's `tests/v1/attention/test_attention_backends.py`, with the cache filled through
+the backend itself. Chunked prefill, decode, mixed batches and prefix-hit starts; CPU (reference kernels) and GPU."""
+
+from __future__ import annotations
+
+import json
+import random
+
+import pytest
+import torch
+
+vllm = pytest.importorskip("vllm")
+if not vllm.__version__.startswith("0.22."):
+    pytest.skip(f"targets vLLM 0.22, found {vllm.__version__}", allow_module_level=True)
+
+import vllm.platforms  # noqa: E402
+
+if not torch.cuda.is_available():
+    from vllm.platforms.cpu import CpuPlatform
+
+    vllm.platforms._current_platform = CpuPlatform()
+
+from kvarn_kernels import KVarNFormat, reference  # noqa: E402
+from kvarn_kernels.state import build_paged_kv  # noqa: E402
+from kvarn_vllm import register, runtime  # noqa: E402
+
+register()
+
+from vllm.config import set_current_vllm_config  # noqa: E402
+from vllm.engine.arg_utils import EngineArgs  # noqa: E402
+from vllm.v1.attention.backend import CommonAttentionMetadata  # noqa: E402
+from vllm.v1.kv_cache_interface import TQFullAttentionSpec  # noqa: E402
+
+from kvarn_vllm.backend import KVarNAttentionImpl, KVarNMetadataBuilder  # noqa: E402
+
+HQ, HKV = 4, 2
+
+
+class _Layer:
+    layer_name = "model.layers.0.self_attn.attn"
+
+
+def _setup(tmp_path, preset: str, head_dim: int, dtype: torch.dtype, device: str):
+    config = {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": HQ * head_dim,
+              "intermediate_size": 256, "num_attention_heads": HQ, "num_key_value_heads": HKV, "head_dim": head_dim,
+              "num_hidden_layers": 1, "vocab_size": 1000, "max_position_embeddings": 4096,
+              "torch_dtype": str(dtype).replace("torch.", "")}
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    cfg = EngineArgs(model=str(tmp_path), skip_tokenizer_init=True, load_format="dummy", kv_cache_dtype=preset,
+                     max_num_seqs=4, max_num_batched_tokens=1024, max_model_len=2048,
+                     dtype=str(dtype).replace("torch.", "")).create_engine_config()
+    fmt = KVarNFormat.from_preset(preset, head_dim, dtype)
+    spec = TQFullAttentionSpec(block_size=fmt.group, num_kv_heads=HKV, head_size=head_dim, head_size_v=head_dim,
+                               dtype=torch.uint8, tq_slot_size=fmt.record_bytes // fmt.group)
+    return cfg, fmt, spec
+
+
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)])
+@pytest.mark.parametrize(("preset", "head_dim", "dtype"), [
+    ("kvarn_k4v2_g64", 64, torch.bfloat16),
+    pytest.param("kvarn_k4v2_g128", 128, torch.float16, marks=pytest.mark.gpu),
+])
+def test_backend_steps_attend_like_the_reference(tmp_path, device, preset, head_dim, dtype):
+    if device == "cuda" and not torch.cuda.is_available():
+        pytest.skip("needs a GPU")
+    runtime._RUNTIME = None
+    cfg, fmt, spec = _setup(tmp_path, preset, head_dim, dtype, device)
+    g = fmt.group
+    gen = torch.Generator().manual_seed(0)
+    rnd = random.Random(0)
+    with set_current_vllm_config(cfg):
+        builder = KVarNMetadataBuilder(spec, [_Layer.layer_name], cfg, torch.device(device))
+        impl = KVarNAttentionImpl(HQ, head_dim, head_dim**-0.5, HKV, kv_cache_dtype=preset)
+    rt = runtime.get_runtime()
+    width = 12
+    num_blocks = 4 * width + 3
+    perm = torch.randperm(num_blocks, generator=gen)
+    kv_cache = fmt.allocate(num_blocks, HKV, device)
+    lengths = [5 * g + 17, 3 * g + 1, 2 * g - 3]
+    true_k = [torch.randn(n, HKV, head_dim, generator=gen).to(dtype) for n in lengths]
+    true_v = [torch.randn(n, HKV, head_dim, generator=gen).to(dtype) for n in lengths]
+    tables = [perm[i * width:(i + 1) * width].tolist() for i in range(len(lengths))]
+    done = [0, 0, 0]
+    for i in range(len(lengths)):
+        rt.slots.assign(f"r{i}", 0, tables[i][0], set())
+    # Warm-up (vLLM's profiling call: no metadata) allocates the staging pool.
+    layer = _Layer()
+    q0 = torch.zeros(1, HQ * head_dim, dtype=dtype, device=device)
+    impl.forward(layer, q0, q0[:, : HKV * head_dim], q0[:, : HKV * head_dim], kv_cache, None)
+    steps = 0
+    while any(d < n for d, n in zip(done, lengths, strict=True)) and steps < 60:
+        steps += 1
+        rows = [i for i in range(len(lengths)) if done[i] < lengths[i]]
+        qs = []
+        for i in rows:
+            left = lengths[i] - done[i]
+            qs.append(1 if (done[i] > 0 and rnd.random() < 0.6) else min(left, rnd.choice([1, 40, g + 9, 3 * g])))
+        b = len(rows)
+        rt.slots.row_slot[:b] = torch.tensor([rt.slots.req_slot[f"r{i}"] for i in rows], dtype=torch.int32)
+        rt.slots.row_slot[b:] = rt.num_slots
+        qsl = torch.tensor([0] + list(torch.tensor(qs).cumsum(0).tolist()), dtype=torch.int32)
+        seq = torch.tensor([done[i] + q for i, q in zip(rows, qs, strict=True)], dtype=torch.int32)
+        table = torch.tensor([tables[i] for i in rows], dtype=torch.int32)
+        n_tok = int(qsl[-1])
+        cam = CommonAttentionMetadata(
+            query_start_loc=qsl.to(device), query_start_loc_cpu=qsl, seq_lens=seq.to(device), num_reqs=b,
+            num_actual_tokens=n_tok, max_query_len=max(qs), max_seq_len=int(seq.max()),
+            block_table_tensor=table.to(device), slot_mapping=torch.zeros(n_tok, dtype=torch.int64, device=device))
+        meta = builder.build(0, cam)
+        k = torch.cat([true_k[i][done[i]:done[i] + q] for i, q in zip(rows, qs, strict=True)]).to(device)
+        v = torch.cat([true_v[i][done[i]:done[i] + q] for i, q in zip(rows, qs, strict=True)]).to(device)
+        q = torch.randn(n_tok, HQ, head_dim, generator=gen).to(dtype).to(device)
+        out = impl.forward(layer, q.view(n_tok, -1), k.view(n_tok, -1), v.view(n_tok, -1), kv_cache, meta)
+        out = out.view(n_tok, HQ, head_dim).float().cpu()
+        # The reference: the same history quantized by the reference quantizer, attended by the reference.
+        commit_first = max(qs) == 1
+        hist = [done[i] + (q if commit_first else 0) for i, q in zip(rows, qs, strict=True)]
+        state = build_paged_kv([true_k[i][:h] for i, h in zip(rows, hist, strict=True)],
+                               [true_v[i][:h] for i, h in zip(rows, hist, strict=True)], fmt,
+                               reference.quantize_into_cache_ref, generator=torch.Generator().manual_seed(1)) \
+            if min(hist) > 0 else None
+        if commit_first:
+            expected = reference.paged_attention_ref(q.cpu(), state, qsl)
+        elif state is not None:
+            expected = reference.paged_attention_ref(q.cpu(), state, qsl, k.cpu(), v.cpu(), qsl)
+        else:
+            expected = _causal(q.cpu(), k.cpu(), v.cpu(), [done[i] for i in rows], qsl, true_k, true_v, rows, fmt)
+        tol = 2e-2 if device == "cuda" else 1e-3
+        torch.testing.assert_close(out, expected.float(), atol=tol, rtol=tol)
+        for i, qn in zip(rows, qs, strict=True):
+            done[i] += qn
+    assert all(d == n for d, n in zip(done, lengths, strict=True))
+
+
+def _causal(q, k, v, starts, qsl, true_k, true_v, rows, fmt):
+    """Reference for a step where some row has no history yet: each row separately."""
+    out = torch.empty_like(q)
+    for j, i in enumerate(rows):
+        a, e = int(qsl[j]), int(qsl[j + 1])
+        cu = torch.tensor([0, e - a], dtype=torch.int32)
+        if starts[j]:
+            st = build_paged_kv([true_k[i][: starts[j]]], [true_v[i][: starts[j]]], fmt,
+                                reference.quantize_into_cache_ref)
+        else:
+            st = build_paged_kv([true_k[i][:0]], [true_v[i][:0]], fmt, reference.quantize_into_cache_ref)
+        out[a:e] = reference.paged_attention_ref(q[a:e], st, cu, k[a:e], v[a:e], cu)
+    return out
