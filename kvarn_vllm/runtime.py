@@ -96,7 +96,8 @@ class SlotManager:
             stale = self.block_sink.get(first_block)
             if stale is not None and stale != slot:
                 self.sink_block.pop(stale, None)
-                self.retained.pop(stale, None) and self.free.append(stale)
+                if self.retained.pop(stale, None) is not None:
+                    self.free.append(stale)
             self.sink_block[slot] = first_block
             self.block_sink[first_block] = slot
 
