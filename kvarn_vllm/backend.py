@@ -132,6 +132,14 @@ class KVarNMetadataBuilder(AttentionMetadataBuilder[KVarNMetadata]):
         self.max_rows = sched.max_num_seqs
         self.max_tokens = sched.max_num_batched_tokens
         self.persistent = _Persistent()
+        # Allocated here, not at the first build: a build may run while vLLM captures a CUDA graph.
+        p, dev, i32, i64 = self.persistent, device, torch.int32, torch.int64
+        for name, dtype, cols in (("hist", i32, ()), ("dense", i32, (2,)), ("pre_starts", i32, ()),
+                                  ("pre_blocks", i32, ()), ("shift_rows", i64, ()), ("comp_starts", i32, ()),
+                                  ("comp_blocks", i32, ())):
+            p.put(name, torch.zeros((0, *cols), dtype=dtype, device=dev), self.max_rows)
+        for name in ("write1_slot", "write1_off", "write2_slot", "write2_off"):
+            p.put(name, torch.zeros(0, dtype=i64, device=dev), self.max_tokens)
 
     def build(self, common_prefix_len: int, common_attn_metadata: CommonAttentionMetadata,
               fast_build: bool = False) -> KVarNMetadata:
