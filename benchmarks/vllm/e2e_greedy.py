@@ -50,11 +50,11 @@ if {kv!r} != "auto":
 t0 = time.time()
 llm = LLM(**kw)
 t1 = time.time()
-sp = SamplingParams(temperature=0.0, max_tokens={args.max_tokens}, logprobs=1)
+sp = SamplingParams(temperature=0.0, max_tokens={args.max_tokens}, logprobs=5)
 outs = llm.generate({prompts(args.repeats)!r}, sp)
 t2 = time.time()
 res = dict(tokens=[list(o.outputs[0].token_ids) for o in outs], text=[o.outputs[0].text for o in outs],
-           logprobs=[[max(lp.values(), key=lambda x: x.logprob).logprob for lp in o.outputs[0].logprobs] for o in outs],
+           top5=[[[int(t) for t in lp] for lp in o.outputs[0].logprobs] for o in outs],
            prompt_tokens=[len(o.prompt_token_ids) for o in outs], start_s=t1 - t0, gen_s=t2 - t1)
 print("RESULT" + json.dumps(res))
 """
@@ -109,6 +109,21 @@ def run_server(args: argparse.Namespace, kv: str) -> dict:
             proc.kill()
 
 
+def logprobs_close(base: dict, other: dict) -> dict:
+    """vLLM's check_logprobs_close rule: up to the first differing token the outputs are equal; there, each run's
+    token must be among the other's top-5; nothing after it is compared."""
+    ok, where = [], []
+    for i, (x, y) in enumerate(zip(base["tokens"], other["tokens"], strict=True)):
+        n = next((j for j, (u, v) in enumerate(zip(x, y, strict=False)) if u != v), None)
+        if n is None:
+            ok.append(True)
+            where.append(None)
+            continue
+        ok.append(x[n] in other["top5"][i][n] and y[n] in base["top5"][i][n])
+        where.append(n)
+    return {"close": sum(ok), "of": len(ok), "first_divergence": where}
+
+
 def agreement(a: list[list[int]], b: list[list[int]]) -> dict:
     first_diff, same = [], 0
     for x, y in zip(a, b, strict=True):
@@ -145,10 +160,11 @@ def main() -> None:
             key = f"{preset}/{mode}"
             if "tokens" in r and "tokens" in base:
                 r["vs_16bit"] = agreement(base["tokens"], r["tokens"])
+                r["logprobs_close_to_16bit"] = logprobs_close(base, r)
             if "text" in r and "text" in base:
                 r["same_text_as_16bit"] = sum(a == b for a, b in zip(base["text"], r["text"], strict=True))
             results["runs"][key] = r
-            print(key, json.dumps({k: v for k, v in r.items() if k not in ("tokens", "logprobs")})[:3000], flush=True)
+            print(key, json.dumps({k: v for k, v in r.items() if k not in ("tokens", "top5")})[:3000], flush=True)
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(results, indent=1))
 
