@@ -31,6 +31,20 @@ QUESTIONS = [
 ]
 
 
+# mode: (enforce_eager, extra LLM kwargs, generate twice). Each is compared with the 16-bit eager run; "graphs" is
+# the reference for the others where they should give the same greedy tokens as the plain KVarN run.
+MODES = {
+    "eager": (True, {}, False),
+    "graphs": (False, {}, False),
+    "prefix": (True, {"enable_prefix_caching": True}, True),
+    "noprefix": (True, {"enable_prefix_caching": False}, False),
+    "chunk256": (True, {"max_num_batched_tokens": 256, "enable_chunked_prefill": True}, False),
+    "ngram": (True, {"speculative_config": {"method": "ngram", "num_speculative_tokens": 3, "prompt_lookup_max": 4,
+                                            "prompt_lookup_min": 2}}, False),
+    "preempt": (True, {"num_gpu_blocks_override": 24, "max_num_seqs": 6}, False),
+}
+
+
 def prompts(n_repeat: list[int]) -> list[str]:
     out = []
     for i, q in enumerate(QUESTIONS):
@@ -38,7 +52,7 @@ def prompts(n_repeat: list[int]) -> list[str]:
     return out
 
 
-def run_engine(args: argparse.Namespace, kv: str, eager: bool, extra: dict) -> dict:
+def run_engine(args: argparse.Namespace, kv: str, eager: bool, extra: dict, twice: bool = False) -> dict:
     code = f"""
 import json, os, time, sys
 os.environ.setdefault("VLLM_USE_FLASHINFER_SAMPLER", "0")
@@ -52,7 +66,10 @@ llm = LLM(**kw)
 t1 = time.time()
 sp = SamplingParams(temperature=0.0, max_tokens={args.max_tokens}, logprobs=5)
 outs = llm.generate({prompts(args.repeats)!r}, sp)
+if {twice!r}:  # the same prompts again, after the first requests finished: prefix-cache hits
+    outs = llm.generate({prompts(args.repeats)!r}, sp)
 t2 = time.time()
+stats = llm.llm_engine.vllm_config.cache_config
 res = dict(tokens=[list(o.outputs[0].token_ids) for o in outs], text=[o.outputs[0].text for o in outs],
            top5=[[[int(t) for t in lp] for lp in o.outputs[0].logprobs] for o in outs],
            prompt_tokens=[len(o.prompt_token_ids) for o in outs], start_s=t1 - t0, gen_s=t2 - t1)
@@ -142,7 +159,7 @@ def main() -> None:
     ap.add_argument("--max-tokens", type=int, default=64)
     ap.add_argument("--gpu-mem", type=float, default=0.3)
     ap.add_argument("--timeout", type=int, default=400)
-    ap.add_argument("--modes", default="eager,graphs,serve")
+    ap.add_argument("--modes", default="eager,graphs,serve", help=f"any of {', '.join(MODES)}, serve")
     ap.add_argument("--out", required=True)
     args = ap.parse_args()
     args.repeats = [int(x) for x in args.repeats.split(",")]
@@ -156,13 +173,17 @@ def main() -> None:
             if mode == "serve":
                 r = run_server(args, preset)
             else:
-                r = run_engine(args, preset, mode == "eager", {})
+                eager, extra, twice = MODES[mode]
+                r = run_engine(args, preset, eager, extra, twice)
             key = f"{preset}/{mode}"
             if "tokens" in r and "tokens" in base:
                 r["vs_16bit"] = agreement(base["tokens"], r["tokens"])
                 r["logprobs_close_to_16bit"] = logprobs_close(base, r)
             if "text" in r and "text" in base:
                 r["same_text_as_16bit"] = sum(a == b for a, b in zip(base["text"], r["text"], strict=True))
+            ref = results["runs"].get(f"{preset}/noprefix") or results["runs"].get(f"{preset}/eager")
+            if mode not in ("eager", "noprefix") and ref and "tokens" in ref and "tokens" in r:
+                r["vs_kvarn_eager"] = agreement(ref["tokens"], r["tokens"])
             results["runs"][key] = r
             print(key, json.dumps({k: v for k, v in r.items() if k not in ("tokens", "top5")})[:3000], flush=True)
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
