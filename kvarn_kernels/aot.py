@@ -23,7 +23,7 @@ from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
 from . import attention, quantize
-from .format import KVarNFormat, word_dtype
+from .format import DEFAULT_PRESET, KVarNFormat, word_dtype
 
 H100 = GPUTarget("cuda", 90, 32)
 H100_SHARED_BYTES = 232448  # per block, opt-in maximum
@@ -42,14 +42,15 @@ def _compile(fn: Any, constexprs: dict, ptr_types: dict, aligned: set[str], opti
 
 
 def attention_kernel(dot: str = "bfloat16", head_dim: int = 128, n_rep: int = 4, chunk_rows: int = 0,
-                     kbits: int = 4, vbits: int = 2, num_splits: int = 1, options: dict | None = None,
+                     preset: str = DEFAULT_PRESET, num_splits: int = 1, options: dict | None = None,
                      tile_groups: int | None = None) -> Any:
     """The paged attention kernel as `paged_attention` launches it for a model whose tensor-core operands are `dot`
-    ("bfloat16", "float16", "float32"): decode (chunk_rows=0, 16 rows) or a chunk program of `chunk_rows` (query,
-    head) rows. num_splits=1 compiles the epilogue that stores the output, more the split-partial one. `options`
-    replaces the launch options (`attention.launch_options`). tile_groups: decode's row groups (None: what a long
-    context gets, `attention.tile_groups`)."""
+    ("bfloat16", "float16", "float32") over `preset` records (its bit widths and group): decode (chunk_rows=0, 16
+    rows) or a chunk program of `chunk_rows` (query, head) rows. num_splits=1 compiles the epilogue that stores the
+    output, more the split-partial one. `options` replaces the launch options (`attention.launch_options`).
+    tile_groups: decode's row groups (None: what a long context gets, `attention.tile_groups`)."""
     dt = DOTS[dot]
+    fmt = KVarNFormat.from_preset(preset, head_dim, getattr(torch, dot))
     magic, offset = attention.code_conversion(dt, head_dim)
     rows = chunk_rows or max(16, triton.next_power_of_2(n_rep))
     block_m = max(1, chunk_rows // n_rep) if chunk_rows else 1
@@ -57,7 +58,7 @@ def attention_kernel(dot: str = "bfloat16", head_dim: int = 128, n_rep: int = 4,
         tile_groups = attention.tile_groups(rows, n_rep, block_m, 1 << 20,
                                             torch.float32 if dot == "float32" else torch.bfloat16)
     constexprs = {
-        "N_REP": n_rep, "G": 128, "D": head_dim, "KBITS": kbits, "VBITS": vbits,
+        "N_REP": n_rep, "G": fmt.group, "D": head_dim, "KBITS": fmt.k_bits, "VBITS": fmt.v_bits,
         "BLOCK_M": block_m, "ROWS": rows, "HAS_NEW": bool(chunk_rows),
         "NUM_SPLITS": num_splits, "DOT": dt, "PRECISION": "ieee" if dt == tl.float32 else "tf32",
         "DENSE_BLOCK": attention.DENSE_BLOCK, "MAGIC": magic, "OFFSET": offset, "UNROTATE_F32": dt == tl.float32,
@@ -66,13 +67,13 @@ def attention_kernel(dot: str = "bfloat16", head_dim: int = 128, n_rep: int = 4,
         "ROT_PARTS": attention.merge_unrotates(num_splits, tile_groups, head_dim, block_m, bool(chunk_rows)),
     }
     act = "*" + {"float32": "fp32", "float16": "fp16", "bfloat16": "bf16"}[dot]
-    scales = "*fp16" if dot == "float16" else "*bf16"  # bfloat16 scales for bfloat16 and float32 models
+    scales = "*" + TRITON_TYPES[fmt.scale_dtype]  # bfloat16 scales for bfloat16 and float32 models
     ptrs = {name: act for name in ("q", "hadamard_ptr", "k_new", "v_new", "sink_k", "sink_v", "tail_k", "tail_v",
                                    "out")}
     ptrs.update({name: "*i32" for name in ("cu_q", "cu_k", "seq_lens", "block_table", "dense_table")})
     ptrs.update({name: "*fp32" for name in ("part", "part_lse")})
-    ptrs.update({"k_words": "*" + TRITON_TYPES[word_dtype(kbits)], "v_words": "*" + TRITON_TYPES[word_dtype(vbits)],
-                 "scales": scales, "sm_scale": "fp32"})
+    ptrs.update({"k_words": "*" + TRITON_TYPES[word_dtype(fmt.k_bits)],
+                 "v_words": "*" + TRITON_TYPES[word_dtype(fmt.v_bits)], "scales": scales, "sm_scale": "fp32"})
     aligned = {"kw_sb", "kw_sh", "vw_sb", "vw_sh", "scales_sb", "scales_sh", "stride_db", "stride_dh", "stride_qt",
                "stride_qh", "stride_nt", "stride_nh", "stride_ps", "stride_pt", "stride_ph"}
     opts = dict(options if options is not None else attention.launch_options(
@@ -89,12 +90,11 @@ def merge_kernel(head_dim: int, splits: int = 64, out_dtype: str = "bf16", unrot
     return _compile(attention._merge_splits_kernel, constexprs, ptrs, set(), options)
 
 
-def quantize_kernel(dtype: torch.dtype, head_dim: int = 128, group: int = 128, kbits: int = 4, vbits: int = 2,
+def quantize_kernel(dtype: torch.dtype, head_dim: int = 128, preset: str = DEFAULT_PRESET,
                     num_warps: int | None = None, maxnreg: int = 0, weights: bool = False) -> tuple[Any, dict]:
-    """The quantize kernel as `quantize_into_cache` launches it for a `dtype` model, with K-frame channel weights
-    or without; (kernel, launch options)."""
-    fmt = KVarNFormat(f"k{kbits}v{vbits}", kbits, vbits, group, head_dim,
-                      torch.float16 if dtype == torch.float16 else torch.bfloat16)
+    """The quantize kernel as `quantize_into_cache` launches it for a `dtype` model and `preset` records, with
+    K-frame channel weights or without; (kernel, launch options)."""
+    fmt = KVarNFormat.from_preset(preset, head_dim, dtype)
     options = quantize.launch_options(fmt, dtype)
     constexprs = dict(options.pop("constexprs"), HAS_WEIGHTS=weights)
     options.pop("interpreted", None)
@@ -104,9 +104,9 @@ def quantize_kernel(dtype: torch.dtype, head_dim: int = 128, group: int = 128, k
         options["maxnreg"] = maxnreg
     ptrs = {
         "k_src": "*" + TRITON_TYPES[dtype], "v_src": "*" + TRITON_TYPES[dtype],
-        "signs": "*fp16" if dtype == torch.float16 else "*bf16", "tile_starts": "*i32",
-        "block_ids": "*i32", "k_words": "*" + TRITON_TYPES[word_dtype(kbits)],
-        "v_words": "*" + TRITON_TYPES[word_dtype(vbits)], "scales": "*" + TRITON_TYPES[fmt.scale_dtype],
+        "signs": "*" + TRITON_TYPES[fmt.scale_dtype], "tile_starts": "*i32",
+        "block_ids": "*i32", "k_words": "*" + TRITON_TYPES[word_dtype(fmt.k_bits)],
+        "v_words": "*" + TRITON_TYPES[word_dtype(fmt.v_bits)], "scales": "*" + TRITON_TYPES[fmt.scale_dtype],
         "k_weights": "*fp32" if weights else "*" + TRITON_TYPES[fmt.scale_dtype],
     }
     fn = quantize._quantize_tiles_kernel
@@ -115,18 +115,19 @@ def quantize_kernel(dtype: torch.dtype, head_dim: int = 128, group: int = 128, k
     return _compile(fn, constexprs, ptrs, aligned, options), options
 
 
-def dense_history_kernel(dtype: torch.dtype, head_dim: int = 128, group: int = 128, kbits: int = 4,
-                         vbits: int = 2) -> Any:
+def dense_history_kernel(dtype: torch.dtype, head_dim: int = 128, preset: str = DEFAULT_PRESET) -> Any:
     """The dense-history kernel (large-chunk route) as `dense_history.dense_history` launches it for a `dtype`
-    model with new tokens."""
+    model and `preset` records, with new tokens."""
     from . import dense_history
 
+    fmt = KVarNFormat.from_preset(preset, head_dim, dtype)
     act = "*" + TRITON_TYPES[dtype]
     ptrs = {name: act for name in ("k_out", "v_out", "sink_k", "sink_v", "tail_k", "tail_v", "k_new", "v_new")}
     ptrs.update({name: "*i32" for name in ("cu_out", "seq_lens", "block_table", "dense_table", "cu_k")})
-    ptrs.update({"k_words": "*" + TRITON_TYPES[word_dtype(kbits)], "v_words": "*" + TRITON_TYPES[word_dtype(vbits)],
-                 "scales": "*fp16" if dtype == torch.float16 else "*bf16", "hadamard_ptr": "*bf16"})
-    constexprs = {"G": group, "D": head_dim, "KBITS": kbits, "VBITS": vbits, "HAS_NEW": True,
+    ptrs.update({"k_words": "*" + TRITON_TYPES[word_dtype(fmt.k_bits)],
+                 "v_words": "*" + TRITON_TYPES[word_dtype(fmt.v_bits)], "scales": "*" + TRITON_TYPES[fmt.scale_dtype],
+                 "hadamard_ptr": "*bf16"})
+    constexprs = {"G": fmt.group, "D": head_dim, "KBITS": fmt.k_bits, "VBITS": fmt.v_bits, "HAS_NEW": True,
                   "UNROTATE_F32": dtype == torch.float32}
     fn = dense_history._dense_history_kernel
     aligned = {name for name in fn.arg_names if name.startswith("stride_") or name[-3:] in ("_sb", "_sh")}

@@ -25,7 +25,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .format import KVarNFormat
+from .format import KVarNFormat, k_frame_flag_offset, k_frame_is_rotated, scale_offset
 from .reference import hadamard
 from .state import PagedKV
 
@@ -319,9 +319,11 @@ def _v_operand(p, row_scale, PLANE: tl.constexpr, VBITS: tl.constexpr, DOT: tl.c
 def _tile_scores(qs, kw, scales_ptr, PLANE: tl.constexpr, W: tl.constexpr, D: tl.constexpr, KBITS: tl.constexpr,
                  DOT: tl.constexpr, MAGIC: tl.constexpr, PRECISION: tl.constexpr):
     """Σ_d qs[r, d]·(code[d, t] + offset) for the W tokens of one plane, scaled by their column scales."""
+    G: tl.constexpr = 4 * W
     tok = PLANE * W + tl.arange(0, W)
     s = tl.dot(qs, _plane(kw, PLANE, KBITS, DOT, MAGIC, False), input_precision=PRECISION)
-    return s, tl.abs(tl.load(scales_ptr + 2 * D + tok).to(tl.float32))  # col_scale[0]'s sign is the K-frame flag
+    # abs: col_scale[0]'s sign is the K-frame flag.
+    return s, tl.abs(tl.load(scales_ptr + scale_offset("k_col_scale", D, G) + tok).to(tl.float32))
 
 
 @triton.jit
@@ -331,7 +333,8 @@ def _tile_values(pv, p, vw, row_zero, scales_ptr, PLANE: tl.constexpr, W: tl.con
     """pv += Σ_t p[r, t]·row_scale[t]·(code[:, t] + offset) over one plane's W tokens; also returns the
     per-element terms whose row sums complete the value rows (row zeros, minus the offset)."""
     tok = PLANE * W + tl.arange(0, W)
-    pr = _v_operand(p, tl.load(scales_ptr + 2 * D + G + tok).to(tl.float32)[None, :], PLANE, VBITS, DOT, MAGIC)
+    pr = _v_operand(p, tl.load(scales_ptr + scale_offset("v_row_scale", D, G) + tok).to(tl.float32)[None, :], PLANE,
+                    VBITS, DOT, MAGIC)
     pv = tl.dot(pr, tl.trans(_plane(vw, PLANE, VBITS, DOT, MAGIC, True)), pv, input_precision=PRECISION)
     return pv, p * row_zero.to(tl.float32)[None, :] - OFFSET * pr.to(tl.float32)
 
@@ -343,8 +346,9 @@ def _tile_extras(scales_ptr, G: tl.constexpr, D: tl.constexpr):
     W: tl.constexpr = G // 4
     d = tl.arange(0, D)
     t = tl.arange(0, W)
-    vz = scales_ptr + 2 * D + 2 * G + t
-    return (tl.load(scales_ptr + D + d), tl.load(scales_ptr + 2 * D + 3 * G + d),
+    vz = scales_ptr + scale_offset("v_row_zero", D, G) + t
+    return (tl.load(scales_ptr + scale_offset("k_row_zero", D, G) + d),
+            tl.load(scales_ptr + scale_offset("v_col_scale", D, G) + d),
             tl.load(vz), tl.load(vz + W), tl.load(vz + 2 * W), tl.load(vz + 3 * W))
 
 
@@ -365,11 +369,11 @@ def _attend_tile(q_rot, q_plain, kw_ptr, vw_ptr, scales_ptr, k_row_zero, v_col_s
     # pipeliner turns them into asynchronous copies issued a tile ahead (1-D [D] loads stalled every tile).
     # K-frame flag (format v2): a negative col_scale[0] marks a K stored unrotated; score it with plain q.
     rows0 = (tl.arange(0, ROWS) * 0)[:, None]
-    flag = tl.load(scales_ptr + 2 * D + rows0 + tl.arange(0, 2)[None, :])
-    k_rotated = tl.split(flag)[0].to(tl.int16, bitcast=True) >= 0
+    flag = tl.load(scales_ptr + k_frame_flag_offset(D, G) + rows0 + tl.arange(0, 2)[None, :])
+    k_rotated = k_frame_is_rotated(tl.split(flag)[0])
     qk = tl.where(k_rotated[:, None], q_rot, q_plain.to(tl.float32))
     t = tl.arange(0, W)
-    qs = (qk * tl.load(scales_ptr + rows0 + d[None, :]).to(tl.float32)).to(DOT)
+    qs = (qk * tl.load(scales_ptr + scale_offset("k_row_scale", D, G) + rows0 + d[None, :]).to(tl.float32)).to(DOT)
     zero_term = tl.sum(qk * k_row_zero.to(tl.float32)[None, :] - OFFSET * qs.to(tl.float32), axis=1)
     kw = tl.load(kw_ptr + w_offs)
     s0, c0 = _tile_scores(qs, kw, scales_ptr, 0, W, D, KBITS, DOT, MAGIC, PRECISION)
@@ -433,10 +437,10 @@ def _attend_tile_group(q_rot, q_plain, bt, i, last_tile, grp, k_base, v_base, he
     tile = i + grp
     blk = tl.load(bt + tl.minimum(tile, last_tile - 1)).to(tl.int64)
     sc = (head_scales + blk * scales_sb)[:, None]
-    flag = tl.load(sc + 2 * D + tl.arange(0, 2)[None, :])
-    k_rotated = tl.split(flag)[0].to(tl.int16, bitcast=True) >= 0
+    flag = tl.load(sc + k_frame_flag_offset(D, G) + tl.arange(0, 2)[None, :])
+    k_rotated = k_frame_is_rotated(tl.split(flag)[0])
     qk = tl.where(k_rotated[:, None], q_rot, q_plain.to(tl.float32))
-    qs = (qk * tl.load(sc + d[None, :]).to(tl.float32)).to(DOT)
+    qs = (qk * tl.load(sc + scale_offset("k_row_scale", D, G) + d[None, :]).to(tl.float32)).to(DOT)
     zero_term = tl.sum(qk * k_row_zero.to(tl.float32) - OFFSET * qs.to(tl.float32), axis=1)
     s0 = tl.zeros([ROWS, W], tl.float32)
     s1 = s0
@@ -450,7 +454,7 @@ def _attend_tile_group(q_rot, q_plain, bt, i, last_tile, grp, k_base, v_base, he
         s2 = tl.where(sel, tl.dot(qs, _plane(kw, 2, KBITS, DOT, MAGIC, False), input_precision=PRECISION), s2)
         s3 = tl.where(sel, tl.dot(qs, _plane(kw, 3, KBITS, DOT, MAGIC, False), input_precision=PRECISION), s3)
     # Scores in log2 units (as in _attend_tile); tiles past the split's end score −inf.
-    cs = sc + 2 * D + t[None, :]
+    cs = sc + scale_offset("k_col_scale", D, G) + t[None, :]
     ok = (tile < last_tile)[:, None]
     s0 = tl.where(ok, (s0 + zero_term[:, None]) * (tl.abs(tl.load(cs).to(tl.float32)) * sm_scale_log2), float("-inf"))
     s1 = tl.where(ok, (s1 + zero_term[:, None]) * (tl.abs(tl.load(cs + W).to(tl.float32)) * sm_scale_log2),
@@ -461,7 +465,7 @@ def _attend_tile_group(q_rot, q_plain, bt, i, last_tile, grp, k_base, v_base, he
                   float("-inf"))
     p0, p1, p2, p3, alpha, m_new, l_i = _softmax_planes(s0, s1, s2, s3, m_i, l_i)
     # V: p · row_scale[t] as the dots' operands; p · row_zero[t] − offset · those as the rows' constant terms.
-    vs = sc + 2 * D + G + t[None, :]
+    vs = sc + scale_offset("v_row_scale", D, G) + t[None, :]
     pr0 = _v_operand(p0, tl.load(vs).to(tl.float32), 0, VBITS, DOT, MAGIC)
     pr1 = _v_operand(p1, tl.load(vs + W).to(tl.float32), 1, VBITS, DOT, MAGIC)
     pr2 = _v_operand(p2, tl.load(vs + 2 * W).to(tl.float32), 2, VBITS, DOT, MAGIC)

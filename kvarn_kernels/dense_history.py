@@ -19,6 +19,7 @@ import triton
 import triton.language as tl
 
 from .attention import _interpreted, _signs, _unrotate
+from .format import k_frame_flag_offset, k_frame_is_rotated, scale_offset
 from .state import PagedKV
 
 # Launch option (aot.py compiles with it too): 8 warps hold a [D, G] tile pass at 255 registers with a small spill.
@@ -68,21 +69,18 @@ def _dense_history_kernel(
         block = tl.load(block_table + b.to(tl.int64) * stride_bt + u).to(tl.int64)
         sc = scales + block * sc_sb + h * sc_sh
         # K [D, G]: (code · row_scale[d] + row_zero[d]) · |col_scale[t]|; col_scale[0]'s sign is the K-frame flag.
-        kcs = tl.load(sc + 2 * D + t).to(tl.float32)
-        k_mat = (_codes(k_words + block * kw_sb + h * kw_sh, KBITS, G, D) * tl.load(sc + d).to(tl.float32)[:, None]
-                 + tl.load(sc + D + d).to(tl.float32)[:, None]) * tl.abs(kcs)[None, :]
-        flag = tl.load(sc + 2 * D + t * 0)  # col_scale[0], broadcast; its sign bit (the reference's signbit)
-        if flag.dtype.primitive_bitwidth == 16:
-            rotated = flag.to(tl.int16, bitcast=True) >= 0
-        else:
-            rotated = flag.to(tl.int32, bitcast=True) >= 0
+        kcs = tl.load(sc + scale_offset("k_col_scale", D, G) + t).to(tl.float32)
+        k_mat = (_codes(k_words + block * kw_sb + h * kw_sh, KBITS, G, D)
+                 * tl.load(sc + scale_offset("k_row_scale", D, G) + d).to(tl.float32)[:, None]
+                 + tl.load(sc + scale_offset("k_row_zero", D, G) + d).to(tl.float32)[:, None]) * tl.abs(kcs)[None, :]
+        rotated = k_frame_is_rotated(tl.load(sc + k_frame_flag_offset(D, G) + t * 0))  # broadcast over the tokens
         k_tok = tl.trans(k_mat)
         k_tok = tl.where(rotated[:, None], _unrotate(k_tok, hadamard_ptr, D, UNROTATE_F32), k_tok)
         # V [D, G] in the rotated frame: (code · row_scale[t] + row_zero[t]) · col_scale[d], then un-rotated.
         v_mat = (_codes(v_words + block * vw_sb + h * vw_sh, VBITS, G, D)
-                 * tl.load(sc + 2 * D + G + t).to(tl.float32)[None, :]
-                 + tl.load(sc + 2 * D + 2 * G + t).to(tl.float32)[None, :]) * tl.load(
-            sc + 2 * D + 3 * G + d).to(tl.float32)[:, None]
+                 * tl.load(sc + scale_offset("v_row_scale", D, G) + t).to(tl.float32)[None, :]
+                 + tl.load(sc + scale_offset("v_row_zero", D, G) + t).to(tl.float32)[None, :]) * tl.load(
+            sc + scale_offset("v_col_scale", D, G) + d).to(tl.float32)[:, None]
         v_tok = _unrotate(tl.trans(v_mat), hadamard_ptr, D, UNROTATE_F32)
         offs = (G * (1 + u) + t).to(tl.int64)[:, None] * stride_ot + d[None, :]
         tl.store(out_k + offs, k_tok.to(k_out.dtype.element_ty))

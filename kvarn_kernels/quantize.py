@@ -34,7 +34,7 @@ import triton
 import triton.language as tl
 
 from . import reference
-from .format import KVarNFormat
+from .format import KVarNFormat, scale_offset
 from .reference import NORMALIZE_ITERS
 
 # The reference's constants, as constexprs so that jitted code may read them.
@@ -155,8 +155,10 @@ def _range_cost(x, AXIS: tl.constexpr, COMPILED: tl.constexpr, w=None):
 
 @triton.jit
 def _quantize_store(x, words_ptr, scales_ptr, col0_sign, R: tl.constexpr, C: tl.constexpr, BITS: tl.constexpr,
-                    ITERS: tl.constexpr, CODES_TRANSPOSED: tl.constexpr, COMPILED: tl.constexpr):
-    """Normalize and round matrix x [R, C] (float32); write planar code words and row/col scales.
+                    ITERS: tl.constexpr, CODES_TRANSPOSED: tl.constexpr, COMPILED: tl.constexpr,
+                    ROW_SCALE: tl.constexpr, ROW_ZERO: tl.constexpr, COL_SCALE: tl.constexpr):
+    """Normalize and round matrix x [R, C] (float32); write planar code words and row/col scales (at word offsets
+    ROW_SCALE, ROW_ZERO, COL_SCALE from the record's scales_ptr).
 
     col0_sign (±1.0) multiplies col_scale[0]: −1.0 sets the K-frame flag of an unrotated K (see format.py).
 
@@ -240,11 +242,11 @@ def _quantize_store(x, words_ptr, scales_ptr, col0_sign, R: tl.constexpr, C: tl.
     r = tl.arange(0, R)
     s_row = tl.exp(best_r) + tl.sum(poison_r, axis=0)
     ty: tl.constexpr = scales_ptr.dtype.element_ty
-    tl.store(scales_ptr + r, _round_to(s_row * step, ty))
-    tl.store(scales_ptr + R + r, _round_to(s_row * lo, ty))
+    tl.store(scales_ptr + ROW_SCALE + r, _round_to(s_row * step, ty))
+    tl.store(scales_ptr + ROW_ZERO + r, _round_to(s_row * lo, ty))
     c = tl.arange(0, C)
     col = tl.exp(best_c) * tl.where(c == 0, col0_sign, 1.0)
-    tl.store(scales_ptr + 2 * R + c, _round_to(col, ty))
+    tl.store(scales_ptr + COL_SCALE + c, _round_to(col, ty))
 
 
 @triton.jit
@@ -393,7 +395,9 @@ def _quantize_tiles_kernel(
         raw = tl.load(k_src + offset + ch + tok * stride_t, mask=unrotated & (ch >= 0), other=0.0)
         k_tile = tl.where(rotated, k_rot, raw.to(tl.float32))
         _quantize_store(k_tile, k_words + block * kw_stride_b + h * kw_stride_h, scales_base,
-                        tl.where(rotated, 1.0, -1.0), D, G, KBITS, ITERS, False, not INTERPRETED)
+                        tl.where(rotated, 1.0, -1.0), D, G, KBITS, ITERS, False, not INTERPRETED,
+                        scale_offset("k_row_scale", D, G), scale_offset("k_row_zero", D, G),
+                        scale_offset("k_col_scale", D, G))
     else:
         v_rot, _ = _rotate(v_src + offset, stride_t, signs, G, D, SCALE, False, INTERPRETED, False)
         # Layout anchor: a never-taken select with a fully masked load of the tile (no memory traffic) moves the
@@ -412,8 +416,9 @@ def _quantize_tiles_kernel(
         anchor = tl.load(v_src + offset + v_tok * stride_t + v_half * HALF + v_ch, mask=(n < 0) & (v_ch >= 0),
                          other=0.0)
         v_rot = tl.where(n < 0, tl.reshape(anchor, (G, D)).to(tl.float32), v_rot)
-        _quantize_store(v_rot, v_words + block * vw_stride_b + h * vw_stride_h, scales_base + 2 * D + G,
-                        1.0, G, D, VBITS, ITERS, True, not INTERPRETED)
+        _quantize_store(v_rot, v_words + block * vw_stride_b + h * vw_stride_h, scales_base,
+                        1.0, G, D, VBITS, ITERS, True, not INTERPRETED, scale_offset("v_row_scale", D, G),
+                        scale_offset("v_row_zero", D, G), scale_offset("v_col_scale", D, G))
 
 
 @functools.lru_cache(maxsize=32)

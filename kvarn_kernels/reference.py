@@ -10,7 +10,7 @@ import math
 
 import torch
 
-from .format import KVarNFormat
+from .format import SCALE_SECTIONS, KVarNFormat, k_frame_rotated, mark_k_frame, scale_section_sizes
 from .state import PagedKV
 
 NORMALIZE_ITERS = 8
@@ -218,10 +218,11 @@ def quantize_tile_records(
     vc, vrs, vrz, vcs = quantize_matrices(v_rot, fmt.v_bits)
     # Both code matrices are stored channel-major: V's [G, D] codes are transposed first.
     codes = torch.cat([pack(kc, fmt.k_bits).flatten(1), pack(vc.transpose(1, 2), fmt.v_bits).flatten(1)], dim=1)
-    scales = torch.cat([krs, krz, kcs, vrs, vrz, vcs], dim=1).to(fmt.scale_dtype)
-    # The K-frame flag: the sign bit of K col_scale[0] (positive otherwise) marks an unrotated K.
-    col0 = 2 * d
-    scales[:, col0] = torch.where(k_rotated.flatten(), scales[:, col0], -scales[:, col0])
+    sections = {"k_row_scale": krs, "k_row_zero": krz, "k_col_scale": kcs, "v_row_scale": vrs, "v_row_zero": vrz,
+                "v_col_scale": vcs}
+    scales = torch.cat([sections[name] for name, _ in SCALE_SECTIONS], dim=1).to(fmt.scale_dtype)
+    flag = fmt.layout()["k_frame_flag"]
+    scales[:, flag] = mark_k_frame(scales[:, flag], k_rotated.flatten())
     records = torch.cat([codes, scales.view(torch.uint8)], dim=1)
     return records.reshape(n, h, fmt.record_bytes)
 
@@ -238,8 +239,10 @@ def dequantize_records(
     vc = unpack(flat[:, fmt.k_code_bytes : fmt.code_bytes].reshape(-1, d, g * fmt.v_bits // 8), fmt.v_bits)
     vc = vc.transpose(1, 2)
     s = flat[:, fmt.code_bytes :].contiguous().view(fmt.scale_dtype).float()
-    krs, krz, kcs, vrs, vrz, vcs = s.split([d, d, g, g, g, d], dim=1)  # the order of format.scale_offsets
-    k_rotated = ~torch.signbit(kcs[:, 0])
+    k_rotated = k_frame_rotated(s[:, fmt.layout()["k_frame_flag"]])
+    sections = dict(zip((name for name, _ in SCALE_SECTIONS), s.split(scale_section_sizes(d, g), dim=1), strict=True))
+    krs, krz, kcs, vrs, vrz, vcs = (sections[name] for name in ("k_row_scale", "k_row_zero", "k_col_scale",
+                                                                  "v_row_scale", "v_row_zero", "v_col_scale"))
     kcs = kcs.abs()
     k_mat = (kc * krs[:, :, None] + krz[:, :, None]) * kcs[:, None, :]
     v_mat = (vc.float() * vrs[:, :, None] + vrz[:, :, None]) * vcs[:, None, :]

@@ -15,21 +15,23 @@ import sys
 import pytest
 
 from kvarn_kernels.aot import H100_SHARED_BYTES
+from kvarn_kernels.format import DEFAULT_PRESET
 
-ATTENTION_CASES = [("float32", 64, 0),  # float32 models: plain code conversion
-                   ("bfloat16", 64, 0),  # head_dim-64 decode (capped registers)
-                   ("bfloat16", 128, 0),  # the decode launch the benchmarks time
-                   ("bfloat16", 256, 0),  # decode at the largest head_dim (its own launch options)
-                   ("float16", 256, 64)]  # chunk program at the largest head_dim
+ATTENTION_CASES = [("float32", 64, 0, DEFAULT_PRESET),  # float32 models: plain code conversion
+                   ("bfloat16", 64, 0, DEFAULT_PRESET),  # head_dim-64 decode (capped registers)
+                   ("bfloat16", 128, 0, DEFAULT_PRESET),  # the decode launch the benchmarks time
+                   ("bfloat16", 128, 0, "kvarn_k4v4_g64"),  # 64-token tiles (16-token planes)
+                   ("bfloat16", 256, 0, DEFAULT_PRESET),  # decode at the largest head_dim (its own launch options)
+                   ("float16", 256, 64, DEFAULT_PRESET)]  # chunk program at the largest head_dim
 MERGE_CASES = [64, 128, 256]
 DENSE_HISTORY_CASES = [("bfloat16", 64), ("bfloat16", 128), ("float16", 256), ("float32", 128)]
 
 
-def _attention_shared(dot, head_dim, chunk_rows):
+def _attention_shared(dot, head_dim, chunk_rows, preset):
     from kvarn_kernels import aot
 
     # Two splits: the split-partial epilogue (one split stores the output instead; compiled in a case below).
-    return aot.attention_kernel(dot, head_dim, chunk_rows=chunk_rows, num_splits=2).metadata.shared
+    return aot.attention_kernel(dot, head_dim, chunk_rows=chunk_rows, preset=preset, num_splits=2).metadata.shared
 
 
 def _merge_shared(head_dim):
@@ -220,7 +222,7 @@ def test_merge_waits_for_the_attention_launch_before_loading_its_partials(compil
             assert 0 <= wait < first_load, (splits, wait, first_load)
 
 
-@pytest.mark.parametrize("case", ATTENTION_CASES, ids=lambda c: f"{c[0]}-d{c[1]}-rows{c[2]}")
+@pytest.mark.parametrize("case", ATTENTION_CASES, ids=lambda c: f"{c[0]}-d{c[1]}-rows{c[2]}-{c[3]}")
 def test_attention_kernel_compiles_within_shared_memory(compiled, case):
     shared = compiled[f"attention-{case}"]
     assert isinstance(shared, int), shared

@@ -5,7 +5,7 @@ import torch
 
 from kvarn_kernels import reference as ref
 from kvarn_kernels.attention import chunk_attention, decode_attention
-from kvarn_kernels.format import KVarNFormat
+from kvarn_kernels.format import PRESETS, KVarNFormat
 from kvarn_kernels.quantize import quantize_into_cache
 from kvarn_kernels.state import build_paged_kv
 from kvarn_kernels.testing import sixteen_bit_chunk, sixteen_bit_decode, synthetic_kv
@@ -14,7 +14,7 @@ pytestmark = pytest.mark.gpu
 
 
 @pytest.mark.parametrize("head_dim", [64, 128, 256])
-@pytest.mark.parametrize("preset", ["kvarn_k4v2_g128", "kvarn_k4v4_g64", "kvarn_k2v2_g128"])
+@pytest.mark.parametrize("preset", list(PRESETS))
 def test_quantize_matches_reference(head_dim, preset):
     fmt = KVarNFormat.from_preset(preset, head_dim, torch.bfloat16)
     n, h = 64, 8
@@ -151,8 +151,7 @@ def preset_case(preset: str, dtype: torch.dtype, head_dim: int):
 
 @pytest.mark.parametrize("head_dim", [64, 128, 256])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-@pytest.mark.parametrize("preset", ["kvarn_k4v2_g128", "kvarn_k4v4_g128", "kvarn_k4v2_g64", "kvarn_k4v4_g64",
-                                    "kvarn_k2v2_g128"])
+@pytest.mark.parametrize("preset", list(PRESETS))
 def test_every_preset_attends_like_the_reference(preset, dtype, head_dim):
     """Every preset, model dtype and head_dim through each build of the attention kernel: decode one tile at a time
     (many splits), decode in row groups (one split over 40+ tiles), and a chunk. The code unpack differs by code width
