@@ -46,6 +46,7 @@ import torch
 from kvarn_kernels import KVarNFormat, reference
 
 from . import quality as Q
+from .baselines import TileCodec
 
 REPORT_VERSION = 1
 DEFAULT_MARGIN = 1.0
@@ -149,7 +150,7 @@ class FlagLog:
 
 def layer_codecs(
     q: torch.Tensor, k: torch.Tensor, methods: Sequence[Q.Method], log: FlagLog, log_ratios: bool = False
-) -> dict[str, Q.Codec]:
+) -> dict[str, TileCodec]:
     """Codecs for one layer: q [Hq, L, D], k [H, L, D] (the layer's sink and queries are what static and oracle
     candidates may use). Both K record paths are computed once per configuration and shared."""
     h, d = k.shape[0], k.shape[-1]
@@ -174,7 +175,7 @@ def layer_codecs(
             static[config] = _score_err(sink_q, kr - sink_k)[0] <= _score_err(sink_q, kp - sink_k)[0]
         return choose_k_rotation(sink_k)[0], static[config]
 
-    def codec_for(m: Q.Method) -> Q.Codec:
+    def codec_for(m: Q.Method) -> TileCodec:
         name, config = m.name, m.config
         if name == "kivi":
             return Q.make_codec("kivi", config)

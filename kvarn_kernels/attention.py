@@ -19,14 +19,15 @@ from __future__ import annotations
 
 import functools
 import math
-import os
 
 import torch
 import triton
 import triton.language as tl
 
+from .dense_history import buffer_rows, dense_history
+from .env import check_tables, interpreted
 from .format import KVarNFormat, k_frame_flag_offset, k_frame_is_rotated, scale_offset
-from .reference import hadamard
+from .hadamard import hadamard_signs, unrotate
 from .state import PagedKV
 
 MIN_TILES_PER_SPLIT = 1
@@ -636,9 +637,9 @@ def _paged_attention_kernel(
         # merge un-rotates the others' sum once per row.
         if ROT_PARTS:
             if plain_frame:
-                acc_q = _unrotate(acc_q, hadamard_ptr, D, UNROTATE_F32)
+                acc_q = unrotate(acc_q, hadamard_ptr, D, UNROTATE_F32)
         else:
-            acc_q = _unrotate(acc_q, hadamard_ptr, D, UNROTATE_F32)
+            acc_q = unrotate(acc_q, hadamard_ptr, D, UNROTATE_F32)
 
     if u0 == 0:
         sink_block = tl.load(dense_table + 2 * b).to(tl.int64)
@@ -692,24 +693,6 @@ def _paged_attention_kernel(
             tl.extra.cuda.gdc_launch_dependents()
 
 
-@triton.jit
-def _unrotate(x, hadamard_ptr, D: tl.constexpr, F32: tl.constexpr):
-    """x·H/sqrt(D) for float32 x [R, D] (H: ±1 entries at hadamard_ptr). On a GPU with 16-bit dots x is split
-    into two bfloat16 parts (hi + lo: 16 significant bits and float32's range, so nothing overflows) whose
-    products with H are exact: more precise than one tf32 dot. F32 (float32 models, the interpreter): an IEEE
-    float32 dot."""
-    d = tl.arange(0, D)
-    # H is symmetric: loading it through transposed offsets gives the same matrix but keeps the compiler from
-    # merging this load with the prologue's (q·H), which kept H live in registers across the tile loop.
-    h = tl.load(hadamard_ptr + d[None, :] * D + d[:, None])
-    if F32:
-        y = tl.dot(x, h.to(tl.float32), input_precision="ieee")
-    else:
-        hb = h.to(tl.bfloat16)
-        hi = x.to(tl.bfloat16)
-        y = tl.dot(hi, hb)
-        y = tl.dot((x - hi.to(tl.float32)).to(tl.bfloat16), hb, y)
-    return y * (1.0 / tl.sqrt(D * 1.0))
 
 
 @triton.jit
@@ -841,7 +824,7 @@ def paged_attention(
     """
     fmt = state.fmt
     _check_attention_inputs(q, state, cu_seqlens_q, k_new, v_new, cu_seqlens_k)
-    if os.environ.get("KVARN_CHECK_TABLES") == "1":
+    if check_tables():
         state.check_tables(max_history)  # debugging: syncs with the device
     if num_splits is None and _dense_chunk(q, state, max_q_len, k_new, max_history):
         return _attend_dense_chunk(q, state, cu_seqlens_q, max_q_len, k_new, v_new, cu_seqlens_k, sm_scale,
@@ -877,7 +860,7 @@ def paged_attention(
     k_words, v_words, scales = fmt.word_views(state.cache)
     magic, offset = code_conversion(dot, d)
     pdl = _pdl(q.device)
-    signs = _signs(d, _TORCH_DTYPE[dot], q.device)
+    signs = hadamard_signs(d, _TORCH_DTYPE[dot], q.device)
     grid = (batch, q_blocks, hkv * splits)
     _paged_attention_kernel[grid](
         q, signs, q.stride(0), q.stride(1),
@@ -892,7 +875,7 @@ def paged_attention(
         N_REP=n_rep, G=fmt.group, D=d, KBITS=fmt.k_bits, VBITS=fmt.v_bits,
         BLOCK_M=block_m, ROWS=rows, HAS_NEW=has_new, NUM_SPLITS=splits,
         DOT=dot, PRECISION=precision, DENSE_BLOCK=DENSE_BLOCK, MAGIC=magic, OFFSET=offset,
-        UNROTATE_F32=dot == tl.float32 or _interpreted(), TG=tg, DU=dense_units(has_new),
+        UNROTATE_F32=dot == tl.float32 or interpreted(), TG=tg, DU=dense_units(has_new),
         PDL=splits > 1 and pdl, ROT_PARTS=rot_parts,
         **launch_options(rows, d, dot, tg, n_rep, splits, decode=block_m == 1 and not has_new),
     )
@@ -905,11 +888,9 @@ def paged_attention(
 def _dense_chunk(q: torch.Tensor, state: PagedKV, max_q_len: int, k_new: torch.Tensor | None,
                  max_history: int | None) -> bool:
     """Whether a call takes the dequantize-once route (see DENSE_CHUNK_MIN_QUERIES)."""
-    if not (DENSE_CHUNKS and q.is_cuda and max_q_len >= DENSE_CHUNK_MIN_QUERIES and not _interpreted()
+    if not (DENSE_CHUNKS and q.is_cuda and max_q_len >= DENSE_CHUNK_MIN_QUERIES and not interpreted()
             and q.dtype in (torch.float16, torch.bfloat16) and _varlen_kwargs() is not None):
         return False
-    from .dense_history import buffer_rows
-
     rows = buffer_rows(state, k_new, max_history)
     return 2 * rows * state.num_kv_heads * state.fmt.head_dim * q.element_size() <= DENSE_CHUNK_MAX_BYTES
 
@@ -939,8 +920,6 @@ def _varlen_kwargs() -> dict | None:
 
 def _attend_dense_chunk(q, state, cu_seqlens_q, max_q_len, k_new, v_new, cu_seqlens_k, sm_scale, max_history):
     from torch.nn.attention.varlen import varlen_attn
-
-    from .dense_history import dense_history
 
     k, v, cu_k, max_k = dense_history(state, q.dtype, k_new, v_new, cu_seqlens_k, max_history)
     scale = sm_scale if sm_scale is not None else q.shape[-1] ** -0.5
@@ -1014,16 +993,10 @@ def code_conversion(dot: tl.dtype, head_dim: int = 128) -> tuple[int, float]:
 _TORCH_DTYPE = {tl.bfloat16: torch.bfloat16, tl.float16: torch.float16, tl.float32: torch.float32}
 
 
-@functools.lru_cache(maxsize=32)
-def _signs(d: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
-    """The unnormalized Hadamard matrix (±1, exact in every float dtype); kernels scale by 1/sqrt(d)."""
-    return (hadamard(d, device=device) * d**0.5).round().to(dtype).contiguous()
-
-
 def _dot_dtype(dtype: torch.dtype) -> tl.dtype:
     """Tensor-core operand dtype: the model's 16-bit dtype (codes are exact in it); float32 for float32
     models and under the interpreter, whose bfloat16 dots are wrong."""
-    if dtype == torch.float32 or _interpreted():
+    if dtype == torch.float32 or interpreted():
         return tl.float32
     return tl.float16 if dtype == torch.float16 else tl.bfloat16
 
@@ -1039,17 +1012,12 @@ PDL = True
 
 def _pdl(device: torch.device) -> bool:
     """Whether `paged_attention` launches the merge as a programmatic dependent on `device` (PDL and sm_90+)."""
-    return PDL and not _interpreted() and _pdl_capable(device)
+    return PDL and not interpreted() and _pdl_capable(device)
 
 
 @functools.lru_cache(maxsize=8)
 def _pdl_capable(device: torch.device) -> bool:
     return device.type == "cuda" and torch.version.hip is None and torch.cuda.get_device_capability(device)[0] >= 9
-
-
-def _interpreted() -> bool:
-    """Kernels run under the Triton interpreter (its bfloat16 dots are wrong)."""
-    return os.environ.get("TRITON_INTERPRET") == "1"
 
 
 @functools.lru_cache(maxsize=8)

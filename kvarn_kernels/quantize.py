@@ -26,24 +26,24 @@ How the kernel keeps the reference's semantics at a fraction of its work:
 
 from __future__ import annotations
 
-import functools
 import math
 
 import torch
 import triton
 import triton.language as tl
 
-from . import reference
+from . import constants
+from .codec import check_k_weights
 from .format import KVarNFormat, scale_offset
-from .reference import NORMALIZE_ITERS
+from .hadamard import hadamard_signs
 
-# The reference's constants, as constexprs so that jitted code may read them.
-STD_MIN = tl.constexpr(reference.STD_MIN)
-STD_MAX = tl.constexpr(reference.STD_MAX)
-LOG_SCALE_MIN = tl.constexpr(reference.LOG_SCALE_MIN)
-LOG_SCALE_MAX = tl.constexpr(reference.LOG_SCALE_MAX)
-RTN_MIN_SCALE = tl.constexpr(reference.RTN_MIN_SCALE)
-GUARD_FACTOR = tl.constexpr(reference.GUARD_FACTOR)
+# The quantizer's constants, as constexprs so that jitted code may read them.
+STD_MIN = tl.constexpr(constants.STD_MIN)
+STD_MAX = tl.constexpr(constants.STD_MAX)
+LOG_SCALE_MIN = tl.constexpr(constants.LOG_SCALE_MIN)
+LOG_SCALE_MAX = tl.constexpr(constants.LOG_SCALE_MAX)
+RTN_MIN_SCALE = tl.constexpr(constants.RTN_MIN_SCALE)
+GUARD_FACTOR = tl.constexpr(constants.GUARD_FACTOR)
 
 
 # --- reductions ------------------------------------------------------------------------------------
@@ -93,8 +93,8 @@ def _min_max_of(u, v, AXIS: tl.constexpr, COMPILED: tl.constexpr):
 
 
 # log of the reference's std clamp bounds: clamping a std and clamping its log are the same thing.
-LOG_STD_MIN = tl.constexpr(math.log(reference.STD_MIN))
-LOG_STD_MAX = tl.constexpr(math.log(reference.STD_MAX))
+LOG_STD_MIN = tl.constexpr(math.log(constants.STD_MIN))
+LOG_STD_MAX = tl.constexpr(math.log(constants.STD_MAX))
 HALF_LN2 = tl.constexpr(0.5 * math.log(2.0))
 
 
@@ -421,12 +421,6 @@ def _quantize_tiles_kernel(
                         scale_offset("v_row_zero", D, G), scale_offset("v_col_scale", D, G))
 
 
-@functools.lru_cache(maxsize=32)
-def _signs(dim: int, dtype: torch.dtype, device: str) -> torch.Tensor:
-    """The unnormalized ±1 Sylvester Hadamard matrix [dim, dim] (cached: no rebuild, no sync per step)."""
-    return (reference.hadamard(dim, torch.float64) * math.sqrt(dim)).round().to(dtype=dtype, device=device)
-
-
 def quantize_into_cache(
     k_src: torch.Tensor,
     v_src: torch.Tensor,
@@ -445,7 +439,7 @@ def quantize_into_cache(
     (`reference.choose_k_rotation`).
     """
     _check_sources(k_src, v_src, tile_starts, block_ids, cache, fmt)
-    reference._check_k_weights(k_weights, (tile_starts.numel(), k_src.shape[1], fmt.head_dim))
+    check_k_weights(k_weights, (tile_starts.numel(), k_src.shape[1], fmt.head_dim))
     if k_weights is not None and (not k_weights.is_contiguous() or k_weights.device != k_src.device):
         raise ValueError(f"k_weights must be contiguous and on {k_src.device}")
     n = tile_starts.numel()
@@ -453,8 +447,8 @@ def quantize_into_cache(
         return
     k_words, v_words, scales = fmt.word_views(cache)
     opts = launch_options(fmt, k_src.dtype, interpreted=not k_src.is_cuda)
-    signs = _signs(fmt.head_dim, torch.float16 if k_src.dtype == torch.float16 else torch.bfloat16,
-                   str(k_src.device))
+    signs = hadamard_signs(fmt.head_dim, torch.float16 if k_src.dtype == torch.float16 else torch.bfloat16,
+                           k_src.device)
     _quantize_tiles_kernel[(n, k_src.shape[1], 2)](
         k_src, v_src, k_src.stride(0), k_src.stride(1), signs,
         tile_starts, block_ids,
@@ -478,7 +472,7 @@ def launch_options(fmt: KVarNFormat, dtype: torch.dtype, interpreted: bool = Fal
     # 0.67; head_dim 256 (32K-element tiles) 16 warps 2.30, 8 warps 1.70. Register caps that force more programs per
     # SM (4 warps at 128 or 168, 16 at 64) were slower.
     num_warps = 4 if fmt.head_dim * fmt.group <= 128 * 128 else 8
-    constexprs = dict(G=fmt.group, D=fmt.head_dim, KBITS=fmt.k_bits, VBITS=fmt.v_bits, ITERS=NORMALIZE_ITERS,
+    constexprs = dict(G=fmt.group, D=fmt.head_dim, KBITS=fmt.k_bits, VBITS=fmt.v_bits, ITERS=constants.NORMALIZE_ITERS,
                       SCALE=1.0 / math.sqrt(fmt.head_dim),
                       INTERPRETED=interpreted)
     # num_stages=1: no software pipelining of the rotation's chunk loads (it would multiply their shared memory).

@@ -4,7 +4,7 @@ import torch
 from kvarn_kernels import reference as ref
 from kvarn_kernels.format import KVarNFormat
 from kvarn_kernels.quantize import quantize_into_cache
-from kvarn_kernels.testing import synthetic_kv
+from kvarn_kernels.reference import synthetic_kv
 
 DEV = "cuda" if torch.cuda.is_available() else "cpu"
 

@@ -17,7 +17,7 @@ from test_attention import _cu, _state  # noqa: E402
 import kvarn_kernels  # noqa: E402
 from kvarn_kernels import reference as ref  # noqa: E402
 from kvarn_kernels.attention import decode_attention  # noqa: E402
-from kvarn_kernels.testing import sixteen_bit_decode  # noqa: E402
+from kvarn_kernels.reference import sixteen_bit_decode  # noqa: E402
 
 
 def main() -> None:

@@ -10,7 +10,7 @@ import torch
 from kvarn_kernels import attention
 from kvarn_kernels import reference as ref
 from kvarn_kernels.attention import chunk_attention, decode_attention
-from kvarn_kernels.testing import sixteen_bit_chunk, sixteen_bit_decode
+from kvarn_kernels.reference import sixteen_bit_chunk, sixteen_bit_decode
 
 sys.path.insert(0, "tests/kvarn_kernels")
 from test_gpu_shapes import preset_case  # noqa: E402  (the GPU test's inputs: its bounds cite these figures)

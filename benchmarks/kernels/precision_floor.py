@@ -18,8 +18,8 @@ from kvarn_kernels import reference as ref
 from kvarn_kernels.attention import decode_attention
 from kvarn_kernels.format import KVarNFormat
 from kvarn_kernels.quantize import quantize_into_cache
+from kvarn_kernels.reference import sixteen_bit_decode, synthetic_kv
 from kvarn_kernels.state import build_paged_kv
-from kvarn_kernels.testing import sixteen_bit_decode, synthetic_kv
 
 
 def main() -> None:

@@ -21,8 +21,8 @@ from kvarn_kernels.attention import (
     tile_groups,
 )
 from kvarn_kernels.format import KVarNFormat
+from kvarn_kernels.reference import sixteen_bit_decode, synthetic_kv
 from kvarn_kernels.state import build_paged_kv
-from kvarn_kernels.testing import sixteen_bit_decode, synthetic_kv
 
 # Kernels use tf32 tensor-core dots on the GPU (exact in the interpreter): tolerances cover tf32 rounding,
 # plus one unit in the last place of the 16-bit output (a different summation order may flip a rounding).

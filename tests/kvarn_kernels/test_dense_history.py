@@ -9,8 +9,8 @@ from kvarn_kernels import reference as ref
 from kvarn_kernels.attention import paged_attention
 from kvarn_kernels.dense_history import dense_history
 from kvarn_kernels.format import KVarNFormat
+from kvarn_kernels.reference import sixteen_bit_chunk, synthetic_kv
 from kvarn_kernels.state import build_paged_kv
-from kvarn_kernels.testing import sixteen_bit_chunk, synthetic_kv
 
 
 def _state(lens, hkv, head_dim, dtype, device, preset="kvarn_k4v2_g64"):

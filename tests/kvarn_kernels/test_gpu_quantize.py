@@ -14,8 +14,9 @@ import triton.language as tl
 from kvarn_kernels import quantize
 from kvarn_kernels import reference as ref
 from kvarn_kernels.format import KVarNFormat
+from kvarn_kernels.hadamard import hadamard_signs
 from kvarn_kernels.quantize import quantize_into_cache
-from kvarn_kernels.testing import synthetic_kv
+from kvarn_kernels.reference import synthetic_kv
 
 pytestmark = pytest.mark.gpu
 
@@ -67,7 +68,7 @@ def test_rotation_is_exact_to_float32_summation():
     fmt = KVarNFormat.from_preset("kvarn_k4v4_g64", 128, torch.bfloat16)
     k = torch.randn(64, 1, 128, device="cuda").to(torch.bfloat16)
     rotated = ref.rotate(k)
-    h = quantize._signs(128, torch.bfloat16, "cuda").float() / 128**0.5
+    h = hadamard_signs(128, torch.bfloat16, "cuda").float() / 128**0.5
     torch.testing.assert_close(k.float() @ h, rotated, rtol=1e-6, atol=1e-6)
     _compare(k, k, fmt, 1)
 
