@@ -33,19 +33,15 @@ from .state import PagedKV
 MIN_TILES_PER_SPLIT = 1
 LOG2E = tl.constexpr(1.4426950408889634)
 LN2 = tl.constexpr(0.6931471805599453)
-# Launch options of the attention kernel (benchmarks/kernels/bench_decode.py --tune sweeps them).
+# The tuning table: every launch choice below was measured on an H100; the measurements (A/B figures, rejected tries)
+# are in benchmarks/HISTORY.md under "Attention kernel constants" and docs/performance.md. Launch options of the
+# attention kernel (benchmarks/kernels/bench_decode.py --tune sweeps them).
 LAUNCH_OPTIONS = {"num_warps": 4, "num_stages": 2}
 # head_dim 256: 8 warps (with 4, the sm_90 build runs out of registers and spills).
 LAUNCH_OPTIONS_D256 = {"num_warps": 8, "num_stages": 2}
-# head_dim 64 (16-bit models): uncapped (232-255 registers, 2 programs per SM). Session 4 capped it at 128 registers
-# (4 programs per SM; one tile at a time it did not spill), but the row-group loop spilled under that cap (45 reloads
-# per iteration) and under 168 (1-13). H100, two interleaved runs (results/session9/ab_chunk_d64.log, us): batch 8 x
-# 16K 59.0 capped at 128 -> 53.7 uncapped (63.6 at 168), batch 64 x 16K 300.4 -> 300.8 (387 at 168), batch 1 within
-# 0.4 us; splits were chosen for 4, 3 and 2 programs per SM respectively.
+# head_dim 64 (16-bit models): uncapped; a register cap made the row-group loop spill and run slower.
 LAUNCH_OPTIONS_D64 = {"num_warps": 4, "num_stages": 2}
-# head_dim 128 in row groups (4 tiles per iteration): 3 stages. H100 A/B, two runs each (results/ab_session6.log):
-# batch 64 x 128K 4393 -> 4185 us, batch 64 x 16K 587 -> 566, batch 8 x 16K 102 -> 99; one tile at a time they
-# cost 1-4 % (batch 1 x 2K 11.9 -> 12.5 us), so that launch keeps 2.
+# head_dim 128 in row groups (4 tiles per iteration): 3 stages (faster at long contexts; one tile at a time keeps 2).
 LAUNCH_OPTIONS_GROUPS = {"num_warps": 4, "num_stages": 3}
 # Chunks: 4 warps. With 8, Triton 3.6 miscompiles the head_dim-64, 64-row chunk program on sm_90 (an
 # out-of-range shared-memory access found by compute-sanitizer in the K-plane dot).
@@ -53,33 +49,24 @@ CHUNK_LAUNCH_OPTIONS = {"num_warps": 4, "num_stages": 2}
 # 16-bit tokens (sink, tail, new) are attended this many at a time: small blocks keep registers free.
 DENSE_BLOCK = 32
 # Work units a split counts for G 16-bit tokens (the sink; the tail with the new tokens, pro rata) against 1 per
-# packed tile: a 16-bit block loads 4.6x a tile's bytes in DENSE_BLOCK-token steps. H100 A/B against 1 unit per
-# block (results/ab_session8.log, two runs, us): batch 1 x 4K 16.2 -> 14.9, batch 1 x 128K 85.4 -> 81.6, batch 8 x 16K
-# 86.7 -> 81.9, batch 64 x 16K 453 -> 423, batch 64 x 128K 3345 -> 3141; batch 8 x 128K 465 -> 483 (its 4-split build
-# got ~90 more SASS instructions per loop iteration). 2 and 4 units measured within noise of 3. Decode only: chunks
-# (new tokens) keep 1 unit per block; their sm_90 build with 3 spilled more (816 vs 760 stack bytes, 3302 vs 3214
-# loop instructions) and 16K-history chunks of 32-128 queries ran 10-18 % slower in session 8's grid.
+# packed tile: a 16-bit block loads 4.6x a tile's bytes. Decode only: chunks keep 1 (their build spilled more with 3).
 DENSE_UNITS = 3
-# (query, head) rows of a chunk program, by head_dim (others: CHUNK_ROWS_DEFAULT). At head_dim 128, 64 rows spilled
-# ~200 registers per loop iteration (3200 SASS instructions) and 32 rows 7 (2155): 16K-history chunks on an H100
-# (two interleaved runs, results/session9/ab_chunk_d64.log, us) of 16 queries 75.0 -> 55.9, 32: 117 -> 95, 64: 208
-# -> 173, 128: 387 -> 322, 8: 36.5 both; 32 rows with 8 warps were slower (94-562). Other head_dims: not measured.
+# (query, head) rows of a chunk program, by head_dim (others: CHUNK_ROWS_DEFAULT): at head_dim 128, 64 rows spilled
+# heavily in the tile loop and 32 rows ran faster at every chunk size measured.
 CHUNK_ROWS = {128: 32}
 CHUNK_ROWS_DEFAULT = 64
 # Chunks of at least this many queries per sequence (on a GPU, 16-bit models) dequantize the history once into a
-# transient 16-bit buffer and run torch's varlen flash attention over it (`dense_history.py`); DENSE_CHUNKS=False:
-# never. H100, 16K history, head_dim 128 (benchmarks/kernels/results/chunk.json, session 9): 128 queries 0.59 ms that
-# way vs 0.32 ms from the packed tiles, 512 queries 0.59 vs 1.32 ms, 2048 queries 1.81 vs 5.40 ms.
+# transient 16-bit buffer and run torch's varlen flash attention over it (`dense_history.py`): from there that is
+# faster than re-reading the packed tiles per query block. DENSE_CHUNKS=False: never.
 DENSE_CHUNK_MIN_QUERIES = 256
 DENSE_CHUNKS = True
 # ... as long as that buffer stays below this many bytes (K and V together); larger ones take the packed-tile path.
 DENSE_CHUNK_MAX_BYTES = 4 << 30
 # Decode attends up to this many tiles at once, one per row group (`_attend_tile_group`); 1: one tile at a time ...
 TILE_GROUPS = 4
-# ... when each split has at least this many work units; below, one at a time. With the decode split rule below,
-# over 18 shapes on an H100 (benchmarks/kernels/results/sweep_groups.json: every (groups, splits) timed) this
-# choice (with `one_tile_splits`) is within 0.1 % of each shape's best on geometric mean, 1 % at worst (session 10;
-# `sweep_groups.py --evaluate`, which tests/benchmarks/test_sweep_groups.py runs).
+# ... when each split has at least this many work units; below, one at a time (a short split is latency-bound, and a
+# group iteration takes longer than a one-tile one). tests/benchmarks/test_sweep_groups.py holds this rule to the
+# stored sweep of every (groups, splits) choice.
 GROUP_MIN_UNITS = 16
 # Decode programs one H100 SM holds at once, by head_dim: head_dim 64 and 128 take 232-255 registers in row groups
 # (2 x 4 warps), 256 needs 147 KB of shared memory (1 x 8 warps; compile_stats.py prints both). Decode splits fill
@@ -87,28 +74,9 @@ GROUP_MIN_UNITS = 16
 # fewer leave SMs idle.
 DECODE_PROGRAMS_PER_SM = {64: 2, 128: 2, 256: 1}
 # ... and of the one-tile-at-a-time split build (tile_groups 1, splits > 1), by (head_dim, model dtype, GQA group size),
-# where it holds more: 3 x 4 warps per SM (the row-group build takes 232-255 registers: 2). ptxas gives that build at
-# head_dim 64 155-168 registers and in bfloat16 at 128 with GQA 4 168; with other GQA sizes at 128 211-224, so those
-# are capped at 168 (ONE_TILE_MAXNREG). None spills in its tile loop; some keep 8-16 bytes of stack outside it (a
-# spilled register stored once per program). float16 at 128: see below.
-# (`benchmarks/kernels/compile_stats.py --splits 3 --tile-groups 1 --n-rep N` prints each.)
-# The listed decodes take any split count of ONE_TILE_SPLITS that fits such a wave, not only powers of two: a split
-# walks cdiv(units, splits) units one after another, so batch 1 x 16K (133 units) walked 5 per split with 32 splits
-# and walks 3 with 48. H100, GQA 4, us (benchmarks/kernels/results/session10/sweep_splits.json, sweep_groups.json):
-# head_dim 128 batch 1 x 16K 23.1 -> 20.4, batch 1 x 4K 14.7 -> 13.8, batch 8 x 4K 34.6 -> 30.3; head_dim 64 batch 1
-# x 16K 17.5 -> 15.0. Other GQA sizes at head_dim 128, capped, against the rule for 2 per SM uncapped: GQA 1 and 8
-# 8-12 % faster at batch 1 x 16K and batch 8 x 4K (results/session10/sweep_splits_gqa.json); GQA 2, 3, 7, 16 batch 1
-# x 16K 22.0-23.9 -> 19.8-20.2, batch 8 x 4K GQA 3, 7, 16 31.5 -> 29.7, 32.5 -> 31.4, 35.7 -> 32.7
-# (results/session11/sweep_splits_gqa.json); GQA 6, 12 batch 1 x 16K 20.9 -> 18.7, 20.6 -> 18.6, batch 8 x 4K 30.0 ->
-# 28.3, 31.0 -> 28.5 (sweep_splits_gqa6_12.json, with the merge's un-rotation on both sides). A 128-register cap
-# (4 programs per SM) was slower at every shape timed.
-# test_compile_sm90 checks every listed build.
-# float16 at head_dim 128 (session 12): with the float16 PTX unpack (F16_SUB_ASM) its one-tile build takes 215-226
-# registers uncapped; capped at 168 it reloads 0-8 spilled values per tile-loop iteration (of ~1245 instructions; no
-# stores) and still runs faster at 3 per SM. H100 (results/session12/sweep_f16_gqa4.json, sweep_f16_gqa8.json, us, the
-# power-of-two rule's pick uncapped -> 3 per SM capped): GQA 4 batch 1 x 16K 21.0 -> 19.4, batch 8 x 4K 31.8 -> 29.5
-# (batch 1 x 4K 12.4 -> 12.5); GQA 8 batch 1 x 16K 20.5 -> 19.2, batch 8 x 4K 31.9 -> 28.8. On another H100 the gain was
-# smaller (GQA 4 batch 1 x 16K 19.5 -> 19.4, x 4K 12.6 -> 12.3; results/session12/ab_f16_listing.log).
+# where it holds 3 x 4 warps per SM (at most 168 registers, with the caps of ONE_TILE_MAXNREG where ptxas would take
+# more). These decodes take any split count of ONE_TILE_SPLITS that fits such a wave, not only powers of two, so a
+# split walks fewer units. test_compile_sm90 checks that the listed builds fit.
 DECODE_PROGRAMS_PER_SM_ONE_TILE = {
     **{(64, dtype, n_rep): 3 for dtype in (torch.bfloat16, torch.float16) for n_rep in range(1, 17)},
     **{(128, dtype, n_rep): 3 for dtype in (torch.bfloat16, torch.float16) for n_rep in range(1, 17)},
@@ -158,9 +126,8 @@ def tile_groups(rows: int, n_rep: int, block_m: int, units_per_split: int,
 def merge_meta(splits: int, head_dim: int, unrotate: bool = False) -> dict:
     """Constexprs and launch options of the merge kernel (one row per program, all `splits` in one load); unrotate:
     it un-rotates the outputs the attention kernel left rotated (`merge_unrotates`), in one warp: its reductions and
-    reshapes then cross no warps (no barriers). H100, batch-1 decode, head_dim 128 (results/session11/ab_unrotate.log),
-    merge launch 4.0 us with 4 warps, 3.1-3.8 with 2, 2.0-2.8 with 1 (2.0-2.2 without the un-rotation); the plain merge
-    gained nothing from one warp. Past 48 splits of 128 dimensions one warp's registers spill: two."""
+    reshapes then cross no warps (no barriers), which made it faster on an H100; the plain merge gained nothing from
+    one warp. Past 48 splits of 128 dimensions one warp's registers spill: two."""
     p2 = triton.next_power_of_2(splits)
     if unrotate:
         warps = 1 if splits * head_dim <= 48 * 128 else 2
@@ -173,11 +140,9 @@ def merge_unrotates(splits: int, groups: int, head_dim: int, block_m: int, has_n
     """Whether a launch's split outputs may stay in the rotated frame for the merge to un-rotate (the kernel's
     ROT_PARTS): decodes (one query, no new tokens) that take one tile at a time over several splits, head_dim <= 128.
     Their splits are short (a few tiles), so the un-rotation (two [16, D] x [D, D] dots per split) was a large share of
-    each. H100, head_dim 128 (results/session11/ab_unrotate.log, us): batch 1 x 16K attention launch 16.8 -> 15.1,
-    merge 2.2 -> 2.8, call 19.7-19.9 -> 18.7-18.8; batch 1 x 2K 11.1 -> 9.9-10.1, x 4K 13.2 -> 12.0-12.2, batch 8 x
-    2K 19.9-20.1 -> 18.1-18.3; batch 1 x 1K 9.0-9.1 -> 9.1-9.3. Splits holding 16-bit tokens still un-rotate their
-    tiles' share themselves (the two frames meet in the split's output), and row-group builds are left alone: without
-    the un-rotation their registers were allocated differently and long contexts ran up to 13 % slower."""
+    each. Splits holding 16-bit tokens still un-rotate their tiles' share themselves (the two frames meet in the split's
+    output), and row-group builds are left alone: without the un-rotation ptxas allocated their registers differently
+    and long contexts ran slower."""
     return splits > 1 and groups == 1 and block_m == 1 and not has_new and head_dim <= 128
 
 
@@ -233,14 +198,13 @@ _ASM_PLANE4 = tl.constexpr("{ .reg .b32 t; shr.b32 t, $1, $2; lop3.b32 $0, t, 0x
 # computes them once for the four planes); planes 0-2 are then masked in place (bits 2p, 2p+1 lie inside the
 # mantissa: the value is 128 + 4^p·code, and `_v_operand` divides the probabilities by 4^p to match); plane 3 (bits
 # 6-7, which reach into the exponent) is shifted down first. Keys shift every plane down (`_plane`'s WEIGHTED): their
-# planes share one query operand, so nothing could take a weight off. (Until session 13 they were weighted too, and
-# bfloat16 k2v2 decode on a GPU was wrong: the CPU tests run the interpreter's plain conversion, and the GPU tests
-# attended only 4-bit keys.)
+# planes share one query operand, so nothing could take a weight off
+# (benchmarks/HISTORY.md: the k2v2 key bug).
 _ASM_PLANE2 = tl.constexpr(
     "{ .reg .b32 lo, hi; prmt.b32 lo, $2, 0, 0x4140; prmt.b32 hi, $2, 0, 0x4342; shr.b32 lo, lo, $3; "
     "shr.b32 hi, hi, $3; lop3.b32 $0, lo, $7, 0x43004300, 0xEA; lop3.b32 $1, hi, $7, 0x43004300, 0xEA; }")
 
-# float16 (session 12): the code OR-ed into 1024.0's mantissa, then 1024 subtracted in the same registers (sub.f16x2:
+# float16: the code OR-ed into 1024.0's mantissa, then 1024 subtracted in the same registers (sub.f16x2:
 # exact), so the dot gets the code itself. The offset must not reach the dot: summed with the codes inside the tensor
 # cores it cost float16 outputs ~10 bits (see MAGIC_DTYPES). 2-bit planes are shifted down (float16's 1024 has an ulp of
 # 1, so a plane weight 4^p would have to come off the probabilities, which can underflow in float16). The marker is not
@@ -528,9 +492,8 @@ def _paged_attention_kernel(
     q_len = tl.load(cu_q + b + 1) - q_start
     if TG > 1:
         # Row groups: all of a sequence's metadata in one memory round trip. The early return also tests hist (never
-        # negative), so the compiler cannot sink its load behind the branch (two dependent round trips otherwise).
-        # H100 A/B (results/ab_session7.log): batch 8 x 16K 90.2 -> 86.8 us, batch 64 x 128K 3415 -> 3336. One tile
-        # at a time the same order made batch-1 decode ~4 % slower (ptxas then took 168 registers, not 227).
+        # negative), so the compiler cannot sink its load behind the branch (two dependent round trips otherwise). One
+        # tile at a time the same order was slower (ptxas allocated registers differently).
         hist = tl.load(seq_lens + b)
         if (m_block * BLOCK_M >= q_len) | (hist < 0):
             return
@@ -676,9 +639,8 @@ def _paged_attention_kernel(
                  mask=row_ok[:, None])
     else:
         # The split's normalized output and its log-sum-exp (−inf: it saw no key). Storing acc, m and l instead, ptxas
-        # left 3 spill reloads in the split row-group builds' tile loop (head_dim 128), and batch 8 x 64K/128K decode
-        # ran 11 % slower on an H100 (results/session9/ab_split_epilogue.log: 253.7 -> 225.7 us, 475 -> 428 us;
-        # batch 1 x 128K 81.0 -> 76.4). test_compile_sm90 checks that the loop does not spill.
+        # left spill reloads in the split row-group builds' tile loop (head_dim 128), which made long decodes slower.
+        # test_compile_sm90 checks that the loop does not spill.
         lse_offs = split * (stride_ps // D) + t_idx * (stride_pt // D) + head * (stride_ph // D)
         tl.store(part_lse + lse_offs, tl.where(l_i > 0, m_i + tl.log(l_i), float("-inf")), mask=row_ok)
         if ROT_PARTS:
@@ -966,8 +928,7 @@ def chunk_attention(
 _MAGIC = {tl.bfloat16: 0x4300, tl.float16: 0x6400}
 _MAGIC_OFFSET = {tl.bfloat16: 128.0, tl.float16: 1024.0}
 # Dot dtypes that take the mantissa-OR path with the offset removed algebraically. Not float16: its offset 1024
-# cancels ~10 bits inside the tensor-core sums, and on an H100 chunk outputs differed from the reference by up to 0.021
-# with it versus 0.0039 with plain conversion (benchmarks/kernels/results/gpu_checks.log). Tests add float16 to exercise
+# cancels ~10 bits inside the tensor-core sums (chunk outputs lost precision on an H100). Tests add float16 to exercise
 # it. float16 takes F16_SUB_ASM instead (see F16_ASM), which removes the offset before the dot.
 MAGIC_DTYPES = {tl.bfloat16}
 # float16 dots on NVIDIA at head_dim <= 128 take the PTX path that subtracts the offset in registers (F16_SUB_ASM);
@@ -1003,10 +964,8 @@ def _dot_dtype(dtype: torch.dtype) -> tl.dtype:
 
 # Programmatic dependent launch of the split merge (Hopper and later, CUDA): each attention program, after its last
 # store, lets the merge launch start; the merge waits for the whole attention launch's writes in-kernel
-# (griddepcontrol.wait), so its launch overlaps the attention launch's last programs. H100, two interleaved A/B rounds
-# (benchmarks/kernels/results/session10/ab_pdl.log, us): batch 1 x 1K 9.65 -> 9.05, x 2K 11.45 -> 11.15, x 4K 13.55
-# -> 13.25, batch 8 x 2K 20.3 -> 19.95, long contexts within noise. Triggering at the start of each program instead was
-# slower (batch 1 x 1K 10.9, batch 8 x 16K 78 -> 82.5 us): the waiting merge programs took SM slots.
+# (griddepcontrol.wait), so its launch overlaps the attention launch's last programs. Triggering at the start of each
+# program instead was slower: the waiting merge programs took SM slots.
 PDL = True
 
 

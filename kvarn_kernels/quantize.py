@@ -256,8 +256,7 @@ def _row_quotient(num, step, COMPILED: tl.constexpr):
     Compiled: Markstein's correction with each row's correctly rounded reciprocal y = RN(1/step): q0 = RN(num·y), the
     remainder num − q0·step (exact in an FMA) and RN(q0 + remainder·y) = RN(num/step), three operations per element.
     tl.div_rn per element cost ~10 (a reciprocal, five FMAs and a range check whose slow-path branch also kept ptxas
-    from overlapping the divisions): 21440 -> 18992 SASS instructions at head_dim 128, prefill quantize 4-6 % faster on
-    an H100 with bit-identical caches (results/session12/quantize_ab.log). Where step >= 2^126 (2-bit rows spanning more
+    from overlapping the divisions). Where step >= 2^126 (2-bit rows spanning more
     than 2.5e38) y is subnormal, with 22-23 significant bits: the quotient may then differ from the division's in its
     last bit, which moves a code by one only where the quotient is that close to a half-integer. The interpreter keeps
     tl.div_rn (its FMA may round twice)."""
@@ -402,13 +401,9 @@ def _quantize_tiles_kernel(
         v_rot, _ = _rotate(v_src + offset, stride_t, signs, G, D, SCALE, False, INTERPRETED, False)
         # Layout anchor: a never-taken select with a fully masked load of the tile (no memory traffic) moves the
         # rotated tile into the load's register layout, as the K frame's select does for K. Left in the gather's
-        # layout (32 rows x 4 columns), the normalization loop needed twice the shuffles and spilled: 2594 vs 1798
-        # SASS instructions per iteration on sm_90; prefill quantize 12-16 % faster on an H100
-        # (results/ab_session7.log). The load is [G, 2, D/2], so that its layout holds 8 rows x 16 columns per thread
-        # with 4 lanes along the rows and 8 along the columns (a [G, D] load puts 16 lanes along the columns and 16
-        # rows x 8 columns in a thread): a row reduction then crosses 8 lanes in 8 rows, not 16 lanes in 16 rows.
-        # sm_90: 1798 -> 1742 instructions per iteration (174 -> 142 shuffles), 18368 -> 17464 in all. K keeps its
-        # layout: the same change there spilled more and lengthened its loop.
+        # layout (32 rows x 4 columns), the normalization loop needed twice the shuffles and spilled. The load is
+        # [G, 2, D/2], so that its layout puts 4 lanes along the rows and 8 along the columns: a row reduction then
+        # crosses 8 lanes, not 16. K keeps its layout: the same change there spilled more and lengthened its loop.
         HALF: tl.constexpr = D // 2
         v_tok = tl.arange(0, G)[:, None, None]
         v_half = tl.arange(0, 2)[None, :, None]
@@ -429,6 +424,7 @@ def quantize_into_cache(
     cache: torch.Tensor,
     fmt: KVarNFormat,
     k_weights: torch.Tensor | None = None,
+    launch_overrides: dict | None = None,
 ) -> None:
     """Quantize tiles of G tokens from k_src/v_src [T, H, D] into cache blocks, all in one launch.
 
@@ -436,7 +432,7 @@ def quantize_into_cache(
     cache[block_ids[i]] (all KV heads). The caller guarantees the tokens exist (no host sync here). A block id outside
     [0, cache.shape[0]) is not checked on the host (that would sync): its tile is skipped, nothing is written.
     k_weights (optional, float32 [N, H, D], contiguous): tile i's channel weights of the K-frame choice
-    (`reference.choose_k_rotation`).
+    (`codec.choose_k_rotation`). launch_overrides: launch options replacing `launch_options`' choice (benchmarks).
     """
     _check_sources(k_src, v_src, tile_starts, block_ids, cache, fmt)
     check_k_weights(k_weights, (tile_starts.numel(), k_src.shape[1], fmt.head_dim))
@@ -446,7 +442,7 @@ def quantize_into_cache(
     if n == 0:
         return
     k_words, v_words, scales = fmt.word_views(cache)
-    opts = launch_options(fmt, k_src.dtype, interpreted=not k_src.is_cuda)
+    opts = launch_options(fmt, k_src.dtype, interpreted=not k_src.is_cuda, overrides=launch_overrides)
     signs = hadamard_signs(fmt.head_dim, torch.float16 if k_src.dtype == torch.float16 else torch.bfloat16,
                            k_src.device)
     _quantize_tiles_kernel[(n, k_src.shape[1], 2)](
@@ -459,24 +455,18 @@ def quantize_into_cache(
     )
 
 
-# Launch options that override launch_options' choice (benchmarks sweep them, e.g. {"num_warps": 8}).
-LAUNCH_OVERRIDES: dict = {}
-
-
-def launch_options(fmt: KVarNFormat, dtype: torch.dtype, interpreted: bool = False) -> dict:
-    """Constexprs and launch options of `_quantize_tiles_kernel` (compile_stats_quantize.py reads them too)."""
+def launch_options(fmt: KVarNFormat, dtype: torch.dtype, interpreted: bool = False,
+                   overrides: dict | None = None) -> dict:
+    """Constexprs and launch options of `_quantize_tiles_kernel` (compile_stats_quantize.py reads them too);
+    overrides (e.g. {"num_warps": 8}) replace launch options: benchmarks sweep them through `quantize_into_cache`."""
     # Few warps per program: this kernel waits on its tile-wide reductions (each a barrier across the program's
-    # warps), not on memory, and fewer warps make cheaper reductions and let two programs share an SM. H100, 16K
-    # prefill tokens (results/quantize_session6.log), ms: head_dim 128 x G 128 16 warps 1.22, 8 warps 0.83, 4 warps
-    # 0.75 (255 registers, 616 bytes spilled); head_dim 64 8 warps 0.45, 4 warps 0.34; G 64 8 warps 1.13, 4 warps
-    # 0.67; head_dim 256 (32K-element tiles) 16 warps 2.30, 8 warps 1.70. Register caps that force more programs per
-    # SM (4 warps at 128 or 168, 16 at 64) were slower.
+    # warps), not on memory, and fewer warps make cheaper reductions and let two programs share an SM.
     num_warps = 4 if fmt.head_dim * fmt.group <= 128 * 128 else 8
     constexprs = dict(G=fmt.group, D=fmt.head_dim, KBITS=fmt.k_bits, VBITS=fmt.v_bits, ITERS=constants.NORMALIZE_ITERS,
                       SCALE=1.0 / math.sqrt(fmt.head_dim),
                       INTERPRETED=interpreted)
     # num_stages=1: no software pipelining of the rotation's chunk loads (it would multiply their shared memory).
-    return {"constexprs": constexprs, "num_warps": num_warps, "num_stages": 1, **LAUNCH_OVERRIDES}
+    return {"constexprs": constexprs, "num_warps": num_warps, "num_stages": 1, **(overrides or {})}
 
 
 def _check_sources(k_src, v_src, tile_starts, block_ids, cache, fmt: KVarNFormat) -> None:

@@ -27,7 +27,7 @@ H100_PEAK_BYTES_PER_S = 3.35e12
 
 # Idle seconds before each timing of the comparison grids. A flash SDPA run at a large shape draws the H100's full
 # 700 W and lowers its clocks; a decode timed right after it ran 12-16 % slower than on a rested GPU (batch 32 x 64K:
-# 928 vs 800 us; 2 s later 799; results/session10/variance_probe.log). Each side is timed rested.
+# 928 vs 800 us; 2 s later 799; results/variance_probe/h100/2026-11-24_4fcea14.log). Each side is timed rested.
 COOLDOWN_S = 2.0
 
 
@@ -64,7 +64,8 @@ def make_state(batch: int, ctx: int, hkv: int, fmt: KVarNFormat, dtype: torch.dt
     cache = fmt.allocate(max(batch * n_tiles, 1), hkv, device)
     if n_tiles:
         # Quantize real data into a few blocks (at most the cache's), then copy them around: content matters little
-        # for speed. (Until session 8 this wrote 8 blocks into caches of fewer, e.g. batch 1 x 1K's 7: the eighth went
+        # for speed. (Until 2026-11-24 (d266187) this wrote 8 blocks into caches of fewer, e.g. batch 1 x 1K's 7:
+        # the eighth went
         # past the cache and, at head_dim 64, corrupted later launches.)
         k = min(8, cache.shape[0])
         src = torch.randn(k * g, hkv, d, device=device, dtype=dtype)
@@ -119,7 +120,6 @@ def bench_prefill_quantize(contexts, hq, hkv, d, preset, dtype, batch: int = 1, 
 
     warps: num_warps values to time the quantize kernel with (None: its own choice).
     """
-    from kvarn_kernels import quantize
 
     fmt = KVarNFormat.from_preset(preset, d, dtype)
     rows = []
@@ -134,17 +134,15 @@ def bench_prefill_quantize(contexts, hq, hkv, d, preset, dtype, batch: int = 1, 
         starts = torch.arange(n, device="cuda", dtype=torch.int32) * fmt.group
         cache = fmt.allocate(n, hkv, "cuda")
         for w in warps:
-            quantize.LAUNCH_OVERRIDES.clear()
-            if w is not None:
-                quantize.LAUNCH_OVERRIDES["num_warps"] = w
-            quant_ms = graph_time_ms(lambda: quantize_into_cache(src, src, starts, starts // fmt.group, cache, fmt),
+            overrides = {"num_warps": w} if w is not None else None
+            quant_ms = graph_time_ms(lambda o=overrides: quantize_into_cache(src, src, starts, starts // fmt.group,
+                                                                             cache, fmt, launch_overrides=o),
                                      cooldown_s=COOLDOWN_S)
             rows.append({"batch": batch, "context": ctx, "num_warps": w or "default", "attention_ms": attn_ms,
                          "quantize_ms": quant_ms, "ratio": quant_ms / attn_ms,
                          "us_per_program": quant_ms * 1e3 / (2 * n * hkv) * torch.cuda.get_device_properties(
                              0).multi_processor_count})
             tqdm.write(json.dumps(rows[-1]))
-        quantize.LAUNCH_OVERRIDES.clear()
     return rows
 
 

@@ -1,8 +1,8 @@
 """Compile the attention kernel for sm_90 without a GPU and print registers, spills and shared memory.
 
-    python benchmarks/kernels/compile_stats.py [--dot bfloat16] [--head-dim 128] [--n-rep 4] [--chunk-rows 64]
+    python -m benchmarks.kernels.compile_stats [--dot bfloat16] [--head-dim 128] [--n-rep 4] [--chunk-rows 64]
         [--splits 1] [--tile-groups N] [--num-warps N] [--maxnreg N] [--preset kvarn_k4v2_g128] [--loop-sass]
-Uses Triton's bundled ptxas/cuobjdump (`kvarn_kernels.aot`): a fast loop for register-pressure work on a CPU-only
+Uses Triton's bundled ptxas/cuobjdump (`benchmarks.kernels.aot`): a fast loop for register-pressure work on a CPU-only
 machine. Launch options default to the ones the real launch uses (`attention.launch_options`).
 """
 
@@ -11,7 +11,8 @@ import collections
 
 import torch
 
-from kvarn_kernels import DEFAULT_PRESET, PRESETS, aot, attention
+from benchmarks.kernels import aot
+from kvarn_kernels import DEFAULT_PRESET, PRESETS, attention
 
 
 def main() -> None:

@@ -1,8 +1,8 @@
 """Compile the quantize kernel for sm_90 without a GPU and print registers, spills, shared memory and SASS mix.
 
-    python benchmarks/kernels/compile_stats_quantize.py [--dtype bf16] [--head-dim 128] [--preset kvarn_k4v2_g128]
+    python -m benchmarks.kernels.compile_stats_quantize [--dtype bf16] [--head-dim 128] [--preset kvarn_k4v2_g128]
         [--num-warps N] [--all]
-Uses Triton's bundled ptxas/cuobjdump (`kvarn_kernels.aot`): a fast loop for register-pressure work on a CPU-only
+Uses Triton's bundled ptxas/cuobjdump (`benchmarks.kernels.aot`): a fast loop for register-pressure work on a CPU-only
 machine.
 Launch options default to the ones `quantize_into_cache` uses (`quantize.launch_options`). --all runs a
 fixed set of configurations and prints one line each.
@@ -14,7 +14,8 @@ import re
 
 import torch
 
-from kvarn_kernels import DEFAULT_PRESET, PRESETS, KVarNFormat, aot
+from benchmarks.kernels import aot
+from kvarn_kernels import DEFAULT_PRESET, PRESETS, KVarNFormat
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 # SASS opcode families worth watching (prefix match on the opcode before its first dot).

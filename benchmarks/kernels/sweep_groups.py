@@ -1,8 +1,10 @@
 """Decode time per (tile groups, splits) at fixed shapes: the data behind `attention.tile_groups` and
 `attention.choose_num_splits`.
 
-    PYTHONPATH=. python benchmarks/kernels/sweep_groups.py --out benchmarks/kernels/results/sweep_groups.json
-    PYTHONPATH=. python benchmarks/kernels/sweep_groups.py --evaluate benchmarks/kernels/results/sweep_groups.json
+    PYTHONPATH=. python benchmarks/kernels/sweep_groups.py --out \
+        benchmarks/kernels/results/sweep_groups/h100/2026-11-24_4fcea14.json
+    PYTHONPATH=. python benchmarks/kernels/sweep_groups.py --evaluate \
+        benchmarks/kernels/results/sweep_groups/h100/2026-11-24_4fcea14.json
 (--evaluate needs no GPU; tests/benchmarks/test_sweep_groups.py runs it.) A sweep split by --dims into several runs
 is joined by concatenating the runs' "rows".
 

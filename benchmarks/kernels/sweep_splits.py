@@ -1,6 +1,7 @@
 """Decode time at split counts that are not powers of two, and with more decode programs per SM.
 
-    PYTHONPATH=. python benchmarks/kernels/sweep_splits.py --out benchmarks/kernels/results/session10/sweep_splits.json
+    PYTHONPATH=. python benchmarks/kernels/sweep_splits.py --out \
+        benchmarks/kernels/results/sweep_splits/h100/2026-11-24_4fcea14.json
 
 The split rule (`attention.choose_num_splits`) picks a power of two, and a split's run of work units is rounded up
 (`cdiv(units, splits)`): at batch 1 x 16K (133 units) 32 splits leave 5 of 32 idle and the rest walk 5 units each,
