@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import functools
 import math
+from dataclasses import dataclass, field
 
 import torch
 import triton
@@ -33,94 +34,117 @@ from .state import PagedKV
 MIN_TILES_PER_SPLIT = 1
 LOG2E = tl.constexpr(1.4426950408889634)
 LN2 = tl.constexpr(0.6931471805599453)
-# The tuning table: every launch choice below was measured on an H100; the measurements (A/B figures, rejected tries)
-# are in benchmarks/HISTORY.md under "Attention kernel constants" and docs/performance.md. Launch options of the
-# attention kernel (benchmarks/kernels/bench_decode.py --tune sweeps them).
-LAUNCH_OPTIONS = {"num_warps": 4, "num_stages": 2}
-# head_dim 256: 8 warps (with 4, the sm_90 build runs out of registers and spills).
-LAUNCH_OPTIONS_D256 = {"num_warps": 8, "num_stages": 2}
-# head_dim 64 (16-bit models): uncapped; a register cap made the row-group loop spill and run slower.
-LAUNCH_OPTIONS_D64 = {"num_warps": 4, "num_stages": 2}
-# head_dim 128 in row groups (4 tiles per iteration): 3 stages (faster at long contexts; one tile at a time keeps 2).
-LAUNCH_OPTIONS_GROUPS = {"num_warps": 4, "num_stages": 3}
-# Chunks: 4 warps. With 8, Triton 3.6 miscompiles the head_dim-64, 64-row chunk program on sm_90 (an
-# out-of-range shared-memory access found by compute-sanitizer in the K-plane dot).
-CHUNK_LAUNCH_OPTIONS = {"num_warps": 4, "num_stages": 2}
-# 16-bit tokens (sink, tail, new) are attended this many at a time: small blocks keep registers free.
-DENSE_BLOCK = 32
-# Work units a split counts for G 16-bit tokens (the sink; the tail with the new tokens, pro rata) against 1 per
-# packed tile: a 16-bit block loads 4.6x a tile's bytes. Decode only: chunks keep 1 (their build spilled more with 3).
-DENSE_UNITS = 3
-# (query, head) rows of a chunk program, by head_dim (others: CHUNK_ROWS_DEFAULT): at head_dim 128, 64 rows spilled
-# heavily in the tile loop and 32 rows ran faster at every chunk size measured.
-CHUNK_ROWS = {128: 32}
-CHUNK_ROWS_DEFAULT = 64
-# Chunks of at least this many queries per sequence (on a GPU, 16-bit models) dequantize the history once into a
-# transient 16-bit buffer and run torch's varlen flash attention over it (`dense_history.py`): from there that is
-# faster than re-reading the packed tiles per query block. DENSE_CHUNKS=False: never.
-DENSE_CHUNK_MIN_QUERIES = 256
-DENSE_CHUNKS = True
-# ... as long as that buffer stays below this many bytes (K and V together); larger ones take the packed-tile path.
-DENSE_CHUNK_MAX_BYTES = 4 << 30
-# Decode attends up to this many tiles at once, one per row group (`_attend_tile_group`); 1: one tile at a time ...
-TILE_GROUPS = 4
-# ... when each split has at least this many work units; below, one at a time (a short split is latency-bound, and a
-# group iteration takes longer than a one-tile one). tests/benchmarks/test_sweep_groups.py holds this rule to the
-# stored sweep of every (groups, splits) choice.
-GROUP_MIN_UNITS = 16
-# Decode programs one H100 SM holds at once, by head_dim: head_dim 64 and 128 take 232-255 registers in row groups
-# (2 x 4 warps), 256 needs 147 KB of shared memory (1 x 8 warps; compile_stats.py prints both). Decode splits fill
-# one such wave: more programs than an SM holds wait for a second wave, and every split adds partials to merge;
-# fewer leave SMs idle.
-DECODE_PROGRAMS_PER_SM = {64: 2, 128: 2, 256: 1}
-# ... and of the one-tile-at-a-time split build (tile_groups 1, splits > 1), by (head_dim, model dtype, GQA group size),
-# where it holds 3 x 4 warps per SM (at most 168 registers, with the caps of ONE_TILE_MAXNREG where ptxas would take
-# more). These decodes take any split count of ONE_TILE_SPLITS that fits such a wave, not only powers of two, so a
-# split walks fewer units. test_compile_sm90 checks that the listed builds fit.
-DECODE_PROGRAMS_PER_SM_ONE_TILE = {
-    **{(64, dtype, n_rep): 3 for dtype in (torch.bfloat16, torch.float16) for n_rep in range(1, 17)},
-    **{(128, dtype, n_rep): 3 for dtype in (torch.bfloat16, torch.float16) for n_rep in range(1, 17)},
-}
-# Register caps of one-tile split builds (decode, tile_groups 1, splits > 1), keyed as above. Not bfloat16 GQA 4: it
-# fits in 168 uncapped, and the cap changes its build (1081 -> 1130 instructions per tile-loop iteration).
-ONE_TILE_MAXNREG = {
-    **{(128, torch.bfloat16, n_rep): 168 for n_rep in range(1, 17) if n_rep != 4},
-    **{(128, torch.float16, n_rep): 168 for n_rep in range(1, 17)},
-}
-ONE_TILE_SPLITS = (1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 64)
+@dataclass(frozen=True)
+class Tuning:
+    """The attention kernel's launch choices, in one documented table. Each was measured on an H100 (the A/B figures
+    and rejected tries are in benchmarks/HISTORY.md under "Attention and quantize kernel constants"). Every call uses
+    `TUNING` unless given another: benchmarks and tests pass a variant (`dataclasses.replace(TUNING, ...)`) to
+    `paged_attention`/`decode_attention`/`chunk_attention` as `tuning=`, nothing patches module globals."""
+
+    # Launch options of the attention kernel (benchmarks/kernels/bench_decode.py --tune sweeps them).
+    launch_options: dict = field(default_factory=lambda: {"num_warps": 4, "num_stages": 2})
+    # head_dim 256: 8 warps (with 4, the sm_90 build runs out of registers and spills).
+    launch_options_d256: dict = field(default_factory=lambda: {"num_warps": 8, "num_stages": 2})
+    # head_dim 64 (16-bit models): uncapped; a register cap made the row-group loop spill and run slower.
+    launch_options_d64: dict = field(default_factory=lambda: {"num_warps": 4, "num_stages": 2})
+    # head_dim 128 in row groups (4 tiles per iteration): 3 stages (faster at long contexts; one tile at a time keeps
+    # 2).
+    launch_options_groups: dict = field(default_factory=lambda: {"num_warps": 4, "num_stages": 3})
+    # Chunks: 4 warps. With 8, Triton 3.6 miscompiles the head_dim-64, 64-row chunk program on sm_90 (an
+    # out-of-range shared-memory access found by compute-sanitizer in the K-plane dot).
+    chunk_launch_options: dict = field(default_factory=lambda: {"num_warps": 4, "num_stages": 2})
+    # 16-bit tokens (sink, tail, new) are attended this many at a time: small blocks keep registers free.
+    dense_block: int = 32
+    # Work units a split counts for G 16-bit tokens (the sink; the tail with the new tokens, pro rata) against 1 per
+    # packed tile: a 16-bit block loads 4.6x a tile's bytes. Decode only: chunks keep 1 (their build spilled more).
+    dense_units: int = 3
+    # (query, head) rows of a chunk program, by head_dim (others: chunk_rows_default): at head_dim 128, 64 rows
+    # spilled heavily in the tile loop and 32 rows ran faster at every chunk size measured.
+    chunk_rows: dict = field(default_factory=lambda: {128: 32})
+    chunk_rows_default: int = 64
+    # Chunks of at least this many queries per sequence (on a GPU, 16-bit models) dequantize the history once into a
+    # transient 16-bit buffer and run torch's varlen flash attention over it (`dense_history.py`): from there that is
+    # faster than re-reading the packed tiles per query block. dense_chunks=False: never.
+    dense_chunk_min_queries: int = 256
+    dense_chunks: bool = True
+    # ... as long as that buffer stays below this many bytes (K and V together); larger ones take the packed-tile path.
+    dense_chunk_max_bytes: int = 4 << 30
+    # Decode attends up to this many tiles at once, one per row group (`_attend_tile_group`); 1: one tile at a time ...
+    max_tile_groups: int = 4
+    # ... when each split has at least this many work units; below, one at a time (a short split is latency-bound, and
+    # a group iteration takes longer than a one-tile one). tests/benchmarks/test_sweep_groups.py holds this rule to the
+    # stored sweep of every (groups, splits) choice.
+    group_min_units: int = 16
+    # Decode programs one H100 SM holds at once, by head_dim: head_dim 64 and 128 take 232-255 registers in row groups
+    # (2 x 4 warps), 256 needs 147 KB of shared memory (1 x 8 warps; compile_stats.py prints both). Decode splits fill
+    # one such wave: more programs than an SM holds wait for a second wave, and every split adds partials to merge;
+    # fewer leave SMs idle.
+    decode_programs_per_sm: dict = field(default_factory=lambda: {64: 2, 128: 2, 256: 1})
+    # ... and of the one-tile-at-a-time split build (tile_groups 1, splits > 1), by (head_dim, model dtype, GQA group
+    # size), where it holds 3 x 4 warps per SM (at most 168 registers, with the caps of one_tile_maxnreg where ptxas
+    # would take more). These decodes take any split count of one_tile_splits that fits such a wave, not only powers
+    # of two, so a split walks fewer units. test_compile_sm90 checks that the listed builds fit.
+    decode_programs_per_sm_one_tile: dict = field(default_factory=lambda: {
+        (head_dim, dtype, n_rep): 3 for head_dim in (64, 128) for dtype in (torch.bfloat16, torch.float16)
+        for n_rep in range(1, 17)})
+    # Register caps of one-tile split builds (decode, tile_groups 1, splits > 1), keyed as above. Not bfloat16 GQA 4:
+    # it fits in 168 uncapped, and the cap changes its build (1081 -> 1130 instructions per tile-loop iteration).
+    one_tile_maxnreg: dict = field(default_factory=lambda: {
+        **{(128, torch.bfloat16, n_rep): 168 for n_rep in range(1, 17) if n_rep != 4},
+        **{(128, torch.float16, n_rep): 168 for n_rep in range(1, 17)}})
+    one_tile_splits: tuple = (1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 64)
+    # Dot dtypes that take the mantissa-OR code conversion with the offset removed algebraically (`code_conversion`).
+    # Not float16: its offset 1024 cancels ~10 bits inside the tensor-core sums (chunk outputs lost precision on an
+    # H100); float16 takes F16_SUB_ASM instead, which removes the offset before the dot. Tests add float16 to
+    # exercise the path.
+    magic_dtypes: frozenset = frozenset({tl.bfloat16})
+    # float16 dots on NVIDIA at head_dim <= 128 take the PTX path that subtracts the offset in registers (F16_SUB_ASM);
+    # False: plain conversion (I2F, a quarter-rate pipe: one per code) everywhere. head_dim 256 keeps the plain
+    # conversion: its sm_90 row-group build spilled more with the PTX path.
+    f16_asm: bool = True
+    # Programmatic dependent launch of the split merge (Hopper and later, CUDA): each attention program, after its last
+    # store, lets the merge launch start; the merge waits for the whole attention launch's writes in-kernel
+    # (griddepcontrol.wait), so its launch overlaps the attention launch's last programs. Triggering at the start of
+    # each program instead was slower: the waiting merge programs took SM slots.
+    pdl: bool = True
+
+
+TUNING = Tuning()
 
 
 def launch_options(rows: int, head_dim: int, dot: tl.dtype = tl.bfloat16, groups: int = 1, n_rep: int = 0,
-                   splits: int = 1, decode: bool = False) -> dict:
+                   splits: int = 1, decode: bool = False, tuning: Tuning | None = None) -> dict:
     """Launch options of the attention kernel for `rows` (query, head) rows per program (16: decode), tensor-core
     operand dtype `dot`, `groups` row groups (`tile_groups`), GQA group size `n_rep` and `splits` splits; decode: a
-    decode build (one query per sequence, no new tokens), which ONE_TILE_MAXNREG may cap."""
+    decode build (one query per sequence, no new tokens), which `Tuning.one_tile_maxnreg` may cap."""
+    t = tuning or TUNING
     if rows > 16:
-        return CHUNK_LAUNCH_OPTIONS
+        return t.chunk_launch_options
     if groups > 1 and head_dim == 128:
-        return LAUNCH_OPTIONS_GROUPS
+        return t.launch_options_groups
     if head_dim > 128:
-        return LAUNCH_OPTIONS_D256
+        return t.launch_options_d256
     # float32 models' IEEE dots spill anyway; a register cap would only make them spill more.
-    options = LAUNCH_OPTIONS_D64 if head_dim <= 64 and dot != tl.float32 else LAUNCH_OPTIONS
-    cap = ONE_TILE_MAXNREG.get((head_dim, _TORCH_DTYPE[dot], n_rep)) if decode and splits > 1 else None
+    options = t.launch_options_d64 if head_dim <= 64 and dot != tl.float32 else t.launch_options
+    cap = t.one_tile_maxnreg.get((head_dim, _TORCH_DTYPE[dot], n_rep)) if decode and splits > 1 else None
     return {**options, "maxnreg": cap} if cap else options
 
 
 def tile_groups(rows: int, n_rep: int, block_m: int, units_per_split: int,
-                dtype: torch.dtype = torch.bfloat16) -> int:
+                dtype: torch.dtype = torch.bfloat16, tuning: Tuning | None = None) -> int:
     """Row groups of a decode program (`_attend_tile_group`): its 16 rows hold the GQA group's query heads padded
-    to a power of two, so ROWS // that many copies attend that many tiles at once: TILE_GROUPS where that many fit
-    (GQA up to 4), else 1 (2 groups of a GQA-4 group were no faster than one tile at a time on an H100, so GQA 8
-    is not grouped; sweep_groups.json).
+    to a power of two, so ROWS // that many copies attend that many tiles at once: `Tuning.max_tile_groups` where that
+    many fit (GQA up to 4), else 1 (2 groups of a GQA-4 group were no faster than one tile at a time on an H100, so
+    GQA 8 is not grouped).
 
-    Splits with fewer than GROUP_MIN_UNITS units take one tile at a time: a group iteration takes longer than a
+    Splits with fewer than `Tuning.group_min_units` units take one tile at a time: a group iteration takes longer than a
     one-tile iteration (latency, which a short split is bound by), and a split's run of units is rounded up to whole
     groups. Chunks (block_m > 1) fill their rows with queries, and float32 models' IEEE dots already spill at one
     tile: 1."""
-    if block_m > 1 or dtype == torch.float32 or units_per_split < GROUP_MIN_UNITS:
+    t = tuning or TUNING
+    if block_m > 1 or dtype == torch.float32 or units_per_split < t.group_min_units:
         return 1
-    return TILE_GROUPS if rows // triton.next_power_of_2(n_rep) >= TILE_GROUPS else 1
+    return t.max_tile_groups if rows // triton.next_power_of_2(n_rep) >= t.max_tile_groups else 1
 
 
 def merge_meta(splits: int, head_dim: int, unrotate: bool = False) -> dict:
@@ -206,9 +230,9 @@ _ASM_PLANE2 = tl.constexpr(
 
 # float16: the code OR-ed into 1024.0's mantissa, then 1024 subtracted in the same registers (sub.f16x2:
 # exact), so the dot gets the code itself. The offset must not reach the dot: summed with the codes inside the tensor
-# cores it cost float16 outputs ~10 bits (see MAGIC_DTYPES). 2-bit planes are shifted down (float16's 1024 has an ulp of
-# 1, so a plane weight 4^p would have to come off the probabilities, which can underflow in float16). The marker is not
-# an OR constant: the kernel's OFFSET is 0 on this path.
+# cores it cost float16 outputs ~10 bits (see `Tuning.magic_dtypes`). 2-bit planes are shifted down (float16's 1024
+# has an ulp of 1, so a plane weight 4^p would have to come off the probabilities, which can underflow in float16). The
+# marker is not an OR constant: the kernel's OFFSET is 0 on this path.
 F16_SUB_ASM = tl.constexpr(0x16400)
 _ASM_PLANE4_F16 = tl.constexpr(
     "{ .reg .b32 t, m; shr.b32 t, $1, $2; lop3.b32 t, t, 0x000F000F, 0x64006400, 0xEA; mov.b32 m, 0x64006400; "
@@ -540,10 +564,10 @@ def _paged_attention_kernel(
     tail_pos = G * (1 + n_tiles)
     # The sequence's work in units, spread evenly over the splits: its 16-bit sink (units 0..DU-1), its tiles (tile i
     # is unit DU + i), then its 16-bit tail with the new tokens, DU units per G of their tokens (rounded up; none when
-    # there are none). A 16-bit block of G tokens weighs DU units (DENSE_UNITS) against a packed tile's 1, so the
-    # splits that attend the sink or the tail take fewer tiles. With row groups a split's run is a multiple of TG
-    # units, so that its tile groups are full (but the first). DU = 1 (chunks: see DENSE_UNITS) keeps one unit per
-    # block, the tail's always there.
+    # there are none). A 16-bit block of G tokens weighs DU units (`Tuning.dense_units`) against a packed tile's 1, so
+    # the splits that attend the sink or the tail take fewer tiles. With row groups a split's run is a multiple of TG
+    # units, so that its tile groups are full (but the first). DU = 1 (chunks: see `Tuning.dense_units`) keeps one unit
+    # per block, the tail's always there.
     if DU == 1:
         units = n_tiles + 2
     else:
@@ -686,7 +710,7 @@ def _merge_splits_kernel(part, part_lse, out, n_rows, NUM_SPLITS: tl.constexpr, 
                          D: tl.constexpr, PDL: tl.constexpr = False, UNROTATE: tl.constexpr = False):
     """Merge of one (query, head) row's split outputs [S, rows, D] (normalized), weighted by their log-sum-exps
     [S, rows], stored in out's dtype: all splits in one [S, D] load, so a row costs one memory round trip. PDL:
-    launched as a programmatic dependent of the attention launch (see `PDL`), it waits for that launch's writes
+    launched as a programmatic dependent of the attention launch (see `Tuning.pdl`), it waits for that launch's writes
     before its loads.
 
     UNROTATE (`merge_unrotates`): part_lse holds 2 * S rows, the second S each output's frame (1.0: left rotated by
@@ -721,8 +745,8 @@ def choose_num_splits(batch: int, num_kv_heads: int, max_tiles: int, num_sms: in
     longest sequence's work units (its tiles + its sink and tail, see the attention kernel). q_blocks query blocks
     per sequence already multiply the programs (chunks, prefills).
 
-    per_sm (decode): the programs an SM holds at once (DECODE_PROGRAMS_PER_SM); the splits stop at one such wave
-    (rounded down). None (chunks): at least twice the SMs' count of programs (rounded up)."""
+    per_sm (decode): the programs an SM holds at once (`Tuning.decode_programs_per_sm`); the splits stop at one such
+    wave (rounded down). None (chunks): at least twice the SMs' count of programs (rounded up)."""
     by_work = triton.next_power_of_2(max(1, max_tiles // MIN_TILES_PER_SPLIT))
     programs = batch * num_kv_heads * max(1, q_blocks)
     wave = max(1, per_sm * num_sms // programs) if per_sm else max(1, math.ceil(2 * num_sms / programs))
@@ -730,37 +754,39 @@ def choose_num_splits(batch: int, num_kv_heads: int, max_tiles: int, num_sms: in
     return min(by_work, by_occupancy, 64)
 
 
-def dense_units(has_new: bool) -> int:
-    """Work units per 16-bit block of a launch (the kernel's DU): DENSE_UNITS for decode, 1 for chunks."""
-    return 1 if has_new else DENSE_UNITS
+def dense_units(has_new: bool, tuning: Tuning | None = None) -> int:
+    """Work units per 16-bit block of a launch (the kernel's DU): `Tuning.dense_units` for decode, 1 for chunks."""
+    return 1 if has_new else (tuning or TUNING).dense_units
 
 
 def split_plan(batch: int, num_kv_heads: int, max_tiles: int, head_dim: int, n_rep: int, dtype: torch.dtype,
                num_sms: int, block_m: int = 1, q_blocks: int = 1, num_splits: int | None = None,
-               has_new: bool = False) -> tuple[int, int]:
+               has_new: bool = False, tuning: Tuning | None = None) -> tuple[int, int]:
     """(splits, row groups) of a `paged_attention` launch: `choose_num_splits` (decode: one wave of
-    DECODE_PROGRAMS_PER_SM) and `tile_groups` for the units a split gets. Splits share out work units (sink, tiles,
-    tail: see the kernel), so they are chosen for max_tiles + 2 * dense_units(has_new) units. num_splits: forced
+    `Tuning.decode_programs_per_sm`) and `tile_groups` for the units a split gets. Splits share out work units (sink,
+    tiles, tail: see the kernel), so they are chosen for max_tiles + 2 * dense_units(has_new) units. num_splits: forced
     (tests, sweeps)."""
-    units = max_tiles + 2 * dense_units(has_new)  # at most (decode counts the tail by its tokens)
+    t = tuning or TUNING
+    units = max_tiles + 2 * dense_units(has_new, t)  # at most (decode counts the tail by its tokens)
     decode = block_m == 1 and dtype != torch.float32
-    per_sm = DECODE_PROGRAMS_PER_SM.get(head_dim) if decode else None
+    per_sm = t.decode_programs_per_sm.get(head_dim) if decode else None
     splits = num_splits or choose_num_splits(batch, num_kv_heads, units, num_sms, q_blocks, per_sm)
     rows = max(16, triton.next_power_of_2(block_m * n_rep))
-    tg = tile_groups(rows, n_rep, block_m, triton.cdiv(units, splits), dtype)
-    one_tile_per_sm = DECODE_PROGRAMS_PER_SM_ONE_TILE.get((head_dim, dtype, n_rep))
+    tg = tile_groups(rows, n_rep, block_m, triton.cdiv(units, splits), dtype, t)
+    one_tile_per_sm = t.decode_programs_per_sm_one_tile.get((head_dim, dtype, n_rep))
     if num_splits is None and decode and not has_new and tg == 1 and one_tile_per_sm:
         # Fewer units per split than before (never more), so still one tile at a time. (Single queries with new tokens
         # run the chunk build, whose registers are not counted here.)
-        splits = one_tile_splits(batch * num_kv_heads, units, one_tile_per_sm * num_sms)
+        splits = one_tile_splits(batch * num_kv_heads, units, one_tile_per_sm * num_sms, t.one_tile_splits)
     return splits, tg
 
 
-def one_tile_splits(programs: int, units: int, slots: int) -> int:
+def one_tile_splits(programs: int, units: int, slots: int, choices: tuple[int, ...] | None = None) -> int:
     """Splits of a one-tile-at-a-time decode of `programs` (sequence, KV head) programs per split and `units` work
-    units each, on a GPU that holds `slots` such programs at once: of the ONE_TILE_SPLITS that fit one wave, the
-    fewest that give the fewest units per split (cdiv(units, splits), the walk of the longest split)."""
-    fits = [s for s in ONE_TILE_SPLITS if s * programs <= slots] or [1]
+    units each, on a GPU that holds `slots` such programs at once: of the split counts `choices` (default
+    `Tuning.one_tile_splits`) that fit one wave, the fewest that give the fewest units per split (cdiv(units, splits),
+    the walk of the longest split)."""
+    fits = [s for s in (choices or TUNING.one_tile_splits) if s * programs <= slots] or [1]
     fewest = min(triton.cdiv(units, s) for s in fits)
     return min(s for s in fits if triton.cdiv(units, s) == fewest)
 
@@ -776,19 +802,22 @@ def paged_attention(
     sm_scale: float | None = None,
     num_splits: int | None = None,
     max_history: int | None = None,
+    tuning: Tuning | None = None,
 ) -> torch.Tensor:
     """Varlen attention over the paged KVarN state (see `reference.paged_attention_ref` for semantics).
 
     q [Tq, Hq, D]; k_new/v_new [Tk, H, D] with cu_seqlens_k; max_q_len bounds every sequence's query count
     and max_history (optional) every sequence's cached length, both host values, so nothing here synchronizes
     with the device. max_history sizes the split-K scratch by the history that exists, not by the width of the
-    block table (which a front-end may have reserved ahead). Returns [Tq, Hq, D] in q.dtype.
+    block table (which a front-end may have reserved ahead). tuning: launch choices (default `TUNING`; benchmarks and
+    tests pass variants). Returns [Tq, Hq, D] in q.dtype.
     """
+    t = tuning or TUNING
     fmt = state.fmt
     _check_attention_inputs(q, state, cu_seqlens_q, k_new, v_new, cu_seqlens_k)
     if check_tables():
         state.check_tables(max_history)  # debugging: syncs with the device
-    if num_splits is None and _dense_chunk(q, state, max_q_len, k_new, max_history):
+    if num_splits is None and _dense_chunk(q, state, max_q_len, k_new, max_history, t):
         return _attend_dense_chunk(q, state, cu_seqlens_q, max_q_len, k_new, v_new, cu_seqlens_k, sm_scale,
                                    max_history)
     tq, hq, d = q.shape
@@ -797,14 +826,14 @@ def paged_attention(
     batch = cu_seqlens_q.numel() - 1
     scale = sm_scale if sm_scale is not None else d**-0.5
     max_tiles = state.max_tiles(max_history)
-    # Decode: one query, its GQA group padded to the 16 rows of a tensor-core dot. Chunks: CHUNK_ROWS (32 or 64) rows
+    # Decode: one query, its GQA group padded to the 16 rows of a tensor-core dot. Chunks: chunk_rows (32 or 64) rows
     # of (query, head) pairs, so each program re-reads the quantized history for that many rows, not 16.
-    block_m = max(1, min(CHUNK_ROWS.get(d, CHUNK_ROWS_DEFAULT) // n_rep, triton.next_power_of_2(max_q_len)))
+    block_m = max(1, min(t.chunk_rows.get(d, t.chunk_rows_default) // n_rep, triton.next_power_of_2(max_q_len)))
     q_blocks = triton.cdiv(max_q_len, block_m)
     rows = max(16, triton.next_power_of_2(block_m * n_rep))
     has_new = k_new is not None
     splits, tg = split_plan(batch, hkv, max_tiles, d, n_rep, q.dtype, _num_sms(q.device), block_m, q_blocks,
-                            num_splits, has_new)
+                            num_splits, has_new, t)
     dot = _dot_dtype(q.dtype)
     precision = "ieee" if dot == tl.float32 else "tf32"
     out = torch.empty(tq, hq, d, device=q.device, dtype=q.dtype)
@@ -820,8 +849,8 @@ def paged_attention(
     kn = k_new if has_new else q
     vn = v_new if has_new else q
     k_words, v_words, scales = fmt.word_views(state.cache)
-    magic, offset = code_conversion(dot, d)
-    pdl = _pdl(q.device)
+    magic, offset = code_conversion(dot, d, t)
+    pdl = _pdl(q.device, t)
     signs = hadamard_signs(d, _TORCH_DTYPE[dot], q.device)
     grid = (batch, q_blocks, hkv * splits)
     _paged_attention_kernel[grid](
@@ -836,10 +865,10 @@ def paged_attention(
         scale,
         N_REP=n_rep, G=fmt.group, D=d, KBITS=fmt.k_bits, VBITS=fmt.v_bits,
         BLOCK_M=block_m, ROWS=rows, HAS_NEW=has_new, NUM_SPLITS=splits,
-        DOT=dot, PRECISION=precision, DENSE_BLOCK=DENSE_BLOCK, MAGIC=magic, OFFSET=offset,
-        UNROTATE_F32=dot == tl.float32 or interpreted(), TG=tg, DU=dense_units(has_new),
+        DOT=dot, PRECISION=precision, DENSE_BLOCK=t.dense_block, MAGIC=magic, OFFSET=offset,
+        UNROTATE_F32=dot == tl.float32 or interpreted(), TG=tg, DU=dense_units(has_new, t),
         PDL=splits > 1 and pdl, ROT_PARTS=rot_parts,
-        **launch_options(rows, d, dot, tg, n_rep, splits, decode=block_m == 1 and not has_new),
+        **launch_options(rows, d, dot, tg, n_rep, splits, decode=block_m == 1 and not has_new, tuning=t),
     )
     if splits > 1:
         _merge_splits_kernel[(tq * hq,)](part, part_lse, out, tq * hq, **merge_meta(splits, d, rot_parts),
@@ -848,13 +877,13 @@ def paged_attention(
 
 
 def _dense_chunk(q: torch.Tensor, state: PagedKV, max_q_len: int, k_new: torch.Tensor | None,
-                 max_history: int | None) -> bool:
-    """Whether a call takes the dequantize-once route (see DENSE_CHUNK_MIN_QUERIES)."""
-    if not (DENSE_CHUNKS and q.is_cuda and max_q_len >= DENSE_CHUNK_MIN_QUERIES and not interpreted()
+                 max_history: int | None, tuning: Tuning) -> bool:
+    """Whether a call takes the dequantize-once route (see `Tuning.dense_chunk_min_queries`)."""
+    if not (tuning.dense_chunks and q.is_cuda and max_q_len >= tuning.dense_chunk_min_queries and not interpreted()
             and q.dtype in (torch.float16, torch.bfloat16) and _varlen_kwargs() is not None):
         return False
     rows = buffer_rows(state, k_new, max_history)
-    return 2 * rows * state.num_kv_heads * state.fmt.head_dim * q.element_size() <= DENSE_CHUNK_MAX_BYTES
+    return 2 * rows * state.num_kv_heads * state.fmt.head_dim * q.element_size() <= tuning.dense_chunk_max_bytes
 
 
 @functools.lru_cache(maxsize=1)
@@ -889,10 +918,12 @@ def _attend_dense_chunk(q, state, cu_seqlens_q, max_q_len, k_new, v_new, cu_seql
 
 
 def decode_attention(
-    q: torch.Tensor, state: PagedKV, sm_scale: float | None = None, num_splits: int | None = None
+    q: torch.Tensor, state: PagedKV, sm_scale: float | None = None, num_splits: int | None = None,
+    tuning: Tuning | None = None,
 ) -> torch.Tensor:
     """One query per sequence, q [B, Hq, D], over the whole cached history (the new token is in the tail)."""
-    return paged_attention(q, state, _arange_cu(q.shape[0], q.device), 1, sm_scale=sm_scale, num_splits=num_splits)
+    return paged_attention(q, state, _arange_cu(q.shape[0], q.device), 1, sm_scale=sm_scale, num_splits=num_splits,
+                           tuning=tuning)
 
 
 _ARANGE_CU: dict[tuple[int, torch.device], torch.Tensor] = {}
@@ -918,35 +949,30 @@ def chunk_attention(
     state: PagedKV,
     sm_scale: float | None = None,
     num_splits: int | None = None,
+    tuning: Tuning | None = None,
 ) -> torch.Tensor:
     """A chunk of new queries per sequence over its quantized history plus its causal 16-bit new tokens."""
-    return paged_attention(q, state, cu_seqlens_q, max_q_len, k_new, v_new, cu_seqlens_k, sm_scale, num_splits)
+    return paged_attention(q, state, cu_seqlens_q, max_q_len, k_new, v_new, cu_seqlens_k, sm_scale, num_splits,
+                           tuning=tuning)
 
 
 # A 16-bit float whose mantissa holds the code: 0x4300 is 128.0 in bfloat16 (7 mantissa bits), 0x6400 is 1024.0
 # in float16 (10 bits); OR-ing a code below 128 into it gives offset + code exactly.
 _MAGIC = {tl.bfloat16: 0x4300, tl.float16: 0x6400}
 _MAGIC_OFFSET = {tl.bfloat16: 128.0, tl.float16: 1024.0}
-# Dot dtypes that take the mantissa-OR path with the offset removed algebraically. Not float16: its offset 1024
-# cancels ~10 bits inside the tensor-core sums (chunk outputs lost precision on an H100). Tests add float16 to exercise
-# it. float16 takes F16_SUB_ASM instead (see F16_ASM), which removes the offset before the dot.
-MAGIC_DTYPES = {tl.bfloat16}
-# float16 dots on NVIDIA at head_dim <= 128 take the PTX path that subtracts the offset in registers (F16_SUB_ASM);
-# False: plain conversion (I2F, a quarter-rate pipe: one per code) everywhere. head_dim 256 keeps the plain conversion:
-# its sm_90 row-group build spilled more with the PTX path (152 vs 64 bytes of stack), and it was not timed.
-F16_ASM = True
 
 
-def code_conversion(dot: tl.dtype, head_dim: int = 128) -> tuple[int, float]:
+def code_conversion(dot: tl.dtype, head_dim: int = 128, tuning: Tuning | None = None) -> tuple[int, float]:
     """(MAGIC, OFFSET) of the attention kernel for dot dtype `dot`: the mantissa-OR constant and the offset it
-    adds; F16_SUB_ASM and 0.0 for float16 on NVIDIA at head_dim <= 128 (the offset is subtracted before the dot); or
-    (0, 0.0) for plain int→float conversion."""
+    adds (`Tuning.magic_dtypes`); F16_SUB_ASM and 0.0 for float16 on NVIDIA at head_dim <= 128 (`Tuning.f16_asm`: the
+    offset is subtracted before the dot); or (0, 0.0) for plain int→float conversion."""
+    t = tuning or TUNING
     # The mantissa-OR paths are inline PTX (NVIDIA only): ROCm builds convert codes plainly.
     if torch.version.hip is not None:
         return 0, 0.0
-    if dot in MAGIC_DTYPES:
+    if dot in t.magic_dtypes:
         return _MAGIC[dot], _MAGIC_OFFSET[dot]
-    if dot == tl.float16 and F16_ASM and head_dim <= 128:
+    if dot == tl.float16 and t.f16_asm and head_dim <= 128:
         return F16_SUB_ASM.value, 0.0
     return 0, 0.0
 
@@ -962,16 +988,9 @@ def _dot_dtype(dtype: torch.dtype) -> tl.dtype:
     return tl.float16 if dtype == torch.float16 else tl.bfloat16
 
 
-# Programmatic dependent launch of the split merge (Hopper and later, CUDA): each attention program, after its last
-# store, lets the merge launch start; the merge waits for the whole attention launch's writes in-kernel
-# (griddepcontrol.wait), so its launch overlaps the attention launch's last programs. Triggering at the start of each
-# program instead was slower: the waiting merge programs took SM slots.
-PDL = True
-
-
-def _pdl(device: torch.device) -> bool:
-    """Whether `paged_attention` launches the merge as a programmatic dependent on `device` (PDL and sm_90+)."""
-    return PDL and not interpreted() and _pdl_capable(device)
+def _pdl(device: torch.device, tuning: Tuning) -> bool:
+    """Whether `paged_attention` launches the merge as a programmatic dependent on `device` (`Tuning.pdl`, sm_90+)."""
+    return tuning.pdl and not interpreted() and _pdl_capable(device)
 
 
 @functools.lru_cache(maxsize=8)

@@ -61,9 +61,9 @@ def attention_kernel(dot: str = "bfloat16", head_dim: int = 128, n_rep: int = 4,
         "N_REP": n_rep, "G": fmt.group, "D": head_dim, "KBITS": fmt.k_bits, "VBITS": fmt.v_bits,
         "BLOCK_M": block_m, "ROWS": rows, "HAS_NEW": bool(chunk_rows),
         "NUM_SPLITS": num_splits, "DOT": dt, "PRECISION": "ieee" if dt == tl.float32 else "tf32",
-        "DENSE_BLOCK": attention.DENSE_BLOCK, "MAGIC": magic, "OFFSET": offset, "UNROTATE_F32": dt == tl.float32,
+        "DENSE_BLOCK": attention.TUNING.dense_block, "MAGIC": magic, "OFFSET": offset, "UNROTATE_F32": dt == tl.float32,
         "TG": tile_groups, "DU": attention.dense_units(bool(chunk_rows)),
-        "PDL": num_splits > 1 and attention.PDL,  # as an H100 launch has it
+        "PDL": num_splits > 1 and attention.TUNING.pdl,  # as an H100 launch has it
         "ROT_PARTS": attention.merge_unrotates(num_splits, tile_groups, head_dim, block_m, bool(chunk_rows)),
     }
     act = "*" + {"float32": "fp32", "float16": "fp16", "bfloat16": "bf16"}[dot]
@@ -84,8 +84,9 @@ def attention_kernel(dot: str = "bfloat16", head_dim: int = 128, n_rep: int = 4,
 def merge_kernel(head_dim: int, splits: int = 64, out_dtype: str = "bf16", unrotate: bool = False) -> Any:
     """The split merge as `paged_attention` launches it for `splits` partials (64: the most it picks); unrotate: the
     build that un-rotates outputs left rotated (`attention.merge_unrotates`)."""
-    constexprs = dict(attention.merge_meta(splits, head_dim, unrotate), PDL=attention.PDL)
-    options = {"num_warps": constexprs.pop("num_warps"), "launch_pdl": attention.PDL}
+    pdl = attention.TUNING.pdl
+    constexprs = dict(attention.merge_meta(splits, head_dim, unrotate), PDL=pdl)
+    options = {"num_warps": constexprs.pop("num_warps"), "launch_pdl": pdl}
     ptrs = {"part": "*fp32", "part_lse": "*fp32", "out": "*" + out_dtype}
     return _compile(attention._merge_splits_kernel, constexprs, ptrs, set(), options)
 

@@ -8,6 +8,7 @@ Writes decode.json (every measurement and the setup) and decode.png. Times are C
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import platform
 import time
@@ -160,19 +161,16 @@ def bench_chunk(hq, hkv, d, preset, dtype) -> list[dict]:
         cu_q = torch.tensor([0, chunk], device="cuda", dtype=torch.int32)
         # Both routes at every size: the packed-tile kernel, and history dequantized once + varlen flash; "kvarn"
         # is the one paged_attention picks.
-        default = "dense" if attention._dense_chunk(q, state, chunk, kn, None) else "packed"
+        default = "dense" if attention._dense_chunk(q, state, chunk, kn, None, attention.TUNING) else "packed"
         route = {}
         for name, dense in (("packed", False), ("dense", True)):
-            saved = attention.DENSE_CHUNKS, attention.DENSE_CHUNK_MIN_QUERIES
-            attention.DENSE_CHUNKS, attention.DENSE_CHUNK_MIN_QUERIES = dense, 1
+            tuning = dataclasses.replace(attention.TUNING, dense_chunks=dense, dense_chunk_min_queries=1)
             try:
-                route[name] = graph_time_ms(lambda: paged_attention(q, state, cu_q, chunk, kn, kn, cu_q),
-                                            cooldown_s=COOLDOWN_S)
+                route[name] = graph_time_ms(lambda t=tuning: paged_attention(q, state, cu_q, chunk, kn, kn, cu_q,
+                                                                             tuning=t), cooldown_s=COOLDOWN_S)
             except Exception as e:  # noqa: BLE001 - e.g. no varlen flash attention in this torch
                 route[name] = float("nan")
                 tqdm.write(f"{name} route failed: {type(e).__name__}: {e}")
-            finally:
-                attention.DENSE_CHUNKS, attention.DENSE_CHUNK_MIN_QUERIES = saved
         # Flash SDPA's is_causal is top-left aligned: pad the queries to the full length and keep the last
         # `chunk` rows' cost out by timing a chunk-sized query block against the full keys (bottom-right
         # causality differs only on the chunk's own tokens, a negligible share of the work).
@@ -198,18 +196,14 @@ def tune(hq, hkv, d, preset, dtype) -> list[dict]:
     for batch, ctx in [(1, 2048), (1, 16384), (8, 16384), (64, 16384)]:
         state = make_state(batch, ctx, hkv, fmt, dtype)
         q = torch.randn(batch, hq, d, device="cuda", dtype=dtype)
-        default = dict(attention.LAUNCH_OPTIONS)
         for opts in ({"num_warps": 4, "num_stages": 1}, {"num_warps": 4, "num_stages": 2},
                      {"num_warps": 4, "num_stages": 3}, {"num_warps": 8, "num_stages": 1},
                      {"num_warps": 8, "num_stages": 2}, {"num_warps": 4, "num_stages": 2, "maxnreg": 128},
                      {"num_warps": 4, "num_stages": 1, "maxnreg": 168}):
-            attention.LAUNCH_OPTIONS.clear()
-            attention.LAUNCH_OPTIONS.update(opts)
-            ms = graph_time_ms(lambda: decode_attention(q, state))
-            rows.append({"batch": batch, "context": ctx, **attention.LAUNCH_OPTIONS, "ms": ms})
+            tuning = dataclasses.replace(attention.TUNING, launch_options=opts)
+            ms = graph_time_ms(lambda t=tuning: decode_attention(q, state, tuning=t))
+            rows.append({"batch": batch, "context": ctx, **opts, "ms": ms})
             tqdm.write(json.dumps(rows[-1]))
-        attention.LAUNCH_OPTIONS.clear()
-        attention.LAUNCH_OPTIONS.update(default)
     return rows
 
 

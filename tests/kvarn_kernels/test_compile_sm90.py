@@ -111,12 +111,12 @@ def _decode_loop_spills(splits):
 
 
 def _one_tile_builds() -> list[tuple[int, str, int]]:
-    """The (head_dim, dtype name, GQA size) of the one-tile split builds `attention.DECODE_PROGRAMS_PER_SM_ONE_TILE`
+    """The (head_dim, dtype name, GQA size) of the one-tile split builds `Tuning.decode_programs_per_sm_one_tile`
     counts several of per SM; without KVARN_SM90_ALL, those of GQA 4 and 8 (every head_dim, dtype and cap)."""
     from kvarn_kernels import attention
 
     return [(head_dim, str(dtype).removeprefix("torch."), n_rep)
-            for head_dim, dtype, n_rep in attention.DECODE_PROGRAMS_PER_SM_ONE_TILE if FULL or n_rep in (4, 8)]
+            for head_dim, dtype, n_rep in attention.TUNING.decode_programs_per_sm_one_tile if FULL or n_rep in (4, 8)]
 
 
 def _one_tile_residency(head_dim, dot, n_rep):
@@ -127,12 +127,12 @@ def _one_tile_residency(head_dim, dot, n_rep):
 
     # [registers per thread, threads, shared bytes, programs per SM it assumes, local (spill) bytes per thread, tile
     # loop reloads, tile loop stores] per split count, with the launch options the real launch uses (register caps:
-    # attention.ONE_TILE_MAXNREG). 3 splits: a constexpr divisor that is not a power of two (the capped builds are
+    # `Tuning.one_tile_maxnreg`). 3 splits: a constexpr divisor that is not a power of two (the capped builds are
     # compiled with 2 as well).
     key = (head_dim, getattr(torch, dot), n_rep)
-    per_sm = attention.DECODE_PROGRAMS_PER_SM_ONE_TILE[key]
+    per_sm = attention.TUNING.decode_programs_per_sm_one_tile[key]
     out = {}
-    for splits in (2, 3) if key in attention.ONE_TILE_MAXNREG else (3,):
+    for splits in (2, 3) if key in attention.TUNING.one_tile_maxnreg else (3,):
         kernel = aot.attention_kernel(dot, head_dim, n_rep=n_rep, num_splits=splits, tile_groups=1)
         usage = aot.resources(kernel)
         _, loop = max(aot.sass_loops(aot.cuobjdump(kernel, "-sass")), key=lambda body: body[0])
@@ -273,7 +273,7 @@ def test_one_tile_split_builds_fit_the_programs_per_sm_the_split_rule_assumes(co
         # instead). Outside it, some keep a spilled register or two (8-16 bytes of stack: a few stores and loads per
         # program, around the epilogue's conditional un-rotation). float16 at head_dim 128 reloads up to 8 values per
         # iteration (~1245 instructions) under its cap, stores none, keeps up to 40 bytes of stack, and was measured
-        # faster that way (attention.DECODE_PROGRAMS_PER_SM_ONE_TILE).
+        # faster that way (`Tuning.decode_programs_per_sm_one_tile`).
         f16_d128 = name.startswith("float16-d128-")
         assert loop_stores == 0, (name, loop_stores)
         assert loop_reloads <= (8 if f16_d128 else 0), (name, loop_reloads)
@@ -289,7 +289,7 @@ def test_merge_waits_for_the_attention_launch_before_loading_its_partials(compil
     order = compiled["merge-pdl-order"]
     assert not isinstance(order, str), order
     for splits, (wait, first_load) in order.items():
-        if attention.PDL:
+        if attention.TUNING.pdl:
             assert 0 <= wait < first_load, (splits, wait, first_load)
 
 

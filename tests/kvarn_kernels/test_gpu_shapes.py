@@ -91,8 +91,9 @@ def test_long_context_decode_matches_reference(context):
     torch.testing.assert_close(decode_attention(q, state).float(), expected.float(), atol=2e-2, rtol=2e-2)
 
 
-def chunk_case(head_dim: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Chunks over no, short and long float16 history: (kernel output, reference output, cu_seqlens). Also run by
+def chunk_case(head_dim: int, tuning=None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Chunks over no, short and long float16 history: (kernel output, reference output, cu_seqlens); tuning: the
+    attention kernel's launch choices (default `attention.TUNING`). Also run by
     benchmarks/kernels/diagnostics/debug_chunk.py."""
     hist, n_q = [0, 300, 5000], [700, 64, 5]
     fmt = KVarNFormat.from_preset("kvarn_k4v2_g128", head_dim, torch.float16)
@@ -105,7 +106,7 @@ def chunk_case(head_dim: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]
     kn = torch.randn(sum(n_q), 2, head_dim, device="cuda", dtype=torch.float16)
     vn = torch.randn_like(kn)
     expected = ref.paged_attention_ref(q, state, cu, kn, vn, cu)
-    return chunk_attention(q, kn, vn, cu, cu, max(n_q), state), expected, cu
+    return chunk_attention(q, kn, vn, cu, cu, max(n_q), state, tuning=tuning), expected, cu
 
 
 @pytest.mark.parametrize("head_dim", [64, 128, 256])

@@ -9,17 +9,21 @@ tar -x -C /tmp/v0`), so several revisions run in one device call. Each config se
 default 32), `tile_groups` (tiles a decode program attends at once, default 4), `dense_units` (work units a
 split counts per G 16-bit tokens; default: the module's), `programs_per_sm` ({head_dim: n}: the split rule's decode
 programs per SM), `chunk_ns` (query counts of the timed chunks, default [8, 512]), `attrs` ({name: value}: other
-constants of the attention module, set before the config runs), `dtype` (the model dtype, default "bfloat16").
+constants of the attention module: `Tuning` field names, or module constants of revisions before `Tuning`),
+`dtype` (the model dtype, default "bfloat16").
 `what` (default decode,chunk) may add `split` (per-kernel times of batch-1 decode) and `flash` (flash SDPA on 16-bit
 KV at the decode shapes, once per dtype). One JSON line per (config, head_dim): max |error| of decode and a chunk
 against `reference.paged_attention_ref` and a digest of those outputs' bits (equal across versions: bit-identical),
 then microseconds per call (CUDA-graph medians) for a few decode shapes (32 query / 8 KV heads) and a 16K-history
 chunk of 8 and 512 queries.
+Revisions with `attention.Tuning` get each config as a `tuning=` argument; older revisions (no other handle) get their
+module constants set and restored.
 Results of one round: benchmarks/kernels/results/ab/h100/2026-11-23_87d5bad.log.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import sys
@@ -35,14 +39,44 @@ from kvarn_kernels.reference import paged_attention_ref
 
 DECODE_SHAPES = [(1, 1024), (1, 2048), (1, 4096), (1, 16384), (8, 2048), (8, 16384), (64, 16384), (64, 131072),
                  (8, 65536), (1, 131072), (8, 131072), (32, 131072), (64, 65536)]
-# The module's own defaults, restored before each config so that one config's overrides do not leak into the next.
-_PROGRAMS_PER_SM = dict(attention.DECODE_PROGRAMS_PER_SM)
-_CHUNK_ROWS = attention.CHUNK_ROWS.copy() if isinstance(attention.CHUNK_ROWS, dict) else attention.CHUNK_ROWS
+_TUNING = None  # the current config's launch choices (revisions with `attention.Tuning`)
+_TUNING_FIELDS = {"decode": "launch_options", "decode_groups": "launch_options_groups", "decode_d256":
+                  "launch_options_d256", "decode_d64": "launch_options_d64", "chunk": "chunk_launch_options",
+                  "dense_block": "dense_block", "tile_groups": "max_tile_groups", "dense_units": "dense_units"}
 
-_ATTRS: dict = {}  # the attention module's values of the constants the current config's `attrs` set
+
+def _kw() -> dict:
+    """The `tuning=` argument of the current config (none for revisions before `attention.Tuning`)."""
+    return {} if _TUNING is None else {"tuning": _TUNING}
 
 
 def _set_options(cfg: dict) -> None:
+    global _TUNING
+    if not hasattr(attention, "Tuning"):
+        _set_legacy_options(cfg)
+        return
+    if "min_tiles_per_split" in cfg:
+        raise ValueError("min_tiles_per_split is a constant of revisions before attention.Tuning only")
+    base = attention.TUNING
+    changes = {field: cfg[key] for key, field in _TUNING_FIELDS.items() if key in cfg}
+    if "chunk_rows" in cfg:
+        changes["chunk_rows"] = {d: cfg["chunk_rows"] for d in (64, 128, 256)}
+    if "programs_per_sm" in cfg:
+        changes["decode_programs_per_sm"] = {**base.decode_programs_per_sm,
+                                             **{int(d): n for d, n in cfg["programs_per_sm"].items()}}
+    changes.update({name.lower(): value for name, value in cfg.get("attrs", {}).items()})
+    _TUNING = dataclasses.replace(base, **changes)
+
+
+# Revisions before `attention.Tuning`: their module's own defaults, restored before each config so that one config's
+# overrides do not leak into the next.
+_PROGRAMS_PER_SM = dict(getattr(attention, "DECODE_PROGRAMS_PER_SM", {}))
+_CHUNK_ROWS = getattr(attention, "CHUNK_ROWS", {})
+_CHUNK_ROWS = _CHUNK_ROWS.copy() if isinstance(_CHUNK_ROWS, dict) else _CHUNK_ROWS
+_ATTRS: dict = {}  # the attention module's values of the constants the current config's `attrs` set
+
+
+def _set_legacy_options(cfg: dict) -> None:
     attention.LAUNCH_OPTIONS.clear()
     attention.LAUNCH_OPTIONS.update(cfg.get("decode", {"num_warps": 4, "num_stages": 2}))
     if hasattr(attention, "LAUNCH_OPTIONS_GROUPS"):
@@ -85,12 +119,12 @@ def _errors(fmt: KVarNFormat, d: int, dtype: torch.dtype) -> tuple[float, float,
     state = make_state(2, 4096 + 77, 8, fmt, dtype)
     q = torch.randn(2, 32, d, device="cuda", dtype=dtype)
     cu = torch.arange(3, device="cuda", dtype=torch.int32)
-    out = decode_attention(q, state)
+    out = decode_attention(q, state, **_kw())
     err = (out.float() - paged_attention_ref(q, state, cu).float()).abs().max().item()
     qc = torch.randn(96, 32, d, device="cuda", dtype=dtype)
     kn = torch.randn(96, 8, d, device="cuda", dtype=dtype)
     cuc = torch.tensor([0, 40, 96], device="cuda", dtype=torch.int32)
-    got = paged_attention(qc, state, cuc, 56, kn, kn, cuc)
+    got = paged_attention(qc, state, cuc, 56, kn, kn, cuc, **_kw())
     err_chunk = (got.float() - paged_attention_ref(qc, state, cuc, kn, kn, cuc).float()).abs().max().item()
     bits = torch.cat([out.flatten(), got.flatten()]).contiguous().view(torch.int16).cpu().numpy().tobytes()
     return err, err_chunk, hashlib.sha256(bits).hexdigest()[:16]
@@ -99,7 +133,7 @@ def _errors(fmt: KVarNFormat, d: int, dtype: torch.dtype) -> tuple[float, float,
 def _time_decode(fmt: KVarNFormat, d: int, dtype: torch.dtype, batch: int, ctx: int) -> float:
     state = make_state(batch, ctx, 8, fmt, dtype)
     q = torch.randn(batch, 32, d, device="cuda", dtype=dtype)
-    return 1e3 * graph_time_ms(lambda: decode_attention(q, state))
+    return 1e3 * graph_time_ms(lambda: decode_attention(q, state, **_kw()))
 
 
 def _kernel_split(fmt: KVarNFormat, d: int, dtype: torch.dtype, batch: int, ctx: int) -> dict[str, float]:
@@ -108,11 +142,11 @@ def _kernel_split(fmt: KVarNFormat, d: int, dtype: torch.dtype, batch: int, ctx:
 
     state = make_state(batch, ctx, 8, fmt, dtype)
     q = torch.randn(batch, 32, d, device="cuda", dtype=dtype)
-    decode_attention(q, state)
+    decode_attention(q, state, **_kw())
     torch.cuda.synchronize()
     with profile(activities=[ProfilerActivity.CUDA]) as prof:
         for _ in range(20):
-            decode_attention(q, state)
+            decode_attention(q, state, **_kw())
         torch.cuda.synchronize()
     per: dict[str, float] = {}
     for e in prof.events():
@@ -140,7 +174,7 @@ def _time_chunk(fmt: KVarNFormat, d: int, dtype: torch.dtype, n: int) -> float:
     q = torch.randn(n, 32, d, device="cuda", dtype=dtype)
     kn = torch.randn(n, 8, d, device="cuda", dtype=dtype)
     cu = torch.tensor([0, n], device="cuda", dtype=torch.int32)
-    return 1e3 * graph_time_ms(lambda: paged_attention(q, state, cu, n, kn, kn, cu))
+    return 1e3 * graph_time_ms(lambda: paged_attention(q, state, cu, n, kn, kn, cu, **_kw()))
 
 
 def main() -> None:

@@ -1,6 +1,7 @@
 """GPU diagnostics: chunk attention variants, one per process (an illegal access poisons the context); shapes_*
 compare the float16 mantissa-OR path with plain conversion. Output:
 benchmarks/kernels/results/gpu_tests/h100/2026-11-23_521f454_run2.log."""
+import dataclasses
 import subprocess
 import sys
 
@@ -16,9 +17,10 @@ def shapes(magic: bool) -> None:
     from test_gpu_shapes import chunk_case
 
     from kvarn_kernels import attention as A
-    A.MAGIC_DTYPES = {A.tl.bfloat16, A.tl.float16} if magic else {A.tl.bfloat16}
+    tuning = dataclasses.replace(A.TUNING, magic_dtypes=frozenset({A.tl.bfloat16, A.tl.float16} if magic
+                                                                  else {A.tl.bfloat16}))
     for hd in (64, 128):
-        a, e, cu = chunk_case(hd)
+        a, e, cu = chunk_case(hd, tuning)
         err = (a.float() - e.float()).abs()
         bad = (err > 1e-2 + 1e-2 * e.float().abs()).sum().item()
         print(f"magic={magic} D={hd} max err {err.max().item():.4g} over-tol {bad} "
@@ -42,17 +44,18 @@ def run(variant: str) -> None:
     if variant == "nonew_hist":
         hist, n_q, n_k = [3 * 64], [4], [4]
     hq = 2 if variant == "rep1" else 6
+    tuning = A.TUNING
     if variant == "warps4":
-        A.CHUNK_LAUNCH_OPTIONS = {"num_warps": 4, "num_stages": 2}
-    if variant == "nomagic":
-        A._MAGIC.clear()
+        tuning = dataclasses.replace(tuning, chunk_launch_options={"num_warps": 4, "num_stages": 2})
+    if variant == "nomagic":  # plain code conversion
+        tuning = dataclasses.replace(tuning, magic_dtypes=frozenset(), f16_asm=False)
     state = _state(hist, 2, D, dtype, dev)
     q = torch.randn(sum(n_q), hq, D, device=dev).to(dtype)
     k_new = torch.randn(sum(n_k), 2, D, device=dev).to(dtype)
     v_new = torch.randn(sum(n_k), 2, D, device=dev).to(dtype)
     cu_q, cu_k = _cu(n_q, dev), _cu(n_k, dev)
     expected = ref.paged_attention_ref(q, state, cu_q, k_new, v_new, cu_k)
-    actual = A.chunk_attention(q, k_new, v_new, cu_q, cu_k, max(n_q), state, num_splits=1)
+    actual = A.chunk_attention(q, k_new, v_new, cu_q, cu_k, max(n_q), state, num_splits=1, tuning=tuning)
     torch.cuda.synchronize()
     print(variant, "max err", (actual.float() - expected.float()).abs().max().item())
 

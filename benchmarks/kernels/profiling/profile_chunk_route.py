@@ -9,6 +9,8 @@ kernel ~96 us and torch's varlen flash kernel ~490 us at every size
 (benchmarks/kernels/results/gpu_tests/h100/2026-11-23_58f1ce6.log).
 """
 
+import dataclasses
+
 import torch
 from torch.profiler import ProfilerActivity, profile
 
@@ -21,17 +23,17 @@ from kvarn_kernels.format import KVarNFormat
 def main() -> None:
     fmt = KVarNFormat.from_preset("kvarn_k4v2_g128", 128, torch.bfloat16)
     state = make_state(1, 16384, 8, fmt, torch.bfloat16)
-    attention.DENSE_CHUNK_MIN_QUERIES = 1
+    tuning = dataclasses.replace(attention.TUNING, dense_chunk_min_queries=1)  # the dequantize-once route always
     for n in (4, 64, 512):
         q = torch.randn(n, 32, 128, device="cuda", dtype=torch.bfloat16)
         kn = torch.randn(n, 8, 128, device="cuda", dtype=torch.bfloat16)
         cu = torch.tensor([0, n], device="cuda", dtype=torch.int32)
         for _ in range(3):
-            paged_attention(q, state, cu, n, kn, kn, cu)
+            paged_attention(q, state, cu, n, kn, kn, cu, tuning=tuning)
         torch.cuda.synchronize()
         with profile(activities=[ProfilerActivity.CUDA]) as prof:
             for _ in range(10):
-                paged_attention(q, state, cu, n, kn, kn, cu)
+                paged_attention(q, state, cu, n, kn, kn, cu, tuning=tuning)
             torch.cuda.synchronize()
         per: dict[str, float] = {}
         for e in prof.events():
