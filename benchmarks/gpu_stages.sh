@@ -5,7 +5,7 @@
 #   OUT=/path bash benchmarks/gpu_stages.sh kernels   # decode grid + prefill quantize + chunk + launch-option sweep
 #   OUT=/path bash benchmarks/gpu_stages.sh hf        # model.generate memory/speed (send benchmarks/hf/wheels along)
 #
-# Results land in $OUT; copy them to benchmarks/*/results and update the README's measured figures.
+# Results land in $OUT; file them as benchmarks/*/results/<what>/<gpu>/<date>_<commit>.* and update docs/performance.md.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 : "${OUT:?set OUT to a results folder}"

@@ -1,8 +1,9 @@
 """Decode attention over KVarN tiles versus FlashAttention on a 16-bit KV cache, plus prefill quantize cost.
 
-Run on a GPU:  python benchmarks/kernels/bench_decode.py --out benchmarks/kernels/results
-Writes decode.json (every measurement and the setup) and decode.png. Times are CUDA-graph replays
-(median of several), so launch overhead is excluded for both sides alike.
+Run on a GPU:  python benchmarks/kernels/bench_decode.py --out DIR
+Writes decode.json (every measurement, the setup and the command) and decode.png into DIR; they are kept as
+benchmarks/kernels/results/decode/<gpu>/<date>_<commit>.{json,png}. Times are CUDA-graph replays (median of several), so
+launch overhead is excluded for both sides alike.
 """
 
 from __future__ import annotations
