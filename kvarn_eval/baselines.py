@@ -2,7 +2,13 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
+
+# A quantize-dequantize round trip of tiles k, v [N, H, G, D] (original frame) → float32 reconstructions: the one
+# interface the quality reports compare methods through.
+TileCodec = Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
 
 
 def rtn_rows(x: torch.Tensor, bits: int) -> torch.Tensor:

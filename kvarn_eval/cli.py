@@ -41,8 +41,8 @@ def cmd_info(args: argparse.Namespace) -> int:
 def selfcheck(preset: str, device: str, head_dim: int = 128, tokens: int = 1024, seed: int = 0) -> dict:
     """Quantize synthetic K/V with outlier channels through the paged kernels; measure the damage."""
     from kvarn_kernels import ops, reference
+    from kvarn_kernels.reference import synthetic_kv
     from kvarn_kernels.state import build_paged_kv
-    from kvarn_kernels.testing import synthetic_kv
 
     from .baselines import kivi_tiles
 

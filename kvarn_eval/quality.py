@@ -48,9 +48,9 @@ from typing import Any
 import torch
 
 from kvarn_kernels import PRESETS, KVarNFormat, reference
-from kvarn_kernels.testing import synthetic_kv
+from kvarn_kernels.reference import synthetic_kv
 
-from .baselines import kivi_tiles, rtn_rows
+from .baselines import TileCodec, kivi_tiles, rtn_rows
 
 REPORT_VERSION = 1
 SINK = 128  # tokens kept in 16-bit at the start of every sequence, for every method
@@ -75,9 +75,6 @@ METRIC_TITLES = {
 SYNTHETIC = ("synthetic-outliers", "synthetic-gaussian", "synthetic-student-t")
 DEFAULT_MODELS = ("smollm2-135m", "qwen2.5-coder-0.5b")
 
-Codec = Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
-
-
 # --- methods: tiles k, v [N, H, G, D] (original frame) -> float32 reconstructions, original frame ---------------
 def config_bits(config: str) -> tuple[int, int, int]:
     """(k_bits, v_bits, group) of a configuration name such as ``k4v2_g128``."""
@@ -101,7 +98,7 @@ def _per_row(fn: Callable[[torch.Tensor, int], torch.Tensor], k: torch.Tensor, v
     return k_hat, v_hat
 
 
-def make_codec(method: str, config: str, scale_dtype: torch.dtype = torch.float16) -> Codec:
+def make_codec(method: str, config: str, scale_dtype: torch.dtype = torch.float16) -> TileCodec:
     """The quantize-dequantize round trip of `method` at `config` (see the module docstring)."""
     kb, vb, _ = config_bits(config)
 
@@ -189,7 +186,7 @@ def evaluate_layer(
     methods: Sequence[Method],
     positions: torch.Tensor,
     scaling: float | None = None,
-    codecs: dict[str, Codec] | None = None,
+    codecs: dict[str, TileCodec] | None = None,
 ) -> dict[str, dict[str, torch.Tensor]]:
     """Errors of each method on one layer: q [Hq, L, D], k, v [H, L, D] (Hq a multiple of H, GQA grouping).
 

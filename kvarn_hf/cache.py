@@ -37,7 +37,7 @@ import torch
 from transformers.cache_utils import Cache, CacheLayerMixin, DynamicSlidingWindowLayer
 
 from kvarn_kernels import DEFAULT_PRESET, PRESETS, KVarNFormat, PagedKV, ops
-from kvarn_kernels.reference import dequantize_tiles
+from kvarn_kernels.codec import dequantize_tiles
 
 __all__ = ["KVarNCache", "KVarNLayer", "PendingKV"]
 

@@ -19,147 +19,139 @@ from __future__ import annotations
 
 import functools
 import math
-import os
+from dataclasses import dataclass, field
 
 import torch
 import triton
 import triton.language as tl
 
-from .format import KVarNFormat
-from .reference import hadamard
+from .dense_history import buffer_rows, dense_history
+from .env import check_tables, interpreted
+from .format import KVarNFormat, k_frame_flag_offset, k_frame_is_rotated, scale_offset
+from .hadamard import hadamard_signs, unrotate
 from .state import PagedKV
 
 MIN_TILES_PER_SPLIT = 1
 LOG2E = tl.constexpr(1.4426950408889634)
 LN2 = tl.constexpr(0.6931471805599453)
-# Launch options of the attention kernel (benchmarks/kernels/bench_decode.py --tune sweeps them).
-LAUNCH_OPTIONS = {"num_warps": 4, "num_stages": 2}
-# head_dim 256: 8 warps (with 4, the sm_90 build runs out of registers and spills).
-LAUNCH_OPTIONS_D256 = {"num_warps": 8, "num_stages": 2}
-# head_dim 64 (16-bit models): uncapped (232-255 registers, 2 programs per SM). Session 4 capped it at 128 registers
-# (4 programs per SM; one tile at a time it did not spill), but the row-group loop spilled under that cap (45 reloads
-# per iteration) and under 168 (1-13). H100, two interleaved runs (results/session9/ab_chunk_d64.log, us): batch 8 x
-# 16K 59.0 capped at 128 -> 53.7 uncapped (63.6 at 168), batch 64 x 16K 300.4 -> 300.8 (387 at 168), batch 1 within
-# 0.4 us; splits were chosen for 4, 3 and 2 programs per SM respectively.
-LAUNCH_OPTIONS_D64 = {"num_warps": 4, "num_stages": 2}
-# head_dim 128 in row groups (4 tiles per iteration): 3 stages. H100 A/B, two runs each (results/ab_session6.log):
-# batch 64 x 128K 4393 -> 4185 us, batch 64 x 16K 587 -> 566, batch 8 x 16K 102 -> 99; one tile at a time they
-# cost 1-4 % (batch 1 x 2K 11.9 -> 12.5 us), so that launch keeps 2.
-LAUNCH_OPTIONS_GROUPS = {"num_warps": 4, "num_stages": 3}
-# Chunks: 4 warps. With 8, Triton 3.6 miscompiles the head_dim-64, 64-row chunk program on sm_90 (an
-# out-of-range shared-memory access found by compute-sanitizer in the K-plane dot).
-CHUNK_LAUNCH_OPTIONS = {"num_warps": 4, "num_stages": 2}
-# 16-bit tokens (sink, tail, new) are attended this many at a time: small blocks keep registers free.
-DENSE_BLOCK = 32
-# Work units a split counts for G 16-bit tokens (the sink; the tail with the new tokens, pro rata) against 1 per
-# packed tile: a 16-bit block loads 4.6x a tile's bytes in DENSE_BLOCK-token steps. H100 A/B against 1 unit per
-# block (results/ab_session8.log, two runs, us): batch 1 x 4K 16.2 -> 14.9, batch 1 x 128K 85.4 -> 81.6, batch 8 x 16K
-# 86.7 -> 81.9, batch 64 x 16K 453 -> 423, batch 64 x 128K 3345 -> 3141; batch 8 x 128K 465 -> 483 (its 4-split build
-# got ~90 more SASS instructions per loop iteration). 2 and 4 units measured within noise of 3. Decode only: chunks
-# (new tokens) keep 1 unit per block; their sm_90 build with 3 spilled more (816 vs 760 stack bytes, 3302 vs 3214
-# loop instructions) and 16K-history chunks of 32-128 queries ran 10-18 % slower in session 8's grid.
-DENSE_UNITS = 3
-# (query, head) rows of a chunk program, by head_dim (others: CHUNK_ROWS_DEFAULT). At head_dim 128, 64 rows spilled
-# ~200 registers per loop iteration (3200 SASS instructions) and 32 rows 7 (2155): 16K-history chunks on an H100
-# (two interleaved runs, results/session9/ab_chunk_d64.log, us) of 16 queries 75.0 -> 55.9, 32: 117 -> 95, 64: 208
-# -> 173, 128: 387 -> 322, 8: 36.5 both; 32 rows with 8 warps were slower (94-562). Other head_dims: not measured.
-CHUNK_ROWS = {128: 32}
-CHUNK_ROWS_DEFAULT = 64
-# Chunks of at least this many queries per sequence (on a GPU, 16-bit models) dequantize the history once into a
-# transient 16-bit buffer and run torch's varlen flash attention over it (`dense_history.py`); DENSE_CHUNKS=False:
-# never. H100, 16K history, head_dim 128 (benchmarks/kernels/results/chunk.json, session 9): 128 queries 0.59 ms that
-# way vs 0.32 ms from the packed tiles, 512 queries 0.59 vs 1.32 ms, 2048 queries 1.81 vs 5.40 ms.
-DENSE_CHUNK_MIN_QUERIES = 256
-DENSE_CHUNKS = True
-# ... as long as that buffer stays below this many bytes (K and V together); larger ones take the packed-tile path.
-DENSE_CHUNK_MAX_BYTES = 4 << 30
-# Decode attends up to this many tiles at once, one per row group (`_attend_tile_group`); 1: one tile at a time ...
-TILE_GROUPS = 4
-# ... when each split has at least this many work units; below, one at a time. With the decode split rule below,
-# over 18 shapes on an H100 (benchmarks/kernels/results/sweep_groups.json: every (groups, splits) timed) this
-# choice (with `one_tile_splits`) is within 0.1 % of each shape's best on geometric mean, 1 % at worst (session 10;
-# `sweep_groups.py --evaluate`, which tests/benchmarks/test_sweep_groups.py runs).
-GROUP_MIN_UNITS = 16
-# Decode programs one H100 SM holds at once, by head_dim: head_dim 64 and 128 take 232-255 registers in row groups
-# (2 x 4 warps), 256 needs 147 KB of shared memory (1 x 8 warps; compile_stats.py prints both). Decode splits fill
-# one such wave: more programs than an SM holds wait for a second wave, and every split adds partials to merge;
-# fewer leave SMs idle.
-DECODE_PROGRAMS_PER_SM = {64: 2, 128: 2, 256: 1}
-# ... and of the one-tile-at-a-time split build (tile_groups 1, splits > 1), by (head_dim, model dtype, GQA group size),
-# where it holds more: 3 x 4 warps per SM (the row-group build takes 232-255 registers: 2). ptxas gives that build at
-# head_dim 64 155-168 registers and in bfloat16 at 128 with GQA 4 168; with other GQA sizes at 128 211-224, so those
-# are capped at 168 (ONE_TILE_MAXNREG). None spills in its tile loop; some keep 8-16 bytes of stack outside it (a
-# spilled register stored once per program). float16 at 128: see below.
-# (`benchmarks/kernels/compile_stats.py --splits 3 --tile-groups 1 --n-rep N` prints each.)
-# The listed decodes take any split count of ONE_TILE_SPLITS that fits such a wave, not only powers of two: a split
-# walks cdiv(units, splits) units one after another, so batch 1 x 16K (133 units) walked 5 per split with 32 splits
-# and walks 3 with 48. H100, GQA 4, us (benchmarks/kernels/results/session10/sweep_splits.json, sweep_groups.json):
-# head_dim 128 batch 1 x 16K 23.1 -> 20.4, batch 1 x 4K 14.7 -> 13.8, batch 8 x 4K 34.6 -> 30.3; head_dim 64 batch 1
-# x 16K 17.5 -> 15.0. Other GQA sizes at head_dim 128, capped, against the rule for 2 per SM uncapped: GQA 1 and 8
-# 8-12 % faster at batch 1 x 16K and batch 8 x 4K (results/session10/sweep_splits_gqa.json); GQA 2, 3, 7, 16 batch 1
-# x 16K 22.0-23.9 -> 19.8-20.2, batch 8 x 4K GQA 3, 7, 16 31.5 -> 29.7, 32.5 -> 31.4, 35.7 -> 32.7
-# (results/session11/sweep_splits_gqa.json); GQA 6, 12 batch 1 x 16K 20.9 -> 18.7, 20.6 -> 18.6, batch 8 x 4K 30.0 ->
-# 28.3, 31.0 -> 28.5 (sweep_splits_gqa6_12.json, with the merge's un-rotation on both sides). A 128-register cap
-# (4 programs per SM) was slower at every shape timed.
-# test_compile_sm90 checks every listed build.
-# float16 at head_dim 128 (session 12): with the float16 PTX unpack (F16_SUB_ASM) its one-tile build takes 215-226
-# registers uncapped; capped at 168 it reloads 0-8 spilled values per tile-loop iteration (of ~1245 instructions; no
-# stores) and still runs faster at 3 per SM. H100 (results/session12/sweep_f16_gqa4.json, sweep_f16_gqa8.json, us, the
-# power-of-two rule's pick uncapped -> 3 per SM capped): GQA 4 batch 1 x 16K 21.0 -> 19.4, batch 8 x 4K 31.8 -> 29.5
-# (batch 1 x 4K 12.4 -> 12.5); GQA 8 batch 1 x 16K 20.5 -> 19.2, batch 8 x 4K 31.9 -> 28.8. On another H100 the gain was
-# smaller (GQA 4 batch 1 x 16K 19.5 -> 19.4, x 4K 12.6 -> 12.3; results/session12/ab_f16_listing.log).
-DECODE_PROGRAMS_PER_SM_ONE_TILE = {
-    **{(64, dtype, n_rep): 3 for dtype in (torch.bfloat16, torch.float16) for n_rep in range(1, 17)},
-    **{(128, dtype, n_rep): 3 for dtype in (torch.bfloat16, torch.float16) for n_rep in range(1, 17)},
-}
-# Register caps of one-tile split builds (decode, tile_groups 1, splits > 1), keyed as above. Not bfloat16 GQA 4: it
-# fits in 168 uncapped, and the cap changes its build (1081 -> 1130 instructions per tile-loop iteration).
-ONE_TILE_MAXNREG = {
-    **{(128, torch.bfloat16, n_rep): 168 for n_rep in range(1, 17) if n_rep != 4},
-    **{(128, torch.float16, n_rep): 168 for n_rep in range(1, 17)},
-}
-ONE_TILE_SPLITS = (1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 64)
+@dataclass(frozen=True)
+class Tuning:
+    """The attention kernel's launch choices, in one documented table. Each was measured on an H100 (the A/B figures
+    and rejected tries are in benchmarks/HISTORY.md under "Attention and quantize kernel constants"). Every call uses
+    `TUNING` unless given another: benchmarks and tests pass a variant (`dataclasses.replace(TUNING, ...)`) to
+    `paged_attention`/`decode_attention`/`chunk_attention` as `tuning=`, nothing patches module globals."""
+
+    # Launch options of the attention kernel (benchmarks/kernels/bench_decode.py --tune sweeps them).
+    launch_options: dict = field(default_factory=lambda: {"num_warps": 4, "num_stages": 2})
+    # head_dim 256: 8 warps (with 4, the sm_90 build runs out of registers and spills).
+    launch_options_d256: dict = field(default_factory=lambda: {"num_warps": 8, "num_stages": 2})
+    # head_dim 64 (16-bit models): uncapped; a register cap made the row-group loop spill and run slower.
+    launch_options_d64: dict = field(default_factory=lambda: {"num_warps": 4, "num_stages": 2})
+    # head_dim 128 in row groups (4 tiles per iteration): 3 stages (faster at long contexts; one tile at a time keeps
+    # 2).
+    launch_options_groups: dict = field(default_factory=lambda: {"num_warps": 4, "num_stages": 3})
+    # Chunks: 4 warps. With 8, Triton 3.6 miscompiles the head_dim-64, 64-row chunk program on sm_90 (an
+    # out-of-range shared-memory access found by compute-sanitizer in the K-plane dot).
+    chunk_launch_options: dict = field(default_factory=lambda: {"num_warps": 4, "num_stages": 2})
+    # 16-bit tokens (sink, tail, new) are attended this many at a time: small blocks keep registers free.
+    dense_block: int = 32
+    # Work units a split counts for G 16-bit tokens (the sink; the tail with the new tokens, pro rata) against 1 per
+    # packed tile: a 16-bit block loads 4.6x a tile's bytes. Decode only: chunks keep 1 (their build spilled more).
+    dense_units: int = 3
+    # (query, head) rows of a chunk program, by head_dim (others: chunk_rows_default): at head_dim 128, 64 rows
+    # spilled heavily in the tile loop and 32 rows ran faster at every chunk size measured.
+    chunk_rows: dict = field(default_factory=lambda: {128: 32})
+    chunk_rows_default: int = 64
+    # Chunks of at least this many queries per sequence (on a GPU, 16-bit models) dequantize the history once into a
+    # transient 16-bit buffer and run torch's varlen flash attention over it (`dense_history.py`): from there that is
+    # faster than re-reading the packed tiles per query block. dense_chunks=False: never.
+    dense_chunk_min_queries: int = 256
+    dense_chunks: bool = True
+    # ... as long as that buffer stays below this many bytes (K and V together); larger ones take the packed-tile path.
+    dense_chunk_max_bytes: int = 4 << 30
+    # Decode attends up to this many tiles at once, one per row group (`_attend_tile_group`); 1: one tile at a time ...
+    max_tile_groups: int = 4
+    # ... when each split has at least this many work units; below, one at a time (a short split is latency-bound, and
+    # a group iteration takes longer than a one-tile one). tests/benchmarks/test_sweep_groups.py holds this rule to the
+    # stored sweep of every (groups, splits) choice.
+    group_min_units: int = 16
+    # Decode programs one H100 SM holds at once, by head_dim: head_dim 64 and 128 take 232-255 registers in row groups
+    # (2 x 4 warps), 256 needs 147 KB of shared memory (1 x 8 warps; compile_stats.py prints both). Decode splits fill
+    # one such wave: more programs than an SM holds wait for a second wave, and every split adds partials to merge;
+    # fewer leave SMs idle.
+    decode_programs_per_sm: dict = field(default_factory=lambda: {64: 2, 128: 2, 256: 1})
+    # ... and of the one-tile-at-a-time split build (tile_groups 1, splits > 1), by (head_dim, model dtype, GQA group
+    # size), where it holds 3 x 4 warps per SM (at most 168 registers, with the caps of one_tile_maxnreg where ptxas
+    # would take more). These decodes take any split count of one_tile_splits that fits such a wave, not only powers
+    # of two, so a split walks fewer units. test_compile_sm90 checks that the listed builds fit.
+    decode_programs_per_sm_one_tile: dict = field(default_factory=lambda: {
+        (head_dim, dtype, n_rep): 3 for head_dim in (64, 128) for dtype in (torch.bfloat16, torch.float16)
+        for n_rep in range(1, 17)})
+    # Register caps of one-tile split builds (decode, tile_groups 1, splits > 1), keyed as above. Not bfloat16 GQA 4:
+    # it fits in 168 uncapped, and the cap changes its build (1081 -> 1130 instructions per tile-loop iteration).
+    one_tile_maxnreg: dict = field(default_factory=lambda: {
+        **{(128, torch.bfloat16, n_rep): 168 for n_rep in range(1, 17) if n_rep != 4},
+        **{(128, torch.float16, n_rep): 168 for n_rep in range(1, 17)}})
+    one_tile_splits: tuple = (1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 64)
+    # Dot dtypes that take the mantissa-OR code conversion with the offset removed algebraically (`code_conversion`).
+    # Not float16: its offset 1024 cancels ~10 bits inside the tensor-core sums (chunk outputs lost precision on an
+    # H100); float16 takes F16_SUB_ASM instead, which removes the offset before the dot. Tests add float16 to
+    # exercise the path.
+    magic_dtypes: frozenset = frozenset({tl.bfloat16})
+    # float16 dots on NVIDIA at head_dim <= 128 take the PTX path that subtracts the offset in registers (F16_SUB_ASM);
+    # False: plain conversion (I2F, a quarter-rate pipe: one per code) everywhere. head_dim 256 keeps the plain
+    # conversion: its sm_90 row-group build spilled more with the PTX path.
+    f16_asm: bool = True
+    # Programmatic dependent launch of the split merge (Hopper and later, CUDA): each attention program, after its last
+    # store, lets the merge launch start; the merge waits for the whole attention launch's writes in-kernel
+    # (griddepcontrol.wait), so its launch overlaps the attention launch's last programs. Triggering at the start of
+    # each program instead was slower: the waiting merge programs took SM slots.
+    pdl: bool = True
+
+
+TUNING = Tuning()
 
 
 def launch_options(rows: int, head_dim: int, dot: tl.dtype = tl.bfloat16, groups: int = 1, n_rep: int = 0,
-                   splits: int = 1, decode: bool = False) -> dict:
+                   splits: int = 1, decode: bool = False, tuning: Tuning | None = None) -> dict:
     """Launch options of the attention kernel for `rows` (query, head) rows per program (16: decode), tensor-core
     operand dtype `dot`, `groups` row groups (`tile_groups`), GQA group size `n_rep` and `splits` splits; decode: a
-    decode build (one query per sequence, no new tokens), which ONE_TILE_MAXNREG may cap."""
+    decode build (one query per sequence, no new tokens), which `Tuning.one_tile_maxnreg` may cap."""
+    t = tuning or TUNING
     if rows > 16:
-        return CHUNK_LAUNCH_OPTIONS
+        return t.chunk_launch_options
     if groups > 1 and head_dim == 128:
-        return LAUNCH_OPTIONS_GROUPS
+        return t.launch_options_groups
     if head_dim > 128:
-        return LAUNCH_OPTIONS_D256
+        return t.launch_options_d256
     # float32 models' IEEE dots spill anyway; a register cap would only make them spill more.
-    options = LAUNCH_OPTIONS_D64 if head_dim <= 64 and dot != tl.float32 else LAUNCH_OPTIONS
-    cap = ONE_TILE_MAXNREG.get((head_dim, _TORCH_DTYPE[dot], n_rep)) if decode and splits > 1 else None
+    options = t.launch_options_d64 if head_dim <= 64 and dot != tl.float32 else t.launch_options
+    cap = t.one_tile_maxnreg.get((head_dim, _TORCH_DTYPE[dot], n_rep)) if decode and splits > 1 else None
     return {**options, "maxnreg": cap} if cap else options
 
 
 def tile_groups(rows: int, n_rep: int, block_m: int, units_per_split: int,
-                dtype: torch.dtype = torch.bfloat16) -> int:
+                dtype: torch.dtype = torch.bfloat16, tuning: Tuning | None = None) -> int:
     """Row groups of a decode program (`_attend_tile_group`): its 16 rows hold the GQA group's query heads padded
-    to a power of two, so ROWS // that many copies attend that many tiles at once: TILE_GROUPS where that many fit
-    (GQA up to 4), else 1 (2 groups of a GQA-4 group were no faster than one tile at a time on an H100, so GQA 8
-    is not grouped; sweep_groups.json).
+    to a power of two, so ROWS // that many copies attend that many tiles at once: `Tuning.max_tile_groups` where that
+    many fit (GQA up to 4), else 1 (2 groups of a GQA-4 group were no faster than one tile at a time on an H100, so
+    GQA 8 is not grouped).
 
-    Splits with fewer than GROUP_MIN_UNITS units take one tile at a time: a group iteration takes longer than a
+    Splits with fewer than `Tuning.group_min_units` units take one tile at a time: a group iteration takes longer than a
     one-tile iteration (latency, which a short split is bound by), and a split's run of units is rounded up to whole
     groups. Chunks (block_m > 1) fill their rows with queries, and float32 models' IEEE dots already spill at one
     tile: 1."""
-    if block_m > 1 or dtype == torch.float32 or units_per_split < GROUP_MIN_UNITS:
+    t = tuning or TUNING
+    if block_m > 1 or dtype == torch.float32 or units_per_split < t.group_min_units:
         return 1
-    return TILE_GROUPS if rows // triton.next_power_of_2(n_rep) >= TILE_GROUPS else 1
+    return t.max_tile_groups if rows // triton.next_power_of_2(n_rep) >= t.max_tile_groups else 1
 
 
 def merge_meta(splits: int, head_dim: int, unrotate: bool = False) -> dict:
     """Constexprs and launch options of the merge kernel (one row per program, all `splits` in one load); unrotate:
     it un-rotates the outputs the attention kernel left rotated (`merge_unrotates`), in one warp: its reductions and
-    reshapes then cross no warps (no barriers). H100, batch-1 decode, head_dim 128 (results/session11/ab_unrotate.log),
-    merge launch 4.0 us with 4 warps, 3.1-3.8 with 2, 2.0-2.8 with 1 (2.0-2.2 without the un-rotation); the plain merge
-    gained nothing from one warp. Past 48 splits of 128 dimensions one warp's registers spill: two."""
+    reshapes then cross no warps (no barriers), which made it faster on an H100; the plain merge gained nothing from
+    one warp. Past 48 splits of 128 dimensions one warp's registers spill: two."""
     p2 = triton.next_power_of_2(splits)
     if unrotate:
         warps = 1 if splits * head_dim <= 48 * 128 else 2
@@ -172,11 +164,9 @@ def merge_unrotates(splits: int, groups: int, head_dim: int, block_m: int, has_n
     """Whether a launch's split outputs may stay in the rotated frame for the merge to un-rotate (the kernel's
     ROT_PARTS): decodes (one query, no new tokens) that take one tile at a time over several splits, head_dim <= 128.
     Their splits are short (a few tiles), so the un-rotation (two [16, D] x [D, D] dots per split) was a large share of
-    each. H100, head_dim 128 (results/session11/ab_unrotate.log, us): batch 1 x 16K attention launch 16.8 -> 15.1,
-    merge 2.2 -> 2.8, call 19.7-19.9 -> 18.7-18.8; batch 1 x 2K 11.1 -> 9.9-10.1, x 4K 13.2 -> 12.0-12.2, batch 8 x
-    2K 19.9-20.1 -> 18.1-18.3; batch 1 x 1K 9.0-9.1 -> 9.1-9.3. Splits holding 16-bit tokens still un-rotate their
-    tiles' share themselves (the two frames meet in the split's output), and row-group builds are left alone: without
-    the un-rotation their registers were allocated differently and long contexts ran up to 13 % slower."""
+    each. Splits holding 16-bit tokens still un-rotate their tiles' share themselves (the two frames meet in the split's
+    output), and row-group builds are left alone: without the un-rotation ptxas allocated their registers differently
+    and long contexts ran slower."""
     return splits > 1 and groups == 1 and block_m == 1 and not has_new and head_dim <= 128
 
 
@@ -232,18 +222,17 @@ _ASM_PLANE4 = tl.constexpr("{ .reg .b32 t; shr.b32 t, $1, $2; lop3.b32 $0, t, 0x
 # computes them once for the four planes); planes 0-2 are then masked in place (bits 2p, 2p+1 lie inside the
 # mantissa: the value is 128 + 4^p·code, and `_v_operand` divides the probabilities by 4^p to match); plane 3 (bits
 # 6-7, which reach into the exponent) is shifted down first. Keys shift every plane down (`_plane`'s WEIGHTED): their
-# planes share one query operand, so nothing could take a weight off. (Until session 13 they were weighted too, and
-# bfloat16 k2v2 decode on a GPU was wrong: the CPU tests run the interpreter's plain conversion, and the GPU tests
-# attended only 4-bit keys.)
+# planes share one query operand, so nothing could take a weight off
+# (benchmarks/HISTORY.md: the k2v2 key bug).
 _ASM_PLANE2 = tl.constexpr(
     "{ .reg .b32 lo, hi; prmt.b32 lo, $2, 0, 0x4140; prmt.b32 hi, $2, 0, 0x4342; shr.b32 lo, lo, $3; "
     "shr.b32 hi, hi, $3; lop3.b32 $0, lo, $7, 0x43004300, 0xEA; lop3.b32 $1, hi, $7, 0x43004300, 0xEA; }")
 
-# float16 (session 12): the code OR-ed into 1024.0's mantissa, then 1024 subtracted in the same registers (sub.f16x2:
+# float16: the code OR-ed into 1024.0's mantissa, then 1024 subtracted in the same registers (sub.f16x2:
 # exact), so the dot gets the code itself. The offset must not reach the dot: summed with the codes inside the tensor
-# cores it cost float16 outputs ~10 bits (see MAGIC_DTYPES). 2-bit planes are shifted down (float16's 1024 has an ulp of
-# 1, so a plane weight 4^p would have to come off the probabilities, which can underflow in float16). The marker is not
-# an OR constant: the kernel's OFFSET is 0 on this path.
+# cores it cost float16 outputs ~10 bits (see `Tuning.magic_dtypes`). 2-bit planes are shifted down (float16's 1024
+# has an ulp of 1, so a plane weight 4^p would have to come off the probabilities, which can underflow in float16). The
+# marker is not an OR constant: the kernel's OFFSET is 0 on this path.
 F16_SUB_ASM = tl.constexpr(0x16400)
 _ASM_PLANE4_F16 = tl.constexpr(
     "{ .reg .b32 t, m; shr.b32 t, $1, $2; lop3.b32 t, t, 0x000F000F, 0x64006400, 0xEA; mov.b32 m, 0x64006400; "
@@ -319,9 +308,11 @@ def _v_operand(p, row_scale, PLANE: tl.constexpr, VBITS: tl.constexpr, DOT: tl.c
 def _tile_scores(qs, kw, scales_ptr, PLANE: tl.constexpr, W: tl.constexpr, D: tl.constexpr, KBITS: tl.constexpr,
                  DOT: tl.constexpr, MAGIC: tl.constexpr, PRECISION: tl.constexpr):
     """Σ_d qs[r, d]·(code[d, t] + offset) for the W tokens of one plane, scaled by their column scales."""
+    G: tl.constexpr = 4 * W
     tok = PLANE * W + tl.arange(0, W)
     s = tl.dot(qs, _plane(kw, PLANE, KBITS, DOT, MAGIC, False), input_precision=PRECISION)
-    return s, tl.abs(tl.load(scales_ptr + 2 * D + tok).to(tl.float32))  # col_scale[0]'s sign is the K-frame flag
+    # abs: col_scale[0]'s sign is the K-frame flag.
+    return s, tl.abs(tl.load(scales_ptr + scale_offset("k_col_scale", D, G) + tok).to(tl.float32))
 
 
 @triton.jit
@@ -331,7 +322,8 @@ def _tile_values(pv, p, vw, row_zero, scales_ptr, PLANE: tl.constexpr, W: tl.con
     """pv += Σ_t p[r, t]·row_scale[t]·(code[:, t] + offset) over one plane's W tokens; also returns the
     per-element terms whose row sums complete the value rows (row zeros, minus the offset)."""
     tok = PLANE * W + tl.arange(0, W)
-    pr = _v_operand(p, tl.load(scales_ptr + 2 * D + G + tok).to(tl.float32)[None, :], PLANE, VBITS, DOT, MAGIC)
+    pr = _v_operand(p, tl.load(scales_ptr + scale_offset("v_row_scale", D, G) + tok).to(tl.float32)[None, :], PLANE,
+                    VBITS, DOT, MAGIC)
     pv = tl.dot(pr, tl.trans(_plane(vw, PLANE, VBITS, DOT, MAGIC, True)), pv, input_precision=PRECISION)
     return pv, p * row_zero.to(tl.float32)[None, :] - OFFSET * pr.to(tl.float32)
 
@@ -343,8 +335,9 @@ def _tile_extras(scales_ptr, G: tl.constexpr, D: tl.constexpr):
     W: tl.constexpr = G // 4
     d = tl.arange(0, D)
     t = tl.arange(0, W)
-    vz = scales_ptr + 2 * D + 2 * G + t
-    return (tl.load(scales_ptr + D + d), tl.load(scales_ptr + 2 * D + 3 * G + d),
+    vz = scales_ptr + scale_offset("v_row_zero", D, G) + t
+    return (tl.load(scales_ptr + scale_offset("k_row_zero", D, G) + d),
+            tl.load(scales_ptr + scale_offset("v_col_scale", D, G) + d),
             tl.load(vz), tl.load(vz + W), tl.load(vz + 2 * W), tl.load(vz + 3 * W))
 
 
@@ -365,11 +358,11 @@ def _attend_tile(q_rot, q_plain, kw_ptr, vw_ptr, scales_ptr, k_row_zero, v_col_s
     # pipeliner turns them into asynchronous copies issued a tile ahead (1-D [D] loads stalled every tile).
     # K-frame flag (format v2): a negative col_scale[0] marks a K stored unrotated; score it with plain q.
     rows0 = (tl.arange(0, ROWS) * 0)[:, None]
-    flag = tl.load(scales_ptr + 2 * D + rows0 + tl.arange(0, 2)[None, :])
-    k_rotated = tl.split(flag)[0].to(tl.int16, bitcast=True) >= 0
+    flag = tl.load(scales_ptr + k_frame_flag_offset(D, G) + rows0 + tl.arange(0, 2)[None, :])
+    k_rotated = k_frame_is_rotated(tl.split(flag)[0])
     qk = tl.where(k_rotated[:, None], q_rot, q_plain.to(tl.float32))
     t = tl.arange(0, W)
-    qs = (qk * tl.load(scales_ptr + rows0 + d[None, :]).to(tl.float32)).to(DOT)
+    qs = (qk * tl.load(scales_ptr + scale_offset("k_row_scale", D, G) + rows0 + d[None, :]).to(tl.float32)).to(DOT)
     zero_term = tl.sum(qk * k_row_zero.to(tl.float32)[None, :] - OFFSET * qs.to(tl.float32), axis=1)
     kw = tl.load(kw_ptr + w_offs)
     s0, c0 = _tile_scores(qs, kw, scales_ptr, 0, W, D, KBITS, DOT, MAGIC, PRECISION)
@@ -433,10 +426,10 @@ def _attend_tile_group(q_rot, q_plain, bt, i, last_tile, grp, k_base, v_base, he
     tile = i + grp
     blk = tl.load(bt + tl.minimum(tile, last_tile - 1)).to(tl.int64)
     sc = (head_scales + blk * scales_sb)[:, None]
-    flag = tl.load(sc + 2 * D + tl.arange(0, 2)[None, :])
-    k_rotated = tl.split(flag)[0].to(tl.int16, bitcast=True) >= 0
+    flag = tl.load(sc + k_frame_flag_offset(D, G) + tl.arange(0, 2)[None, :])
+    k_rotated = k_frame_is_rotated(tl.split(flag)[0])
     qk = tl.where(k_rotated[:, None], q_rot, q_plain.to(tl.float32))
-    qs = (qk * tl.load(sc + d[None, :]).to(tl.float32)).to(DOT)
+    qs = (qk * tl.load(sc + scale_offset("k_row_scale", D, G) + d[None, :]).to(tl.float32)).to(DOT)
     zero_term = tl.sum(qk * k_row_zero.to(tl.float32) - OFFSET * qs.to(tl.float32), axis=1)
     s0 = tl.zeros([ROWS, W], tl.float32)
     s1 = s0
@@ -450,7 +443,7 @@ def _attend_tile_group(q_rot, q_plain, bt, i, last_tile, grp, k_base, v_base, he
         s2 = tl.where(sel, tl.dot(qs, _plane(kw, 2, KBITS, DOT, MAGIC, False), input_precision=PRECISION), s2)
         s3 = tl.where(sel, tl.dot(qs, _plane(kw, 3, KBITS, DOT, MAGIC, False), input_precision=PRECISION), s3)
     # Scores in log2 units (as in _attend_tile); tiles past the split's end score −inf.
-    cs = sc + 2 * D + t[None, :]
+    cs = sc + scale_offset("k_col_scale", D, G) + t[None, :]
     ok = (tile < last_tile)[:, None]
     s0 = tl.where(ok, (s0 + zero_term[:, None]) * (tl.abs(tl.load(cs).to(tl.float32)) * sm_scale_log2), float("-inf"))
     s1 = tl.where(ok, (s1 + zero_term[:, None]) * (tl.abs(tl.load(cs + W).to(tl.float32)) * sm_scale_log2),
@@ -461,7 +454,7 @@ def _attend_tile_group(q_rot, q_plain, bt, i, last_tile, grp, k_base, v_base, he
                   float("-inf"))
     p0, p1, p2, p3, alpha, m_new, l_i = _softmax_planes(s0, s1, s2, s3, m_i, l_i)
     # V: p · row_scale[t] as the dots' operands; p · row_zero[t] − offset · those as the rows' constant terms.
-    vs = sc + 2 * D + G + t[None, :]
+    vs = sc + scale_offset("v_row_scale", D, G) + t[None, :]
     pr0 = _v_operand(p0, tl.load(vs).to(tl.float32), 0, VBITS, DOT, MAGIC)
     pr1 = _v_operand(p1, tl.load(vs + W).to(tl.float32), 1, VBITS, DOT, MAGIC)
     pr2 = _v_operand(p2, tl.load(vs + 2 * W).to(tl.float32), 2, VBITS, DOT, MAGIC)
@@ -523,9 +516,8 @@ def _paged_attention_kernel(
     q_len = tl.load(cu_q + b + 1) - q_start
     if TG > 1:
         # Row groups: all of a sequence's metadata in one memory round trip. The early return also tests hist (never
-        # negative), so the compiler cannot sink its load behind the branch (two dependent round trips otherwise).
-        # H100 A/B (results/ab_session7.log): batch 8 x 16K 90.2 -> 86.8 us, batch 64 x 128K 3415 -> 3336. One tile
-        # at a time the same order made batch-1 decode ~4 % slower (ptxas then took 168 registers, not 227).
+        # negative), so the compiler cannot sink its load behind the branch (two dependent round trips otherwise). One
+        # tile at a time the same order was slower (ptxas allocated registers differently).
         hist = tl.load(seq_lens + b)
         if (m_block * BLOCK_M >= q_len) | (hist < 0):
             return
@@ -572,10 +564,10 @@ def _paged_attention_kernel(
     tail_pos = G * (1 + n_tiles)
     # The sequence's work in units, spread evenly over the splits: its 16-bit sink (units 0..DU-1), its tiles (tile i
     # is unit DU + i), then its 16-bit tail with the new tokens, DU units per G of their tokens (rounded up; none when
-    # there are none). A 16-bit block of G tokens weighs DU units (DENSE_UNITS) against a packed tile's 1, so the
-    # splits that attend the sink or the tail take fewer tiles. With row groups a split's run is a multiple of TG
-    # units, so that its tile groups are full (but the first). DU = 1 (chunks: see DENSE_UNITS) keeps one unit per
-    # block, the tail's always there.
+    # there are none). A 16-bit block of G tokens weighs DU units (`Tuning.dense_units`) against a packed tile's 1, so
+    # the splits that attend the sink or the tail take fewer tiles. With row groups a split's run is a multiple of TG
+    # units, so that its tile groups are full (but the first). DU = 1 (chunks: see `Tuning.dense_units`) keeps one unit
+    # per block, the tail's always there.
     if DU == 1:
         units = n_tiles + 2
     else:
@@ -632,9 +624,9 @@ def _paged_attention_kernel(
         # merge un-rotates the others' sum once per row.
         if ROT_PARTS:
             if plain_frame:
-                acc_q = _unrotate(acc_q, hadamard_ptr, D, UNROTATE_F32)
+                acc_q = unrotate(acc_q, hadamard_ptr, D, UNROTATE_F32)
         else:
-            acc_q = _unrotate(acc_q, hadamard_ptr, D, UNROTATE_F32)
+            acc_q = unrotate(acc_q, hadamard_ptr, D, UNROTATE_F32)
 
     if u0 == 0:
         sink_block = tl.load(dense_table + 2 * b).to(tl.int64)
@@ -671,9 +663,8 @@ def _paged_attention_kernel(
                  mask=row_ok[:, None])
     else:
         # The split's normalized output and its log-sum-exp (−inf: it saw no key). Storing acc, m and l instead, ptxas
-        # left 3 spill reloads in the split row-group builds' tile loop (head_dim 128), and batch 8 x 64K/128K decode
-        # ran 11 % slower on an H100 (results/session9/ab_split_epilogue.log: 253.7 -> 225.7 us, 475 -> 428 us;
-        # batch 1 x 128K 81.0 -> 76.4). test_compile_sm90 checks that the loop does not spill.
+        # left spill reloads in the split row-group builds' tile loop (head_dim 128), which made long decodes slower.
+        # test_compile_sm90 checks that the loop does not spill.
         lse_offs = split * (stride_ps // D) + t_idx * (stride_pt // D) + head * (stride_ph // D)
         tl.store(part_lse + lse_offs, tl.where(l_i > 0, m_i + tl.log(l_i), float("-inf")), mask=row_ok)
         if ROT_PARTS:
@@ -688,24 +679,6 @@ def _paged_attention_kernel(
             tl.extra.cuda.gdc_launch_dependents()
 
 
-@triton.jit
-def _unrotate(x, hadamard_ptr, D: tl.constexpr, F32: tl.constexpr):
-    """x·H/sqrt(D) for float32 x [R, D] (H: ±1 entries at hadamard_ptr). On a GPU with 16-bit dots x is split
-    into two bfloat16 parts (hi + lo: 16 significant bits and float32's range, so nothing overflows) whose
-    products with H are exact: more precise than one tf32 dot. F32 (float32 models, the interpreter): an IEEE
-    float32 dot."""
-    d = tl.arange(0, D)
-    # H is symmetric: loading it through transposed offsets gives the same matrix but keeps the compiler from
-    # merging this load with the prologue's (q·H), which kept H live in registers across the tile loop.
-    h = tl.load(hadamard_ptr + d[None, :] * D + d[:, None])
-    if F32:
-        y = tl.dot(x, h.to(tl.float32), input_precision="ieee")
-    else:
-        hb = h.to(tl.bfloat16)
-        hi = x.to(tl.bfloat16)
-        y = tl.dot(hi, hb)
-        y = tl.dot((x - hi.to(tl.float32)).to(tl.bfloat16), hb, y)
-    return y * (1.0 / tl.sqrt(D * 1.0))
 
 
 @triton.jit
@@ -737,7 +710,7 @@ def _merge_splits_kernel(part, part_lse, out, n_rows, NUM_SPLITS: tl.constexpr, 
                          D: tl.constexpr, PDL: tl.constexpr = False, UNROTATE: tl.constexpr = False):
     """Merge of one (query, head) row's split outputs [S, rows, D] (normalized), weighted by their log-sum-exps
     [S, rows], stored in out's dtype: all splits in one [S, D] load, so a row costs one memory round trip. PDL:
-    launched as a programmatic dependent of the attention launch (see `PDL`), it waits for that launch's writes
+    launched as a programmatic dependent of the attention launch (see `Tuning.pdl`), it waits for that launch's writes
     before its loads.
 
     UNROTATE (`merge_unrotates`): part_lse holds 2 * S rows, the second S each output's frame (1.0: left rotated by
@@ -772,8 +745,8 @@ def choose_num_splits(batch: int, num_kv_heads: int, max_tiles: int, num_sms: in
     longest sequence's work units (its tiles + its sink and tail, see the attention kernel). q_blocks query blocks
     per sequence already multiply the programs (chunks, prefills).
 
-    per_sm (decode): the programs an SM holds at once (DECODE_PROGRAMS_PER_SM); the splits stop at one such wave
-    (rounded down). None (chunks): at least twice the SMs' count of programs (rounded up)."""
+    per_sm (decode): the programs an SM holds at once (`Tuning.decode_programs_per_sm`); the splits stop at one such
+    wave (rounded down). None (chunks): at least twice the SMs' count of programs (rounded up)."""
     by_work = triton.next_power_of_2(max(1, max_tiles // MIN_TILES_PER_SPLIT))
     programs = batch * num_kv_heads * max(1, q_blocks)
     wave = max(1, per_sm * num_sms // programs) if per_sm else max(1, math.ceil(2 * num_sms / programs))
@@ -781,37 +754,39 @@ def choose_num_splits(batch: int, num_kv_heads: int, max_tiles: int, num_sms: in
     return min(by_work, by_occupancy, 64)
 
 
-def dense_units(has_new: bool) -> int:
-    """Work units per 16-bit block of a launch (the kernel's DU): DENSE_UNITS for decode, 1 for chunks."""
-    return 1 if has_new else DENSE_UNITS
+def dense_units(has_new: bool, tuning: Tuning | None = None) -> int:
+    """Work units per 16-bit block of a launch (the kernel's DU): `Tuning.dense_units` for decode, 1 for chunks."""
+    return 1 if has_new else (tuning or TUNING).dense_units
 
 
 def split_plan(batch: int, num_kv_heads: int, max_tiles: int, head_dim: int, n_rep: int, dtype: torch.dtype,
                num_sms: int, block_m: int = 1, q_blocks: int = 1, num_splits: int | None = None,
-               has_new: bool = False) -> tuple[int, int]:
+               has_new: bool = False, tuning: Tuning | None = None) -> tuple[int, int]:
     """(splits, row groups) of a `paged_attention` launch: `choose_num_splits` (decode: one wave of
-    DECODE_PROGRAMS_PER_SM) and `tile_groups` for the units a split gets. Splits share out work units (sink, tiles,
-    tail: see the kernel), so they are chosen for max_tiles + 2 * dense_units(has_new) units. num_splits: forced
+    `Tuning.decode_programs_per_sm`) and `tile_groups` for the units a split gets. Splits share out work units (sink,
+    tiles, tail: see the kernel), so they are chosen for max_tiles + 2 * dense_units(has_new) units. num_splits: forced
     (tests, sweeps)."""
-    units = max_tiles + 2 * dense_units(has_new)  # at most (decode counts the tail by its tokens)
+    t = tuning or TUNING
+    units = max_tiles + 2 * dense_units(has_new, t)  # at most (decode counts the tail by its tokens)
     decode = block_m == 1 and dtype != torch.float32
-    per_sm = DECODE_PROGRAMS_PER_SM.get(head_dim) if decode else None
+    per_sm = t.decode_programs_per_sm.get(head_dim) if decode else None
     splits = num_splits or choose_num_splits(batch, num_kv_heads, units, num_sms, q_blocks, per_sm)
     rows = max(16, triton.next_power_of_2(block_m * n_rep))
-    tg = tile_groups(rows, n_rep, block_m, triton.cdiv(units, splits), dtype)
-    one_tile_per_sm = DECODE_PROGRAMS_PER_SM_ONE_TILE.get((head_dim, dtype, n_rep))
+    tg = tile_groups(rows, n_rep, block_m, triton.cdiv(units, splits), dtype, t)
+    one_tile_per_sm = t.decode_programs_per_sm_one_tile.get((head_dim, dtype, n_rep))
     if num_splits is None and decode and not has_new and tg == 1 and one_tile_per_sm:
         # Fewer units per split than before (never more), so still one tile at a time. (Single queries with new tokens
         # run the chunk build, whose registers are not counted here.)
-        splits = one_tile_splits(batch * num_kv_heads, units, one_tile_per_sm * num_sms)
+        splits = one_tile_splits(batch * num_kv_heads, units, one_tile_per_sm * num_sms, t.one_tile_splits)
     return splits, tg
 
 
-def one_tile_splits(programs: int, units: int, slots: int) -> int:
+def one_tile_splits(programs: int, units: int, slots: int, choices: tuple[int, ...] | None = None) -> int:
     """Splits of a one-tile-at-a-time decode of `programs` (sequence, KV head) programs per split and `units` work
-    units each, on a GPU that holds `slots` such programs at once: of the ONE_TILE_SPLITS that fit one wave, the
-    fewest that give the fewest units per split (cdiv(units, splits), the walk of the longest split)."""
-    fits = [s for s in ONE_TILE_SPLITS if s * programs <= slots] or [1]
+    units each, on a GPU that holds `slots` such programs at once: of the split counts `choices` (default
+    `Tuning.one_tile_splits`) that fit one wave, the fewest that give the fewest units per split (cdiv(units, splits),
+    the walk of the longest split)."""
+    fits = [s for s in (choices or TUNING.one_tile_splits) if s * programs <= slots] or [1]
     fewest = min(triton.cdiv(units, s) for s in fits)
     return min(s for s in fits if triton.cdiv(units, s) == fewest)
 
@@ -827,19 +802,22 @@ def paged_attention(
     sm_scale: float | None = None,
     num_splits: int | None = None,
     max_history: int | None = None,
+    tuning: Tuning | None = None,
 ) -> torch.Tensor:
     """Varlen attention over the paged KVarN state (see `reference.paged_attention_ref` for semantics).
 
     q [Tq, Hq, D]; k_new/v_new [Tk, H, D] with cu_seqlens_k; max_q_len bounds every sequence's query count
     and max_history (optional) every sequence's cached length, both host values, so nothing here synchronizes
     with the device. max_history sizes the split-K scratch by the history that exists, not by the width of the
-    block table (which a front-end may have reserved ahead). Returns [Tq, Hq, D] in q.dtype.
+    block table (which a front-end may have reserved ahead). tuning: launch choices (default `TUNING`; benchmarks and
+    tests pass variants). Returns [Tq, Hq, D] in q.dtype.
     """
+    t = tuning or TUNING
     fmt = state.fmt
     _check_attention_inputs(q, state, cu_seqlens_q, k_new, v_new, cu_seqlens_k)
-    if os.environ.get("KVARN_CHECK_TABLES") == "1":
+    if check_tables():
         state.check_tables(max_history)  # debugging: syncs with the device
-    if num_splits is None and _dense_chunk(q, state, max_q_len, k_new, max_history):
+    if num_splits is None and _dense_chunk(q, state, max_q_len, k_new, max_history, t):
         return _attend_dense_chunk(q, state, cu_seqlens_q, max_q_len, k_new, v_new, cu_seqlens_k, sm_scale,
                                    max_history)
     tq, hq, d = q.shape
@@ -848,14 +826,14 @@ def paged_attention(
     batch = cu_seqlens_q.numel() - 1
     scale = sm_scale if sm_scale is not None else d**-0.5
     max_tiles = state.max_tiles(max_history)
-    # Decode: one query, its GQA group padded to the 16 rows of a tensor-core dot. Chunks: CHUNK_ROWS (32 or 64) rows
+    # Decode: one query, its GQA group padded to the 16 rows of a tensor-core dot. Chunks: chunk_rows (32 or 64) rows
     # of (query, head) pairs, so each program re-reads the quantized history for that many rows, not 16.
-    block_m = max(1, min(CHUNK_ROWS.get(d, CHUNK_ROWS_DEFAULT) // n_rep, triton.next_power_of_2(max_q_len)))
+    block_m = max(1, min(t.chunk_rows.get(d, t.chunk_rows_default) // n_rep, triton.next_power_of_2(max_q_len)))
     q_blocks = triton.cdiv(max_q_len, block_m)
     rows = max(16, triton.next_power_of_2(block_m * n_rep))
     has_new = k_new is not None
     splits, tg = split_plan(batch, hkv, max_tiles, d, n_rep, q.dtype, _num_sms(q.device), block_m, q_blocks,
-                            num_splits, has_new)
+                            num_splits, has_new, t)
     dot = _dot_dtype(q.dtype)
     precision = "ieee" if dot == tl.float32 else "tf32"
     out = torch.empty(tq, hq, d, device=q.device, dtype=q.dtype)
@@ -871,9 +849,9 @@ def paged_attention(
     kn = k_new if has_new else q
     vn = v_new if has_new else q
     k_words, v_words, scales = fmt.word_views(state.cache)
-    magic, offset = code_conversion(dot, d)
-    pdl = _pdl(q.device)
-    signs = _signs(d, _TORCH_DTYPE[dot], q.device)
+    magic, offset = code_conversion(dot, d, t)
+    pdl = _pdl(q.device, t)
+    signs = hadamard_signs(d, _TORCH_DTYPE[dot], q.device)
     grid = (batch, q_blocks, hkv * splits)
     _paged_attention_kernel[grid](
         q, signs, q.stride(0), q.stride(1),
@@ -887,10 +865,10 @@ def paged_attention(
         scale,
         N_REP=n_rep, G=fmt.group, D=d, KBITS=fmt.k_bits, VBITS=fmt.v_bits,
         BLOCK_M=block_m, ROWS=rows, HAS_NEW=has_new, NUM_SPLITS=splits,
-        DOT=dot, PRECISION=precision, DENSE_BLOCK=DENSE_BLOCK, MAGIC=magic, OFFSET=offset,
-        UNROTATE_F32=dot == tl.float32 or _interpreted(), TG=tg, DU=dense_units(has_new),
+        DOT=dot, PRECISION=precision, DENSE_BLOCK=t.dense_block, MAGIC=magic, OFFSET=offset,
+        UNROTATE_F32=dot == tl.float32 or interpreted(), TG=tg, DU=dense_units(has_new, t),
         PDL=splits > 1 and pdl, ROT_PARTS=rot_parts,
-        **launch_options(rows, d, dot, tg, n_rep, splits, decode=block_m == 1 and not has_new),
+        **launch_options(rows, d, dot, tg, n_rep, splits, decode=block_m == 1 and not has_new, tuning=t),
     )
     if splits > 1:
         _merge_splits_kernel[(tq * hq,)](part, part_lse, out, tq * hq, **merge_meta(splits, d, rot_parts),
@@ -899,15 +877,13 @@ def paged_attention(
 
 
 def _dense_chunk(q: torch.Tensor, state: PagedKV, max_q_len: int, k_new: torch.Tensor | None,
-                 max_history: int | None) -> bool:
-    """Whether a call takes the dequantize-once route (see DENSE_CHUNK_MIN_QUERIES)."""
-    if not (DENSE_CHUNKS and q.is_cuda and max_q_len >= DENSE_CHUNK_MIN_QUERIES and not _interpreted()
+                 max_history: int | None, tuning: Tuning) -> bool:
+    """Whether a call takes the dequantize-once route (see `Tuning.dense_chunk_min_queries`)."""
+    if not (tuning.dense_chunks and q.is_cuda and max_q_len >= tuning.dense_chunk_min_queries and not interpreted()
             and q.dtype in (torch.float16, torch.bfloat16) and _varlen_kwargs() is not None):
         return False
-    from .dense_history import buffer_rows
-
     rows = buffer_rows(state, k_new, max_history)
-    return 2 * rows * state.num_kv_heads * state.fmt.head_dim * q.element_size() <= DENSE_CHUNK_MAX_BYTES
+    return 2 * rows * state.num_kv_heads * state.fmt.head_dim * q.element_size() <= tuning.dense_chunk_max_bytes
 
 
 @functools.lru_cache(maxsize=1)
@@ -936,18 +912,18 @@ def _varlen_kwargs() -> dict | None:
 def _attend_dense_chunk(q, state, cu_seqlens_q, max_q_len, k_new, v_new, cu_seqlens_k, sm_scale, max_history):
     from torch.nn.attention.varlen import varlen_attn
 
-    from .dense_history import dense_history
-
     k, v, cu_k, max_k = dense_history(state, q.dtype, k_new, v_new, cu_seqlens_k, max_history)
     scale = sm_scale if sm_scale is not None else q.shape[-1] ** -0.5
     return varlen_attn(q.contiguous(), k, v, cu_seqlens_q, cu_k, max_q_len, max_k, scale=scale, **_varlen_kwargs())
 
 
 def decode_attention(
-    q: torch.Tensor, state: PagedKV, sm_scale: float | None = None, num_splits: int | None = None
+    q: torch.Tensor, state: PagedKV, sm_scale: float | None = None, num_splits: int | None = None,
+    tuning: Tuning | None = None,
 ) -> torch.Tensor:
     """One query per sequence, q [B, Hq, D], over the whole cached history (the new token is in the tail)."""
-    return paged_attention(q, state, _arange_cu(q.shape[0], q.device), 1, sm_scale=sm_scale, num_splits=num_splits)
+    return paged_attention(q, state, _arange_cu(q.shape[0], q.device), 1, sm_scale=sm_scale, num_splits=num_splits,
+                           tuning=tuning)
 
 
 _ARANGE_CU: dict[tuple[int, torch.device], torch.Tensor] = {}
@@ -973,36 +949,30 @@ def chunk_attention(
     state: PagedKV,
     sm_scale: float | None = None,
     num_splits: int | None = None,
+    tuning: Tuning | None = None,
 ) -> torch.Tensor:
     """A chunk of new queries per sequence over its quantized history plus its causal 16-bit new tokens."""
-    return paged_attention(q, state, cu_seqlens_q, max_q_len, k_new, v_new, cu_seqlens_k, sm_scale, num_splits)
+    return paged_attention(q, state, cu_seqlens_q, max_q_len, k_new, v_new, cu_seqlens_k, sm_scale, num_splits,
+                           tuning=tuning)
 
 
 # A 16-bit float whose mantissa holds the code: 0x4300 is 128.0 in bfloat16 (7 mantissa bits), 0x6400 is 1024.0
 # in float16 (10 bits); OR-ing a code below 128 into it gives offset + code exactly.
 _MAGIC = {tl.bfloat16: 0x4300, tl.float16: 0x6400}
 _MAGIC_OFFSET = {tl.bfloat16: 128.0, tl.float16: 1024.0}
-# Dot dtypes that take the mantissa-OR path with the offset removed algebraically. Not float16: its offset 1024
-# cancels ~10 bits inside the tensor-core sums, and on an H100 chunk outputs differed from the reference by up to 0.021
-# with it versus 0.0039 with plain conversion (benchmarks/kernels/results/gpu_checks.log). Tests add float16 to exercise
-# it. float16 takes F16_SUB_ASM instead (see F16_ASM), which removes the offset before the dot.
-MAGIC_DTYPES = {tl.bfloat16}
-# float16 dots on NVIDIA at head_dim <= 128 take the PTX path that subtracts the offset in registers (F16_SUB_ASM);
-# False: plain conversion (I2F, a quarter-rate pipe: one per code) everywhere. head_dim 256 keeps the plain conversion:
-# its sm_90 row-group build spilled more with the PTX path (152 vs 64 bytes of stack), and it was not timed.
-F16_ASM = True
 
 
-def code_conversion(dot: tl.dtype, head_dim: int = 128) -> tuple[int, float]:
+def code_conversion(dot: tl.dtype, head_dim: int = 128, tuning: Tuning | None = None) -> tuple[int, float]:
     """(MAGIC, OFFSET) of the attention kernel for dot dtype `dot`: the mantissa-OR constant and the offset it
-    adds; F16_SUB_ASM and 0.0 for float16 on NVIDIA at head_dim <= 128 (the offset is subtracted before the dot); or
-    (0, 0.0) for plain int→float conversion."""
+    adds (`Tuning.magic_dtypes`); F16_SUB_ASM and 0.0 for float16 on NVIDIA at head_dim <= 128 (`Tuning.f16_asm`: the
+    offset is subtracted before the dot); or (0, 0.0) for plain int→float conversion."""
+    t = tuning or TUNING
     # The mantissa-OR paths are inline PTX (NVIDIA only): ROCm builds convert codes plainly.
     if torch.version.hip is not None:
         return 0, 0.0
-    if dot in MAGIC_DTYPES:
+    if dot in t.magic_dtypes:
         return _MAGIC[dot], _MAGIC_OFFSET[dot]
-    if dot == tl.float16 and F16_ASM and head_dim <= 128:
+    if dot == tl.float16 and t.f16_asm and head_dim <= 128:
         return F16_SUB_ASM.value, 0.0
     return 0, 0.0
 
@@ -1010,42 +980,22 @@ def code_conversion(dot: tl.dtype, head_dim: int = 128) -> tuple[int, float]:
 _TORCH_DTYPE = {tl.bfloat16: torch.bfloat16, tl.float16: torch.float16, tl.float32: torch.float32}
 
 
-@functools.lru_cache(maxsize=32)
-def _signs(d: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
-    """The unnormalized Hadamard matrix (±1, exact in every float dtype); kernels scale by 1/sqrt(d)."""
-    return (hadamard(d, device=device) * d**0.5).round().to(dtype).contiguous()
-
-
 def _dot_dtype(dtype: torch.dtype) -> tl.dtype:
     """Tensor-core operand dtype: the model's 16-bit dtype (codes are exact in it); float32 for float32
     models and under the interpreter, whose bfloat16 dots are wrong."""
-    if dtype == torch.float32 or _interpreted():
+    if dtype == torch.float32 or interpreted():
         return tl.float32
     return tl.float16 if dtype == torch.float16 else tl.bfloat16
 
 
-# Programmatic dependent launch of the split merge (Hopper and later, CUDA): each attention program, after its last
-# store, lets the merge launch start; the merge waits for the whole attention launch's writes in-kernel
-# (griddepcontrol.wait), so its launch overlaps the attention launch's last programs. H100, two interleaved A/B rounds
-# (benchmarks/kernels/results/session10/ab_pdl.log, us): batch 1 x 1K 9.65 -> 9.05, x 2K 11.45 -> 11.15, x 4K 13.55
-# -> 13.25, batch 8 x 2K 20.3 -> 19.95, long contexts within noise. Triggering at the start of each program instead was
-# slower (batch 1 x 1K 10.9, batch 8 x 16K 78 -> 82.5 us): the waiting merge programs took SM slots.
-PDL = True
-
-
-def _pdl(device: torch.device) -> bool:
-    """Whether `paged_attention` launches the merge as a programmatic dependent on `device` (PDL and sm_90+)."""
-    return PDL and not _interpreted() and _pdl_capable(device)
+def _pdl(device: torch.device, tuning: Tuning) -> bool:
+    """Whether `paged_attention` launches the merge as a programmatic dependent on `device` (`Tuning.pdl`, sm_90+)."""
+    return tuning.pdl and not interpreted() and _pdl_capable(device)
 
 
 @functools.lru_cache(maxsize=8)
 def _pdl_capable(device: torch.device) -> bool:
     return device.type == "cuda" and torch.version.hip is None and torch.cuda.get_device_capability(device)[0] >= 9
-
-
-def _interpreted() -> bool:
-    """Kernels run under the Triton interpreter (its bfloat16 dots are wrong)."""
-    return os.environ.get("TRITON_INTERPRET") == "1"
 
 
 @functools.lru_cache(maxsize=8)

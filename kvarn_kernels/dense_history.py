@@ -18,7 +18,9 @@ import torch
 import triton
 import triton.language as tl
 
-from .attention import _interpreted, _signs, _unrotate
+from .env import interpreted
+from .format import k_frame_flag_offset, k_frame_is_rotated, scale_offset
+from .hadamard import hadamard_signs, unrotate
 from .state import PagedKV
 
 # Launch option (aot.py compiles with it too): 8 warps hold a [D, G] tile pass at 255 registers with a small spill.
@@ -68,22 +70,19 @@ def _dense_history_kernel(
         block = tl.load(block_table + b.to(tl.int64) * stride_bt + u).to(tl.int64)
         sc = scales + block * sc_sb + h * sc_sh
         # K [D, G]: (code · row_scale[d] + row_zero[d]) · |col_scale[t]|; col_scale[0]'s sign is the K-frame flag.
-        kcs = tl.load(sc + 2 * D + t).to(tl.float32)
-        k_mat = (_codes(k_words + block * kw_sb + h * kw_sh, KBITS, G, D) * tl.load(sc + d).to(tl.float32)[:, None]
-                 + tl.load(sc + D + d).to(tl.float32)[:, None]) * tl.abs(kcs)[None, :]
-        flag = tl.load(sc + 2 * D + t * 0)  # col_scale[0], broadcast; its sign bit (the reference's signbit)
-        if flag.dtype.primitive_bitwidth == 16:
-            rotated = flag.to(tl.int16, bitcast=True) >= 0
-        else:
-            rotated = flag.to(tl.int32, bitcast=True) >= 0
+        kcs = tl.load(sc + scale_offset("k_col_scale", D, G) + t).to(tl.float32)
+        k_mat = (_codes(k_words + block * kw_sb + h * kw_sh, KBITS, G, D)
+                 * tl.load(sc + scale_offset("k_row_scale", D, G) + d).to(tl.float32)[:, None]
+                 + tl.load(sc + scale_offset("k_row_zero", D, G) + d).to(tl.float32)[:, None]) * tl.abs(kcs)[None, :]
+        rotated = k_frame_is_rotated(tl.load(sc + k_frame_flag_offset(D, G) + t * 0))  # broadcast over the tokens
         k_tok = tl.trans(k_mat)
-        k_tok = tl.where(rotated[:, None], _unrotate(k_tok, hadamard_ptr, D, UNROTATE_F32), k_tok)
+        k_tok = tl.where(rotated[:, None], unrotate(k_tok, hadamard_ptr, D, UNROTATE_F32), k_tok)
         # V [D, G] in the rotated frame: (code · row_scale[t] + row_zero[t]) · col_scale[d], then un-rotated.
         v_mat = (_codes(v_words + block * vw_sb + h * vw_sh, VBITS, G, D)
-                 * tl.load(sc + 2 * D + G + t).to(tl.float32)[None, :]
-                 + tl.load(sc + 2 * D + 2 * G + t).to(tl.float32)[None, :]) * tl.load(
-            sc + 2 * D + 3 * G + d).to(tl.float32)[:, None]
-        v_tok = _unrotate(tl.trans(v_mat), hadamard_ptr, D, UNROTATE_F32)
+                 * tl.load(sc + scale_offset("v_row_scale", D, G) + t).to(tl.float32)[None, :]
+                 + tl.load(sc + scale_offset("v_row_zero", D, G) + t).to(tl.float32)[None, :]) * tl.load(
+            sc + scale_offset("v_col_scale", D, G) + d).to(tl.float32)[:, None]
+        v_tok = unrotate(tl.trans(v_mat), hadamard_ptr, D, UNROTATE_F32)
         offs = (G * (1 + u) + t).to(tl.int64)[:, None] * stride_ot + d[None, :]
         tl.store(out_k + offs, k_tok.to(k_out.dtype.element_ty))
         tl.store(out_v + offs, v_tok.to(v_out.dtype.element_ty))
@@ -152,9 +151,9 @@ def dense_history(
         k_words, v_words, scales, k_words.stride(0), k_words.stride(1), v_words.stride(0), v_words.stride(1),
         scales.stride(0), scales.stride(1),
         state.sink_k, state.sink_v, state.tail_k, state.tail_v, state.sink_k.stride(0), state.sink_k.stride(1),
-        kn, vn, kn.stride(0), kn.stride(1), cu_seqlens_k if has_new else cu, _signs(d, torch.bfloat16, k.device),
-        max_tiles,
+        kn, vn, kn.stride(0), kn.stride(1), cu_seqlens_k if has_new else cu,
+        hadamard_signs(d, torch.bfloat16, k.device), max_tiles,
         G=g, D=d, KBITS=fmt.k_bits, VBITS=fmt.v_bits, HAS_NEW=has_new,
-        UNROTATE_F32=_interpreted() or not k.is_cuda or dtype == torch.float32, num_warps=NUM_WARPS,
+        UNROTATE_F32=interpreted() or not k.is_cuda or dtype == torch.float32, num_warps=NUM_WARPS,
     )
     return k, v, cu, g * (max_tiles + 2) + n_new_total  # sink + tiles + a tail below G, then new tokens

@@ -37,6 +37,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+import triton
+import triton.language as tl
 
 FORMAT_VERSION = 2
 SUPPORTED_HEAD_DIMS = (64, 128, 256)
@@ -51,7 +53,62 @@ PRESETS: dict[str, tuple[int, int, int]] = {
     "kvarn_k2v2_g128": (2, 2, 128),
 }
 DEFAULT_PRESET = "kvarn_k4v2_g128"
-NUM_SCALE_SECTIONS = 6
+# The scale sections after the codes, in record order: (name, length: "D" = head_dim words, "G" = group words).
+SCALE_SECTIONS = (("k_row_scale", "D"), ("k_row_zero", "D"), ("k_col_scale", "G"),
+                  ("v_row_scale", "G"), ("v_row_zero", "G"), ("v_col_scale", "D"))
+NUM_SCALE_SECTIONS = len(SCALE_SECTIONS)
+# The K-frame flag is the sign bit of word 0 of this section (see the module docstring).
+K_FRAME_FLAG_SECTION = "k_col_scale"
+
+
+# Constexpr functions: host code calls them as plain functions, @triton.jit code on constexprs (D, G), so kernels
+# take every offset from here.
+@triton.constexpr_function
+def scale_word_offsets(head_dim: int, group: int) -> dict[str, int]:
+    """Word offsets of each scale section inside the scale part of a record."""
+    offsets, pos = {}, 0
+    for name, axis in SCALE_SECTIONS:
+        offsets[name] = pos
+        pos += head_dim if axis == "D" else group
+    return offsets
+
+
+@triton.constexpr_function
+def scale_offset(section: str, head_dim: int, group: int) -> int:
+    """Word offset of one scale section (e.g. `scale_offset("v_row_zero", D, G)` in a kernel)."""
+    return scale_word_offsets(head_dim, group)[section]
+
+
+@triton.constexpr_function
+def k_frame_flag_offset(head_dim: int, group: int) -> int:
+    """Word offset (in the scale part) of the 16-bit scale whose sign bit is the K-frame flag."""
+    return scale_word_offsets(head_dim, group)[K_FRAME_FLAG_SECTION]
+
+
+def scale_section_sizes(head_dim: int, group: int) -> list[int]:
+    """Lengths in words of the scale sections, in record order (for `torch.split`)."""
+    return [head_dim if axis == "D" else group for _, axis in SCALE_SECTIONS]
+
+
+def k_frame_rotated(flag_scale: torch.Tensor) -> torch.Tensor:
+    """Decode the K-frame flag from the flag scale (K col_scale[0]) of records: True where K is stored rotated."""
+    return ~torch.signbit(flag_scale)
+
+
+def mark_k_frame(flag_scale: torch.Tensor, rotated: torch.Tensor) -> torch.Tensor:
+    """Encode the K-frame flag into the (positive) flag scale: negated where K is stored unrotated."""
+    return torch.where(rotated, flag_scale, -flag_scale)
+
+
+@triton.jit
+def k_frame_is_rotated(flag_scale):
+    """Kernel side of `k_frame_rotated`: the sign bit of the loaded flag scale(s), as an integer test (a float
+    compare would read -0.0 as not negative)."""
+    if flag_scale.dtype.primitive_bitwidth == 16:
+        rotated = flag_scale.to(tl.int16, bitcast=True) >= 0
+    else:
+        rotated = flag_scale.to(tl.int32, bitcast=True) >= 0
+    return rotated
 
 
 def scale_dtype_for(activation_dtype: torch.dtype) -> torch.dtype:
@@ -114,7 +171,7 @@ class KVarNFormat:
     @property
     def num_scales(self) -> int:
         """16-bit scale words after the codes: K row_scale/row_zero (D each), K col_scale (G), V alike."""
-        return 3 * self.head_dim + 3 * self.group
+        return sum(scale_section_sizes(self.head_dim, self.group))
 
     @property
     def record_bytes(self) -> int:
@@ -134,20 +191,25 @@ class KVarNFormat:
 
     def scale_offsets(self) -> dict[str, int]:
         """Word offsets of each scale section inside the scale part of a record."""
-        d, g = self.head_dim, self.group
+        return scale_word_offsets(self.head_dim, self.group)
+
+    def layout(self) -> dict[str, int]:
+        """The record layout as plain ints: byte offsets and sizes of the code sections, the scale part's word
+        offsets (one per scale section) and the K-frame flag's word."""
         return {
-            "k_row_scale": 0,
-            "k_row_zero": d,
-            "k_col_scale": 2 * d,
-            "v_row_scale": 2 * d + g,
-            "v_row_zero": 2 * d + 2 * g,
-            "v_col_scale": 2 * d + 3 * g,
+            "k_codes": 0, "k_code_bytes": self.k_code_bytes,
+            "v_codes": self.k_code_bytes, "v_code_bytes": self.v_code_bytes,
+            "scales": self.code_bytes, "num_scales": self.num_scales, "record_bytes": self.record_bytes,
+            **self.scale_offsets(),
+            "k_frame_flag": k_frame_flag_offset(self.head_dim, self.group),
         }
 
     def describe(self) -> dict:
         """Everything `kvarn info` prints, as plain data."""
-        k_bits_total = 8 * (self.k_code_bytes + 2 * (2 * self.head_dim + self.group))
-        v_bits_total = 8 * (self.v_code_bytes + 2 * (self.head_dim + 2 * self.group))
+        sizes = dict(zip((name for name, _ in SCALE_SECTIONS), scale_section_sizes(self.head_dim, self.group),
+                         strict=True))
+        k_bits_total = 8 * (self.k_code_bytes + 2 * sum(n for name, n in sizes.items() if name.startswith("k_")))
+        v_bits_total = 8 * (self.v_code_bytes + 2 * sum(n for name, n in sizes.items() if name.startswith("v_")))
         elems = self.group * self.head_dim
         return {
             "format_version": FORMAT_VERSION,

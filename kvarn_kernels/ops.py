@@ -1,4 +1,4 @@
-"""Device dispatch: Triton kernels on CUDA tensors, the PyTorch reference elsewhere (CPU).
+"""Device dispatch: Triton kernels on CUDA tensors, the plain-PyTorch backend (`dense`) elsewhere (CPU).
 
 Front-ends call these; tests and benchmarks call `attention`/`quantize` or `reference` directly to compare.
 Set KVARN_FORCE_TRITON=1 to run the Triton kernels on CPU under TRITON_INTERPRET=1.
@@ -10,17 +10,16 @@ miscompiles) raises a RuntimeError instead of silently corrupting generations. K
 
 from __future__ import annotations
 
-import os
-
 import torch
 
-from . import attention, quantize, reference
+from . import attention, dense, quantize
+from .env import force_triton, skip_self_check
 from .format import KVarNFormat
 from .state import PagedKV
 
 
 def _use_triton(t: torch.Tensor) -> bool:
-    return t.is_cuda or os.environ.get("KVARN_FORCE_TRITON") == "1"
+    return t.is_cuda or force_triton()
 
 
 _CHECKED: set[tuple] = set()
@@ -29,10 +28,11 @@ _CHECKED: set[tuple] = set()
 def self_check(fmt: KVarNFormat, dtype: torch.dtype, device: torch.device | str) -> None:
     """Compare the Triton kernels with the reference once per (device, format, dtype); raise if they disagree."""
     key = (str(torch.device(device)), fmt.preset, fmt.head_dim, fmt.scale_dtype, dtype)
-    if key in _CHECKED or os.environ.get("KVARN_SKIP_SELFCHECK") == "1":
+    if key in _CHECKED or skip_self_check():
         return
+    from . import reference
+    from .reference import exact_decode, synthetic_kv
     from .state import build_paged_kv
-    from .testing import synthetic_kv
 
     hkv, n_rep, lens = 2, 4, [3 * fmt.group + 5, fmt.group + 1]
     kv = [synthetic_kv(n, hkv, fmt.head_dim, dtype, seed=i, device=device) for i, n in enumerate(lens)]
@@ -49,7 +49,7 @@ def self_check(fmt: KVarNFormat, dtype: torch.dtype, device: torch.device | str)
     if not excess <= 0:  # NaN fails too
         problems.append(f"attention differs from the reference by {excess + 0.03:.3g} beyond tolerance")
     # Quantize: near-tie tiles may legitimately round differently, so compare accuracy against exact attention.
-    exact = torch.stack([_exact_decode(q[i], ks[i], vs[i]) for i in range(len(lens))])
+    exact = torch.stack([exact_decode(q[i], ks[i], vs[i]) for i in range(len(lens))])
     err_ref = (expected - exact).abs().mean().item()
     err_kernel = (reference.paged_attention_ref(q, triton_state, cu).float() - exact).abs().mean().item()
     if not err_kernel <= 1.25 * err_ref + 1e-3:
@@ -63,14 +63,6 @@ def self_check(fmt: KVarNFormat, dtype: torch.dtype, device: torch.device | str)
     _CHECKED.add(key)
 
 
-def _exact_decode(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-    """16-bit attention of one query per head q [Hq, D] over k, v [T, H, D] (GQA), float32."""
-    rep = q.shape[0] // k.shape[1]
-    kf, vf = k.float().repeat_interleave(rep, 1), v.float().repeat_interleave(rep, 1)  # [T, Hq, D]
-    p = torch.softmax(torch.einsum("hd,thd->ht", q.float(), kf) * q.shape[-1] ** -0.5, dim=-1)
-    return torch.einsum("ht,thd->hd", p, vf)
-
-
 def quantize_into_cache(
     k_src: torch.Tensor,
     v_src: torch.Tensor,
@@ -81,12 +73,12 @@ def quantize_into_cache(
     k_weights: torch.Tensor | None = None,
 ) -> None:
     """Quantize G-token tiles of k_src/v_src [T, H, D] starting at tile_starts into cache[block_ids]; k_weights
-    [N, H, D] float32 (optional): each tile's channel weights of the K-frame choice (`reference.choose_k_rotation`)."""
+    [N, H, D] float32 (optional): each tile's channel weights of the K-frame choice (`codec.choose_k_rotation`)."""
     if _use_triton(cache):
         self_check(fmt, k_src.dtype, cache.device)
         quantize.quantize_into_cache(k_src, v_src, tile_starts, block_ids, cache, fmt, k_weights)
     else:
-        reference.quantize_into_cache_ref(k_src, v_src, tile_starts, block_ids, cache, fmt, k_weights)
+        dense.quantize_into_cache(k_src, v_src, tile_starts, block_ids, cache, fmt, k_weights)
 
 
 def paged_attention(
@@ -100,7 +92,7 @@ def paged_attention(
     sm_scale: float | None = None,
     max_history: int | None = None,
 ) -> torch.Tensor:
-    """Varlen attention over the paged state plus causal new tokens; see `reference.paged_attention_ref`.
+    """Varlen attention over the paged state plus causal new tokens; see `dense.paged_attention`.
 
     max_history: an upper bound (host int) on every sequence's cached length, or None (the block table's width).
     """
@@ -108,4 +100,4 @@ def paged_attention(
         self_check(state.fmt, q.dtype, q.device)
         return attention.paged_attention(q, state, cu_seqlens_q, max_q_len, k_new, v_new, cu_seqlens_k, sm_scale,
                                          max_history=max_history)
-    return reference.paged_attention_ref(q, state, cu_seqlens_q, k_new, v_new, cu_seqlens_k, sm_scale)
+    return dense.paged_attention(q, state, cu_seqlens_q, k_new, v_new, cu_seqlens_k, sm_scale)

@@ -26,24 +26,24 @@ How the kernel keeps the reference's semantics at a fraction of its work:
 
 from __future__ import annotations
 
-import functools
 import math
 
 import torch
 import triton
 import triton.language as tl
 
-from . import reference
-from .format import KVarNFormat
-from .reference import NORMALIZE_ITERS
+from . import constants
+from .codec import check_k_weights
+from .format import KVarNFormat, scale_offset
+from .hadamard import hadamard_signs
 
-# The reference's constants, as constexprs so that jitted code may read them.
-STD_MIN = tl.constexpr(reference.STD_MIN)
-STD_MAX = tl.constexpr(reference.STD_MAX)
-LOG_SCALE_MIN = tl.constexpr(reference.LOG_SCALE_MIN)
-LOG_SCALE_MAX = tl.constexpr(reference.LOG_SCALE_MAX)
-RTN_MIN_SCALE = tl.constexpr(reference.RTN_MIN_SCALE)
-GUARD_FACTOR = tl.constexpr(reference.GUARD_FACTOR)
+# The quantizer's constants, as constexprs so that jitted code may read them.
+STD_MIN = tl.constexpr(constants.STD_MIN)
+STD_MAX = tl.constexpr(constants.STD_MAX)
+LOG_SCALE_MIN = tl.constexpr(constants.LOG_SCALE_MIN)
+LOG_SCALE_MAX = tl.constexpr(constants.LOG_SCALE_MAX)
+RTN_MIN_SCALE = tl.constexpr(constants.RTN_MIN_SCALE)
+GUARD_FACTOR = tl.constexpr(constants.GUARD_FACTOR)
 
 
 # --- reductions ------------------------------------------------------------------------------------
@@ -93,8 +93,8 @@ def _min_max_of(u, v, AXIS: tl.constexpr, COMPILED: tl.constexpr):
 
 
 # log of the reference's std clamp bounds: clamping a std and clamping its log are the same thing.
-LOG_STD_MIN = tl.constexpr(math.log(reference.STD_MIN))
-LOG_STD_MAX = tl.constexpr(math.log(reference.STD_MAX))
+LOG_STD_MIN = tl.constexpr(math.log(constants.STD_MIN))
+LOG_STD_MAX = tl.constexpr(math.log(constants.STD_MAX))
 HALF_LN2 = tl.constexpr(0.5 * math.log(2.0))
 
 
@@ -155,8 +155,10 @@ def _range_cost(x, AXIS: tl.constexpr, COMPILED: tl.constexpr, w=None):
 
 @triton.jit
 def _quantize_store(x, words_ptr, scales_ptr, col0_sign, R: tl.constexpr, C: tl.constexpr, BITS: tl.constexpr,
-                    ITERS: tl.constexpr, CODES_TRANSPOSED: tl.constexpr, COMPILED: tl.constexpr):
-    """Normalize and round matrix x [R, C] (float32); write planar code words and row/col scales.
+                    ITERS: tl.constexpr, CODES_TRANSPOSED: tl.constexpr, COMPILED: tl.constexpr,
+                    ROW_SCALE: tl.constexpr, ROW_ZERO: tl.constexpr, COL_SCALE: tl.constexpr):
+    """Normalize and round matrix x [R, C] (float32); write planar code words and row/col scales (at word offsets
+    ROW_SCALE, ROW_ZERO, COL_SCALE from the record's scales_ptr).
 
     col0_sign (±1.0) multiplies col_scale[0]: −1.0 sets the K-frame flag of an unrotated K (see format.py).
 
@@ -240,11 +242,11 @@ def _quantize_store(x, words_ptr, scales_ptr, col0_sign, R: tl.constexpr, C: tl.
     r = tl.arange(0, R)
     s_row = tl.exp(best_r) + tl.sum(poison_r, axis=0)
     ty: tl.constexpr = scales_ptr.dtype.element_ty
-    tl.store(scales_ptr + r, _round_to(s_row * step, ty))
-    tl.store(scales_ptr + R + r, _round_to(s_row * lo, ty))
+    tl.store(scales_ptr + ROW_SCALE + r, _round_to(s_row * step, ty))
+    tl.store(scales_ptr + ROW_ZERO + r, _round_to(s_row * lo, ty))
     c = tl.arange(0, C)
     col = tl.exp(best_c) * tl.where(c == 0, col0_sign, 1.0)
-    tl.store(scales_ptr + 2 * R + c, _round_to(col, ty))
+    tl.store(scales_ptr + COL_SCALE + c, _round_to(col, ty))
 
 
 @triton.jit
@@ -254,8 +256,7 @@ def _row_quotient(num, step, COMPILED: tl.constexpr):
     Compiled: Markstein's correction with each row's correctly rounded reciprocal y = RN(1/step): q0 = RN(num·y), the
     remainder num − q0·step (exact in an FMA) and RN(q0 + remainder·y) = RN(num/step), three operations per element.
     tl.div_rn per element cost ~10 (a reciprocal, five FMAs and a range check whose slow-path branch also kept ptxas
-    from overlapping the divisions): 21440 -> 18992 SASS instructions at head_dim 128, prefill quantize 4-6 % faster on
-    an H100 with bit-identical caches (results/session12/quantize_ab.log). Where step >= 2^126 (2-bit rows spanning more
+    from overlapping the divisions). Where step >= 2^126 (2-bit rows spanning more
     than 2.5e38) y is subnormal, with 22-23 significant bits: the quotient may then differ from the division's in its
     last bit, which moves a code by one only where the quotient is that close to a half-integer. The interpreter keeps
     tl.div_rn (its FMA may round twice)."""
@@ -393,18 +394,16 @@ def _quantize_tiles_kernel(
         raw = tl.load(k_src + offset + ch + tok * stride_t, mask=unrotated & (ch >= 0), other=0.0)
         k_tile = tl.where(rotated, k_rot, raw.to(tl.float32))
         _quantize_store(k_tile, k_words + block * kw_stride_b + h * kw_stride_h, scales_base,
-                        tl.where(rotated, 1.0, -1.0), D, G, KBITS, ITERS, False, not INTERPRETED)
+                        tl.where(rotated, 1.0, -1.0), D, G, KBITS, ITERS, False, not INTERPRETED,
+                        scale_offset("k_row_scale", D, G), scale_offset("k_row_zero", D, G),
+                        scale_offset("k_col_scale", D, G))
     else:
         v_rot, _ = _rotate(v_src + offset, stride_t, signs, G, D, SCALE, False, INTERPRETED, False)
         # Layout anchor: a never-taken select with a fully masked load of the tile (no memory traffic) moves the
         # rotated tile into the load's register layout, as the K frame's select does for K. Left in the gather's
-        # layout (32 rows x 4 columns), the normalization loop needed twice the shuffles and spilled: 2594 vs 1798
-        # SASS instructions per iteration on sm_90; prefill quantize 12-16 % faster on an H100
-        # (results/ab_session7.log). The load is [G, 2, D/2], so that its layout holds 8 rows x 16 columns per thread
-        # with 4 lanes along the rows and 8 along the columns (a [G, D] load puts 16 lanes along the columns and 16
-        # rows x 8 columns in a thread): a row reduction then crosses 8 lanes in 8 rows, not 16 lanes in 16 rows.
-        # sm_90: 1798 -> 1742 instructions per iteration (174 -> 142 shuffles), 18368 -> 17464 in all. K keeps its
-        # layout: the same change there spilled more and lengthened its loop.
+        # layout (32 rows x 4 columns), the normalization loop needed twice the shuffles and spilled. The load is
+        # [G, 2, D/2], so that its layout puts 4 lanes along the rows and 8 along the columns: a row reduction then
+        # crosses 8 lanes, not 16. K keeps its layout: the same change there spilled more and lengthened its loop.
         HALF: tl.constexpr = D // 2
         v_tok = tl.arange(0, G)[:, None, None]
         v_half = tl.arange(0, 2)[None, :, None]
@@ -412,14 +411,9 @@ def _quantize_tiles_kernel(
         anchor = tl.load(v_src + offset + v_tok * stride_t + v_half * HALF + v_ch, mask=(n < 0) & (v_ch >= 0),
                          other=0.0)
         v_rot = tl.where(n < 0, tl.reshape(anchor, (G, D)).to(tl.float32), v_rot)
-        _quantize_store(v_rot, v_words + block * vw_stride_b + h * vw_stride_h, scales_base + 2 * D + G,
-                        1.0, G, D, VBITS, ITERS, True, not INTERPRETED)
-
-
-@functools.lru_cache(maxsize=32)
-def _signs(dim: int, dtype: torch.dtype, device: str) -> torch.Tensor:
-    """The unnormalized ±1 Sylvester Hadamard matrix [dim, dim] (cached: no rebuild, no sync per step)."""
-    return (reference.hadamard(dim, torch.float64) * math.sqrt(dim)).round().to(dtype=dtype, device=device)
+        _quantize_store(v_rot, v_words + block * vw_stride_b + h * vw_stride_h, scales_base,
+                        1.0, G, D, VBITS, ITERS, True, not INTERPRETED, scale_offset("v_row_scale", D, G),
+                        scale_offset("v_row_zero", D, G), scale_offset("v_col_scale", D, G))
 
 
 def quantize_into_cache(
@@ -430,6 +424,7 @@ def quantize_into_cache(
     cache: torch.Tensor,
     fmt: KVarNFormat,
     k_weights: torch.Tensor | None = None,
+    launch_overrides: dict | None = None,
 ) -> None:
     """Quantize tiles of G tokens from k_src/v_src [T, H, D] into cache blocks, all in one launch.
 
@@ -437,19 +432,19 @@ def quantize_into_cache(
     cache[block_ids[i]] (all KV heads). The caller guarantees the tokens exist (no host sync here). A block id outside
     [0, cache.shape[0]) is not checked on the host (that would sync): its tile is skipped, nothing is written.
     k_weights (optional, float32 [N, H, D], contiguous): tile i's channel weights of the K-frame choice
-    (`reference.choose_k_rotation`).
+    (`codec.choose_k_rotation`). launch_overrides: launch options replacing `launch_options`' choice (benchmarks).
     """
     _check_sources(k_src, v_src, tile_starts, block_ids, cache, fmt)
-    reference._check_k_weights(k_weights, (tile_starts.numel(), k_src.shape[1], fmt.head_dim))
+    check_k_weights(k_weights, (tile_starts.numel(), k_src.shape[1], fmt.head_dim))
     if k_weights is not None and (not k_weights.is_contiguous() or k_weights.device != k_src.device):
         raise ValueError(f"k_weights must be contiguous and on {k_src.device}")
     n = tile_starts.numel()
     if n == 0:
         return
     k_words, v_words, scales = fmt.word_views(cache)
-    opts = launch_options(fmt, k_src.dtype, interpreted=not k_src.is_cuda)
-    signs = _signs(fmt.head_dim, torch.float16 if k_src.dtype == torch.float16 else torch.bfloat16,
-                   str(k_src.device))
+    opts = launch_options(fmt, k_src.dtype, interpreted=not k_src.is_cuda, overrides=launch_overrides)
+    signs = hadamard_signs(fmt.head_dim, torch.float16 if k_src.dtype == torch.float16 else torch.bfloat16,
+                           k_src.device)
     _quantize_tiles_kernel[(n, k_src.shape[1], 2)](
         k_src, v_src, k_src.stride(0), k_src.stride(1), signs,
         tile_starts, block_ids,
@@ -460,24 +455,18 @@ def quantize_into_cache(
     )
 
 
-# Launch options that override launch_options' choice (benchmarks sweep them, e.g. {"num_warps": 8}).
-LAUNCH_OVERRIDES: dict = {}
-
-
-def launch_options(fmt: KVarNFormat, dtype: torch.dtype, interpreted: bool = False) -> dict:
-    """Constexprs and launch options of `_quantize_tiles_kernel` (compile_stats_quantize.py reads them too)."""
+def launch_options(fmt: KVarNFormat, dtype: torch.dtype, interpreted: bool = False,
+                   overrides: dict | None = None) -> dict:
+    """Constexprs and launch options of `_quantize_tiles_kernel` (compile_stats_quantize.py reads them too);
+    overrides (e.g. {"num_warps": 8}) replace launch options: benchmarks sweep them through `quantize_into_cache`."""
     # Few warps per program: this kernel waits on its tile-wide reductions (each a barrier across the program's
-    # warps), not on memory, and fewer warps make cheaper reductions and let two programs share an SM. H100, 16K
-    # prefill tokens (results/quantize_session6.log), ms: head_dim 128 x G 128 16 warps 1.22, 8 warps 0.83, 4 warps
-    # 0.75 (255 registers, 616 bytes spilled); head_dim 64 8 warps 0.45, 4 warps 0.34; G 64 8 warps 1.13, 4 warps
-    # 0.67; head_dim 256 (32K-element tiles) 16 warps 2.30, 8 warps 1.70. Register caps that force more programs per
-    # SM (4 warps at 128 or 168, 16 at 64) were slower.
+    # warps), not on memory, and fewer warps make cheaper reductions and let two programs share an SM.
     num_warps = 4 if fmt.head_dim * fmt.group <= 128 * 128 else 8
-    constexprs = dict(G=fmt.group, D=fmt.head_dim, KBITS=fmt.k_bits, VBITS=fmt.v_bits, ITERS=NORMALIZE_ITERS,
+    constexprs = dict(G=fmt.group, D=fmt.head_dim, KBITS=fmt.k_bits, VBITS=fmt.v_bits, ITERS=constants.NORMALIZE_ITERS,
                       SCALE=1.0 / math.sqrt(fmt.head_dim),
                       INTERPRETED=interpreted)
     # num_stages=1: no software pipelining of the rotation's chunk loads (it would multiply their shared memory).
-    return {"constexprs": constexprs, "num_warps": num_warps, "num_stages": 1, **LAUNCH_OVERRIDES}
+    return {"constexprs": constexprs, "num_warps": num_warps, "num_stages": 1, **(overrides or {})}
 
 
 def _check_sources(k_src, v_src, tile_starts, block_ids, cache, fmt: KVarNFormat) -> None:

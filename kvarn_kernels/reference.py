@@ -1,351 +1,109 @@
-"""Plain-PyTorch reference of every KVarN operation: the readable, slow oracle the Triton kernels must match.
+"""The oracle: the plain-PyTorch definition of every KVarN operation, which the Triton kernels must match, and the
+helpers that judge them (synthetic K/V, the precision floors of 16-bit attention). Readable and slow.
 
-All math is float32 on whatever device the inputs live on. See `format.py` for the record layout.
+Imported by tests, `ops`' self-check and benchmarks only: front-ends call `ops`, `codec` and `dense` (the CPU
+backend), and kernels take their constants from `constants`, `format` and `hadamard`. The definitions live there
+(the CPU backend runs the same math): the quantizer is `codec` (normalize, round, pack, the K-frame rule, records),
+attention is `dense.paged_attention` (each sequence's history dequantized, then exact float32 attention).
 """
 
 from __future__ import annotations
 
-import functools
-import math
-
 import torch
 
-from .format import KVarNFormat
+from .codec import (  # noqa: F401  (the oracle's names for tests and benchmarks)
+    _balanced,
+    _imbalance,
+    _std,
+    check_k_weights,
+    choose_k_rotation,
+    dequantize_records,
+    dequantize_tiles,
+    k_frame_costs,
+    k_range_cost,
+    normalize_scales,
+    pack,
+    predicted_rtn_error,
+    quantize_matrices,
+    quantize_tile_records,
+    sink_query_weights,
+    unpack,
+)
+from .constants import (  # noqa: F401
+    GUARD_FACTOR,
+    LOG_SCALE_MAX,
+    LOG_SCALE_MIN,
+    NORMALIZE_ITERS,
+    RTN_MIN_SCALE,
+    STD_MAX,
+    STD_MIN,
+)
+from .dense import attend, gather_history
+from .dense import paged_attention as paged_attention_ref  # noqa: F401
+from .dense import quantize_into_cache as quantize_into_cache_ref  # noqa: F401
+from .hadamard import hadamard, rotate  # noqa: F401
 from .state import PagedKV
 
-NORMALIZE_ITERS = 8
-STD_MIN, STD_MAX = 1e-3, 1e3
-LOG_SCALE_MIN, LOG_SCALE_MAX = -0.3, 10.0
-RTN_MIN_SCALE = 1e-10
-# Fall back to the untouched tile only when balancing predicts this many times its error: the guard is
-# for pathological tiles (one huge outlier), not a second optimizer.
-GUARD_FACTOR = 4.0
 
-
-def hadamard(dim: int, dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu") -> torch.Tensor:
-    """Sylvester Hadamard matrix of size `dim` scaled by 1/sqrt(dim): symmetric and its own inverse.
-
-    Cached per (dim, dtype, device): callers on the decode path must not rebuild it (or sync) every step.
-    """
-    if dim < 1 or dim & (dim - 1):
-        raise ValueError(f"Hadamard size {dim} is not a power of two")
-    return _hadamard(dim, dtype, str(torch.device(device)))
-
-
-@functools.lru_cache(maxsize=32)
-def _hadamard(dim: int, dtype: torch.dtype, device: str) -> torch.Tensor:
-    h = torch.ones(1, 1, dtype=torch.float64)
-    while h.shape[0] < dim:
-        h = torch.cat([torch.cat([h, h], 1), torch.cat([h, -h], 1)], 0)
-    return (h / math.sqrt(dim)).to(dtype=dtype, device=device)
-
-
-def rotate(x: torch.Tensor) -> torch.Tensor:
-    """x · H along the last dimension, in float32 (H = Hᵀ = H⁻¹, so this also un-rotates)."""
-    return x.float() @ hadamard(x.shape[-1], device=x.device)
-
-
-def _std(x: torch.Tensor, dim: int) -> torch.Tensor:
-    return x.std(dim=dim, unbiased=True).clamp(STD_MIN, STD_MAX)
-
-
-def _imbalance(col_std: torch.Tensor, row_std: torch.Tensor) -> torch.Tensor:
-    return col_std.amax(-1) / col_std.amin(-1) + row_std.amax(-1) / row_std.amin(-1)
-
-
-def normalize_scales(tiles: torch.Tensor, iters: int = NORMALIZE_ITERS) -> tuple[torch.Tensor, torch.Tensor]:
-    """Log-domain Sinkhorn-like variance balancing of tiles [N, R, C].
-
-    Returns (log_row [N, R], log_col [N, C]) of the lowest-imbalance state seen, the untouched tile
-    included; ties go to the later state. The balanced tile is tiles / exp(log_row)[:, None] / exp(log_col).
-
-    Guard (this project's addition): when the predicted per-row RTN error of that state exceeds the
-    untouched tile's, the untouched tile is used. Balancing a column that holds one huge outlier shrinks
-    the column's other entries below a quantization step, and scaling back would amplify their error.
-    """
-    x = tiles.float()
-    n, r, c = x.shape
-    log_row = x.new_zeros(n, r)
-    log_col = x.new_zeros(n, c)
-    best_row, best_col = log_row.clone(), log_col.clone()
-    best = _imbalance(_std(x, 1), _std(x, 2))
-    for _ in range(iters):
-        log_col = (log_col + _std(_balanced(x, log_row, log_col), 1).log()).clamp(LOG_SCALE_MIN, LOG_SCALE_MAX)
-        log_row = (log_row + _std(_balanced(x, log_row, log_col), 2).log()).clamp(LOG_SCALE_MIN, LOG_SCALE_MAX)
-        cur = _balanced(x, log_row, log_col)
-        imb = _imbalance(_std(cur, 1), _std(cur, 2))
-        better = imb <= best
-        best = torch.where(better, imb, best)
-        best_row = torch.where(better[:, None], log_row, best_row)
-        best_col = torch.where(better[:, None], log_col, best_col)
-    zero_row, zero_col = torch.zeros_like(best_row), torch.zeros_like(best_col)
-    worse = predicted_rtn_error(x, best_row, best_col) > GUARD_FACTOR * predicted_rtn_error(x, zero_row, zero_col)
-    return torch.where(worse[:, None], zero_row, best_row), torch.where(worse[:, None], zero_col, best_col)
-
-
-def predicted_rtn_error(x: torch.Tensor, log_row: torch.Tensor, log_col: torch.Tensor) -> torch.Tensor:
-    """Predicted per-row RTN error of a balanced state, mapped back: Σ_r (range_r s_r)² Σ_c s_c² / |x_r|².
-
-    Each row's error counts relative to the row's own energy, so one outlier row cannot hide the damage
-    done to all the others (up to a constant factor shared by every state).
-    """
-    bal = _balanced(x, log_row, log_col)
-    spread = (bal.amax(-1) - bal.amin(-1)) * log_row.exp()
-    energy = (x * x).sum(-1) + 1e-30
-    return (spread * spread / energy).sum(-1) * (2 * log_col).exp().sum(-1)
-
-
-def _balanced(x: torch.Tensor, log_row: torch.Tensor, log_col: torch.Tensor) -> torch.Tensor:
-    return x * torch.exp(-log_row)[:, :, None] * torch.exp(-log_col)[:, None, :]
-
-
-def quantize_matrices(
-    x: torch.Tensor, bits: int, iters: int = NORMALIZE_ITERS
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Normalize, round and absorb scales for matrices x [N, R, C] (rows quantized).
-
-    Returns (codes uint8 [N, R, C], row_scale [N, R], row_zero [N, R], col_scale [N, C]) in float32 with
-    x ≈ (codes * row_scale[:, :, None] + row_zero[:, :, None]) * col_scale[:, None, :].
-    """
-    log_row, log_col = normalize_scales(x, iters)
-    bal = _balanced(x.float(), log_row, log_col)
-    lo = bal.amin(-1)
-    hi = bal.amax(-1)
-    step = ((hi - lo) / (2**bits - 1)).clamp_min(RTN_MIN_SCALE)
-    # Round half up (not half to even): the same rule the Triton kernels use.
-    codes = torch.floor((bal - lo[..., None]) / step[..., None] + 0.5).clamp(0, 2**bits - 1)
-    s_row = log_row.exp()
-    return codes.to(torch.uint8), s_row * step, s_row * lo, log_col.exp()
-
-
-def pack(codes: torch.Tensor, bits: int) -> torch.Tensor:
-    """Pack codes [..., N] (values < 2**bits) planar into uint8 [..., N*bits/8] (see format.py).
-
-    Word j (4*bits bits, little-endian) holds the codes at j, j + N/4, j + N/2, j + 3N/4 at bits 0, b, 2b, 3b.
-    """
-    n = codes.shape[-1]
-    if n % 4:
-        raise ValueError(f"last dim {n} is not a multiple of 4")
-    planes = codes.to(torch.int32).reshape(*codes.shape[:-1], 4, n // 4)
-    shifts = (torch.arange(4, device=codes.device, dtype=torch.int32) * bits)[:, None]
-    words = (planes << shifts).sum(-2)  # [..., N/4]
-    if bits == 2:
-        return words.to(torch.uint8)
-    return torch.stack([words & 0xFF, words >> 8], dim=-1).reshape(*codes.shape[:-1], n // 2).to(torch.uint8)
-
-
-def unpack(packed: torch.Tensor, bits: int) -> torch.Tensor:
-    """Inverse of `pack`: uint8 [..., N*bits/8] → uint8 codes [..., N]."""
-    w = packed.to(torch.int32)
-    if bits == 4:
-        pairs = w.reshape(*packed.shape[:-1], -1, 2)
-        w = pairs[..., 0] | (pairs[..., 1] << 8)
-    shifts = (torch.arange(4, device=packed.device, dtype=torch.int32) * bits)[:, None]
-    planes = (w[..., None, :] >> shifts) & (2**bits - 1)  # [..., 4, N/4]
-    return planes.reshape(*packed.shape[:-1], -1).to(torch.uint8)
-
-
-def k_range_cost(k_tiles: torch.Tensor, channel_weights: torch.Tensor | None = None) -> torch.Tensor:
-    """Σ over channels of the squared per-channel range over the tile's tokens (each weighted by channel_weights
-    [..., D] if given): tiles [..., G, D] → [...].
-
-    Proportional to the mean squared error of per-channel min-max RTN of the tile.
-    """
-    x = k_tiles.float()
-    ranges = (x.amax(-2) - x.amin(-2)).square()
-    return (ranges if channel_weights is None else ranges * channel_weights.float()).sum(-1)
-
-
-def k_frame_costs(
-    k_tiles: torch.Tensor, k_rot: torch.Tensor | None = None, channel_weights: torch.Tensor | None = None
+def synthetic_kv(
+    length: int,
+    num_heads: int,
+    head_dim: int,
+    dtype: torch.dtype = torch.float16,
+    outlier_channels: int = 4,
+    outlier_scale: float = 20.0,
+    seed: int = 0,
+    device: torch.device | str = "cpu",
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """(rotated, unrotated) predicted RTN score-error costs of K tiles [..., G, D] (original frame) → [...] each.
+    """k, v [length, num_heads, head_dim].
 
-    Unweighted: k_range_cost(k·H) and k_range_cost(k). With channel_weights [..., D] (the expected squared query per
-    channel, `sink_query_weights`; broadcast over the tile's leading dims): Σ_d w_d range_d² unrotated and
-    mean(w)·Σ_d range(kH)_d² rotated (a rotated tile's errors land evenly on all channels).
+    Keys get a few channels with large offsets and spread (as in real RoPE'd keys) plus mild per-token
+    scale variation; values are per-token scaled Gaussians with occasional spikes.
     """
-    rotated = k_range_cost(rotate(k_tiles) if k_rot is None else k_rot)
-    if channel_weights is not None:
-        rotated = channel_weights.float().mean(-1) * rotated
-    return rotated, k_range_cost(k_tiles, channel_weights)
+    g = torch.Generator().manual_seed(seed)
+    k = torch.randn(length, num_heads, head_dim, generator=g)
+    chans = torch.randperm(head_dim, generator=g)[:outlier_channels]
+    k[:, :, chans] = k[:, :, chans] * outlier_scale / 4 + outlier_scale
+    k = k * (1 + 0.5 * torch.rand(length, num_heads, 1, generator=g))
+    v = torch.randn(length, num_heads, head_dim, generator=g) * (0.5 + torch.rand(length, num_heads, 1, generator=g))
+    spikes = torch.rand(length, num_heads, head_dim, generator=g) < 0.002
+    v = torch.where(spikes, v * 10, v)
+    return k.to(dtype=dtype, device=device), v.to(dtype=dtype, device=device)
 
 
-def choose_k_rotation(
-    k_tiles: torch.Tensor, k_rot: torch.Tensor | None = None, channel_weights: torch.Tensor | None = None
+def sixteen_bit_decode(q: torch.Tensor, state: PagedKV) -> torch.Tensor:
+    """Decode attention (one query per sequence, q [B, Hq, D]) as a FlashAttention-style kernel computes it from
+    the dequantized history: keys and values rounded to q.dtype, probabilities rounded to q.dtype before P·V,
+    float32 accumulation. Its distance from `paged_attention_ref` (all float32) is the precision floor of any kernel
+    with 16-bit tensor-core operands, the yardstick for the Triton kernels' error on a GPU."""
+    out = torch.empty(q.shape, dtype=torch.float32, device=q.device)
+    for b in range(q.shape[0]):
+        k, v = gather_history(state, b)
+        out[b] = attend(q[b][:, None, :], k, v, operand_dtype=q.dtype)[:, 0]
+    return out
+
+
+def sixteen_bit_chunk(
+    q: torch.Tensor, state: PagedKV, cu_seqlens_q: torch.Tensor, k_new: torch.Tensor, v_new: torch.Tensor,
+    cu_seqlens_k: torch.Tensor,
 ) -> torch.Tensor:
-    """Whether each K tile [..., G, D] (original frame) is stored rotated → bool [...].
-
-    Rotate iff it lowers the per-channel range cost (`k_frame_costs`; channel_weights optional). Loud, bounded
-    channels (RoPE'd key biases: sinusoids over positions) are cheapest in their own channel, and rotating them floods
-    the quiet channels the queries use; heavy-tailed or spread-out energy is cheaper rotated. Ties (constant or zero
-    tiles) stay unrotated. Calibration-free: it looks only at the tile (and, weighted, at the row's sink queries).
-    See reports/rotation_choice.
-    """
-    rotated, unrotated = k_frame_costs(k_tiles, k_rot, channel_weights)
-    return rotated < unrotated
-
-
-def sink_query_weights(q_sink: torch.Tensor, num_kv_heads: int) -> torch.Tensor:
-    """Channel weights of `choose_k_rotation` from the sink's queries q_sink [Hq, S, D] (post-RoPE): the mean squared
-    query per channel, pooled over the query heads that share a KV head (head h*rep + r uses KV head h) → [num_kv_heads,
-    D] float32."""
-    hq, s, d = q_sink.shape
-    return q_sink.float().reshape(num_kv_heads, hq // num_kv_heads * s, d).square().mean(1)
-
-
-def quantize_tile_records(
-    k: torch.Tensor, v: torch.Tensor, fmt: KVarNFormat, rotate_k: bool | None = None,
-    k_weights: torch.Tensor | None = None,
-) -> torch.Tensor:
-    """Quantize tiles k, v [N, H, G, D] (original frame) into records uint8 [N, H, record_bytes].
-
-    rotate_k: None chooses K's frame per record (`choose_k_rotation`, with channel weights k_weights [N, H, D] if
-    given); True/False force it (ablations, and the always-rotated K of format version 1).
-    """
-    _check_tiles(k, v, fmt)
-    n, h, g, d = k.shape
-    _check_k_weights(k_weights, (n, h, d))
-    k_rot = rotate(k)
-    if rotate_k is None:
-        k_rotated = choose_k_rotation(k, k_rot, k_weights)  # [N, H]
-    else:
-        k_rotated = torch.full((n, h), rotate_k, dtype=torch.bool, device=k.device)
-    k_frame = torch.where(k_rotated[..., None, None], k_rot, k.float())
-    k_mat = k_frame.reshape(n * h, g, d).transpose(1, 2)  # K matrix: rows = channels
-    v_rot = rotate(v).reshape(n * h, g, d)  # V matrix: rows = tokens
-    kc, krs, krz, kcs = quantize_matrices(k_mat, fmt.k_bits)
-    vc, vrs, vrz, vcs = quantize_matrices(v_rot, fmt.v_bits)
-    # Both code matrices are stored channel-major: V's [G, D] codes are transposed first.
-    codes = torch.cat([pack(kc, fmt.k_bits).flatten(1), pack(vc.transpose(1, 2), fmt.v_bits).flatten(1)], dim=1)
-    scales = torch.cat([krs, krz, kcs, vrs, vrz, vcs], dim=1).to(fmt.scale_dtype)
-    # The K-frame flag: the sign bit of K col_scale[0] (positive otherwise) marks an unrotated K.
-    col0 = 2 * d
-    scales[:, col0] = torch.where(k_rotated.flatten(), scales[:, col0], -scales[:, col0])
-    records = torch.cat([codes, scales.view(torch.uint8)], dim=1)
-    return records.reshape(n, h, fmt.record_bytes)
-
-
-def dequantize_records(
-    records: torch.Tensor, fmt: KVarNFormat
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Records uint8 [N, H, record_bytes] → (k, v_rot, k_rotated): k float32 [N, H, G, D] in its stored frame
-    (rotated where k_rotated [N, H] is True, original otherwise), v_rot float32 [N, H, G, D] rotated."""
-    n, h, _ = records.shape
-    d, g = fmt.head_dim, fmt.group
-    flat = records.reshape(n * h, -1)
-    kc = unpack(flat[:, : fmt.k_code_bytes].reshape(-1, d, g * fmt.k_bits // 8), fmt.k_bits).float()
-    vc = unpack(flat[:, fmt.k_code_bytes : fmt.code_bytes].reshape(-1, d, g * fmt.v_bits // 8), fmt.v_bits)
-    vc = vc.transpose(1, 2)
-    s = flat[:, fmt.code_bytes :].contiguous().view(fmt.scale_dtype).float()
-    krs, krz, kcs, vrs, vrz, vcs = s.split([d, d, g, g, g, d], dim=1)  # the order of format.scale_offsets
-    k_rotated = ~torch.signbit(kcs[:, 0])
-    kcs = kcs.abs()
-    k_mat = (kc * krs[:, :, None] + krz[:, :, None]) * kcs[:, None, :]
-    v_mat = (vc.float() * vrs[:, :, None] + vrz[:, :, None]) * vcs[:, None, :]
-    return k_mat.transpose(1, 2).reshape(n, h, g, d), v_mat.reshape(n, h, g, d), k_rotated.reshape(n, h)
-
-
-def dequantize_tiles(records: torch.Tensor, fmt: KVarNFormat) -> tuple[torch.Tensor, torch.Tensor]:
-    """Records → (k, v) float32 [N, H, G, D] in the original (un-rotated) frame."""
-    k, v_rot, k_rotated = dequantize_records(records, fmt)
-    return torch.where(k_rotated[..., None, None], rotate(k), k), rotate(v_rot)
-
-
-def _check_k_weights(k_weights: torch.Tensor | None, shape: tuple[int, ...]) -> None:
-    if k_weights is not None and (tuple(k_weights.shape) != shape or k_weights.dtype != torch.float32):
-        raise ValueError(f"k_weights must be float32 {list(shape)} (tiles, KV heads, head_dim), got "
-                         f"{k_weights.dtype} {list(k_weights.shape)}")
-
-
-def _check_tiles(k: torch.Tensor, v: torch.Tensor, fmt: KVarNFormat) -> None:
-    expected = (fmt.group, fmt.head_dim)
-    if k.dim() != 4 or tuple(k.shape[2:]) != expected or k.shape != v.shape:
-        raise ValueError(
-            f"tiles must be [N, H, {fmt.group}, {fmt.head_dim}] with equal K and V shapes, "
-            f"got K {tuple(k.shape)} and V {tuple(v.shape)}"
-        )
-
-
-# --- paged cache operations -----------------------------------------------------------------------
-def quantize_into_cache_ref(
-    k_src: torch.Tensor,
-    v_src: torch.Tensor,
-    tile_starts: torch.Tensor,
-    block_ids: torch.Tensor,
-    cache: torch.Tensor,
-    fmt: KVarNFormat,
-    k_weights: torch.Tensor | None = None,
-) -> None:
-    """Quantize the G tokens of k_src/v_src [T, H, D] starting at each tile_starts[i] into cache[block_ids[i]];
-    k_weights [N, H, D] (optional): tile i's channel weights of the K-frame choice (`choose_k_rotation`)."""
-    if tile_starts.numel() == 0:
-        return
-    offs = tile_starts.long()[:, None] + torch.arange(fmt.group, device=k_src.device)
-    k = k_src[offs].transpose(1, 2)  # [N, H, G, D]
-    v = v_src[offs].transpose(1, 2)
-    cache[block_ids.long()] = quantize_tile_records(k, v, fmt, k_weights=k_weights)
-
-
-def gather_history(state: PagedKV, b: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """The history of sequence b as float32 (k, v) [H, L, D] in the original frame."""
-    fmt = state.fmt
-    g = fmt.group
-    length = int(state.seq_lens[b])
-    sink_len, n_quant, tail_len = state.split_length(length)
-    sink_block, tail_block = (int(x) for x in state.dense_table[b])
-    ks = [state.sink_k[sink_block, :, :sink_len].float()]
-    vs = [state.sink_v[sink_block, :, :sink_len].float()]
-    if n_quant:
-        blocks = state.block_table[b, :n_quant].long()
-        k_q, v_q = dequantize_tiles(state.cache[blocks], fmt)  # [n, H, G, D]
-        ks.append(k_q.transpose(0, 1).reshape(k_q.shape[1], n_quant * g, -1))
-        vs.append(v_q.transpose(0, 1).reshape(v_q.shape[1], n_quant * g, -1))
-    ks.append(state.tail_k[tail_block, :, :tail_len].float())
-    vs.append(state.tail_v[tail_block, :, :tail_len].float())
-    return torch.cat(ks, dim=1), torch.cat(vs, dim=1)
-
-
-def paged_attention_ref(
-    q: torch.Tensor,
-    state: PagedKV,
-    cu_seqlens_q: torch.Tensor,
-    k_new: torch.Tensor | None = None,
-    v_new: torch.Tensor | None = None,
-    cu_seqlens_k: torch.Tensor | None = None,
-    sm_scale: float | None = None,
-) -> torch.Tensor:
-    """Attention of varlen queries q [Tq, Hq, D] over each sequence's history plus its new 16-bit tokens.
-
-    Keys are the history (sink + quantized tiles + tail) followed by the new 16-bit tokens k_new/v_new
-    [Tk, H, D]; the mask is causal over that sequence with the last query aligned to the last key
-    (bottom-right). Returns [Tq, Hq, D] in q.dtype.
-    """
-    hq, d = q.shape[1], q.shape[2]
-    scale = sm_scale if sm_scale is not None else d**-0.5
-    out = torch.empty_like(q)
+    """`sixteen_bit_decode` for chunks: queries q [Tq, Hq, D] over each sequence's dequantized history plus its new
+    tokens, bottom-right causal (the semantics of `paged_attention_ref`), with keys, values and probabilities rounded
+    to q.dtype and float32 sums: the precision floor of a 16-bit flash attention over the dequantized history (the
+    large-chunk route of `attention.paged_attention`)."""
+    out = torch.empty(q.shape, dtype=torch.float32, device=q.device)
     for b in range(cu_seqlens_q.numel() - 1):
         q0, q1 = int(cu_seqlens_q[b]), int(cu_seqlens_q[b + 1])
+        k0, k1 = int(cu_seqlens_k[b]), int(cu_seqlens_k[b + 1])
         if q1 == q0:
             continue
-        k_hist, v_hist = gather_history(state, b)
-        n_hist = k_hist.shape[1]
-        if k_new is not None:
-            k0, k1 = int(cu_seqlens_k[b]), int(cu_seqlens_k[b + 1])
-            k_all = torch.cat([k_hist, k_new[k0:k1].transpose(0, 1).float()], dim=1)
-            v_all = torch.cat([v_hist, v_new[k0:k1].transpose(0, 1).float()], dim=1)
-        else:
-            k_all, v_all = k_hist, v_hist
-        n_new = k_all.shape[1] - n_hist
-        rep = hq // k_all.shape[0]
-        k_all = k_all.repeat_interleave(rep, dim=0)
-        v_all = v_all.repeat_interleave(rep, dim=0)
-        qb = q[q0:q1].transpose(0, 1).float()  # [Hq, Lq, D]
-        scores = (qb @ k_all.transpose(1, 2)) * scale
-        lq = q1 - q0
-        q_pos = torch.arange(lq, device=q.device)[:, None] + (n_new - lq)
-        k_pos = torch.arange(k_all.shape[1], device=q.device)[None, :] - n_hist
-        scores = scores.masked_fill(k_pos > q_pos, float("-inf"))
-        probs = torch.softmax(scores, dim=-1)
-        out[q0:q1] = (probs @ v_all).transpose(0, 1).to(q.dtype)
+        k, v = gather_history(state, b)
+        k = torch.cat([k, k_new[k0:k1].transpose(0, 1).float()], dim=1)
+        v = torch.cat([v, v_new[k0:k1].transpose(0, 1).float()], dim=1)
+        out[q0:q1] = attend(q[q0:q1].transpose(0, 1), k, v, operand_dtype=q.dtype).transpose(0, 1)
     return out
+
+
+def exact_decode(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """Unquantized attention of one query per head q [Hq, D] over 16-bit k, v [T, H, D] (GQA), float32 [Hq, D]."""
+    return attend(q[:, None, :], k.transpose(0, 1), v.transpose(0, 1))[:, 0]

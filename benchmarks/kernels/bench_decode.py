@@ -1,13 +1,15 @@
 """Decode attention over KVarN tiles versus FlashAttention on a 16-bit KV cache, plus prefill quantize cost.
 
-Run on a GPU:  python benchmarks/kernels/bench_decode.py --out benchmarks/kernels/results
-Writes decode.json (every measurement and the setup) and decode.png. Times are CUDA-graph replays
-(median of several), so launch overhead is excluded for both sides alike.
+Run on a GPU:  python benchmarks/kernels/bench_decode.py --out DIR
+Writes decode.json (every measurement, the setup and the command) and decode.png into DIR; they are kept as
+benchmarks/kernels/results/decode/<gpu>/<date>_<commit>.{json,png}. Times are CUDA-graph replays (median of several), so
+launch overhead is excluded for both sides alike.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import platform
 import time
@@ -27,7 +29,7 @@ H100_PEAK_BYTES_PER_S = 3.35e12
 
 # Idle seconds before each timing of the comparison grids. A flash SDPA run at a large shape draws the H100's full
 # 700 W and lowers its clocks; a decode timed right after it ran 12-16 % slower than on a rested GPU (batch 32 x 64K:
-# 928 vs 800 us; 2 s later 799; results/session10/variance_probe.log). Each side is timed rested.
+# 928 vs 800 us; 2 s later 799; results/variance_probe/h100/2026-11-24_4fcea14.log). Each side is timed rested.
 COOLDOWN_S = 2.0
 
 
@@ -64,7 +66,8 @@ def make_state(batch: int, ctx: int, hkv: int, fmt: KVarNFormat, dtype: torch.dt
     cache = fmt.allocate(max(batch * n_tiles, 1), hkv, device)
     if n_tiles:
         # Quantize real data into a few blocks (at most the cache's), then copy them around: content matters little
-        # for speed. (Until session 8 this wrote 8 blocks into caches of fewer, e.g. batch 1 x 1K's 7: the eighth went
+        # for speed. (Until 2026-11-24 (d266187) this wrote 8 blocks into caches of fewer, e.g. batch 1 x 1K's 7:
+        # the eighth went
         # past the cache and, at head_dim 64, corrupted later launches.)
         k = min(8, cache.shape[0])
         src = torch.randn(k * g, hkv, d, device=device, dtype=dtype)
@@ -119,7 +122,6 @@ def bench_prefill_quantize(contexts, hq, hkv, d, preset, dtype, batch: int = 1, 
 
     warps: num_warps values to time the quantize kernel with (None: its own choice).
     """
-    from kvarn_kernels import quantize
 
     fmt = KVarNFormat.from_preset(preset, d, dtype)
     rows = []
@@ -134,17 +136,15 @@ def bench_prefill_quantize(contexts, hq, hkv, d, preset, dtype, batch: int = 1, 
         starts = torch.arange(n, device="cuda", dtype=torch.int32) * fmt.group
         cache = fmt.allocate(n, hkv, "cuda")
         for w in warps:
-            quantize.LAUNCH_OVERRIDES.clear()
-            if w is not None:
-                quantize.LAUNCH_OVERRIDES["num_warps"] = w
-            quant_ms = graph_time_ms(lambda: quantize_into_cache(src, src, starts, starts // fmt.group, cache, fmt),
+            overrides = {"num_warps": w} if w is not None else None
+            quant_ms = graph_time_ms(lambda o=overrides: quantize_into_cache(src, src, starts, starts // fmt.group,
+                                                                             cache, fmt, launch_overrides=o),
                                      cooldown_s=COOLDOWN_S)
             rows.append({"batch": batch, "context": ctx, "num_warps": w or "default", "attention_ms": attn_ms,
                          "quantize_ms": quant_ms, "ratio": quant_ms / attn_ms,
                          "us_per_program": quant_ms * 1e3 / (2 * n * hkv) * torch.cuda.get_device_properties(
                              0).multi_processor_count})
             tqdm.write(json.dumps(rows[-1]))
-        quantize.LAUNCH_OVERRIDES.clear()
     return rows
 
 
@@ -162,19 +162,16 @@ def bench_chunk(hq, hkv, d, preset, dtype) -> list[dict]:
         cu_q = torch.tensor([0, chunk], device="cuda", dtype=torch.int32)
         # Both routes at every size: the packed-tile kernel, and history dequantized once + varlen flash; "kvarn"
         # is the one paged_attention picks.
-        default = "dense" if attention._dense_chunk(q, state, chunk, kn, None) else "packed"
+        default = "dense" if attention._dense_chunk(q, state, chunk, kn, None, attention.TUNING) else "packed"
         route = {}
         for name, dense in (("packed", False), ("dense", True)):
-            saved = attention.DENSE_CHUNKS, attention.DENSE_CHUNK_MIN_QUERIES
-            attention.DENSE_CHUNKS, attention.DENSE_CHUNK_MIN_QUERIES = dense, 1
+            tuning = dataclasses.replace(attention.TUNING, dense_chunks=dense, dense_chunk_min_queries=1)
             try:
-                route[name] = graph_time_ms(lambda: paged_attention(q, state, cu_q, chunk, kn, kn, cu_q),
-                                            cooldown_s=COOLDOWN_S)
+                route[name] = graph_time_ms(lambda t=tuning: paged_attention(q, state, cu_q, chunk, kn, kn, cu_q,
+                                                                             tuning=t), cooldown_s=COOLDOWN_S)
             except Exception as e:  # noqa: BLE001 - e.g. no varlen flash attention in this torch
                 route[name] = float("nan")
                 tqdm.write(f"{name} route failed: {type(e).__name__}: {e}")
-            finally:
-                attention.DENSE_CHUNKS, attention.DENSE_CHUNK_MIN_QUERIES = saved
         # Flash SDPA's is_causal is top-left aligned: pad the queries to the full length and keep the last
         # `chunk` rows' cost out by timing a chunk-sized query block against the full keys (bottom-right
         # causality differs only on the chunk's own tokens, a negligible share of the work).
@@ -200,18 +197,14 @@ def tune(hq, hkv, d, preset, dtype) -> list[dict]:
     for batch, ctx in [(1, 2048), (1, 16384), (8, 16384), (64, 16384)]:
         state = make_state(batch, ctx, hkv, fmt, dtype)
         q = torch.randn(batch, hq, d, device="cuda", dtype=dtype)
-        default = dict(attention.LAUNCH_OPTIONS)
         for opts in ({"num_warps": 4, "num_stages": 1}, {"num_warps": 4, "num_stages": 2},
                      {"num_warps": 4, "num_stages": 3}, {"num_warps": 8, "num_stages": 1},
                      {"num_warps": 8, "num_stages": 2}, {"num_warps": 4, "num_stages": 2, "maxnreg": 128},
                      {"num_warps": 4, "num_stages": 1, "maxnreg": 168}):
-            attention.LAUNCH_OPTIONS.clear()
-            attention.LAUNCH_OPTIONS.update(opts)
-            ms = graph_time_ms(lambda: decode_attention(q, state))
-            rows.append({"batch": batch, "context": ctx, **attention.LAUNCH_OPTIONS, "ms": ms})
+            tuning = dataclasses.replace(attention.TUNING, launch_options=opts)
+            ms = graph_time_ms(lambda t=tuning: decode_attention(q, state, tuning=t))
+            rows.append({"batch": batch, "context": ctx, **opts, "ms": ms})
             tqdm.write(json.dumps(rows[-1]))
-        attention.LAUNCH_OPTIONS.clear()
-        attention.LAUNCH_OPTIONS.update(default)
     return rows
 
 

@@ -1,8 +1,8 @@
 """Compile the attention kernel for sm_90 without a GPU and print registers, spills and shared memory.
 
-    python benchmarks/kernels/compile_stats.py [--dot bfloat16] [--head-dim 128] [--n-rep 4] [--chunk-rows 64]
-        [--splits 1] [--tile-groups N] [--num-warps N] [--maxnreg N] [--loop-sass]
-Uses Triton's bundled ptxas/cuobjdump (`kvarn_kernels.aot`): a fast loop for register-pressure work on a CPU-only
+    python -m benchmarks.kernels.compile_stats [--dot bfloat16] [--head-dim 128] [--n-rep 4] [--chunk-rows 64]
+        [--splits 1] [--tile-groups N] [--num-warps N] [--maxnreg N] [--preset kvarn_k4v2_g128] [--loop-sass]
+Uses Triton's bundled ptxas/cuobjdump (`benchmarks.kernels.aot`): a fast loop for register-pressure work on a CPU-only
 machine. Launch options default to the ones the real launch uses (`attention.launch_options`).
 """
 
@@ -11,7 +11,8 @@ import collections
 
 import torch
 
-from kvarn_kernels import aot, attention
+from benchmarks.kernels import aot
+from kvarn_kernels import DEFAULT_PRESET, PRESETS, attention
 
 
 def main() -> None:
@@ -22,8 +23,7 @@ def main() -> None:
     ap.add_argument("--n-rep", type=int, default=4)
     ap.add_argument("--num-warps", type=int, default=0, help="override the launch's num_warps")
     ap.add_argument("--num-stages", type=int, default=0, help="override the launch's num_stages")
-    ap.add_argument("--kbits", type=int, default=4)
-    ap.add_argument("--vbits", type=int, default=2)
+    ap.add_argument("--preset", default=DEFAULT_PRESET, choices=list(PRESETS), help="bit widths and group")
     ap.add_argument("--maxnreg", type=int, default=0, help="override the launch's register cap (-1: none)")
     ap.add_argument("--tile-groups", type=int, default=0,
                     help="decode's row groups (tiles attended at once; 0: what a long context gets)")
@@ -48,9 +48,8 @@ def main() -> None:
         options["maxnreg"] = args.maxnreg
     elif args.maxnreg < 0:
         options.pop("maxnreg", None)
-    kernel = aot.attention_kernel(args.dot, args.head_dim, args.n_rep, args.chunk_rows, args.kbits, args.vbits,
-                                  args.splits, options,
-                                  args.tile_groups or None)
+    kernel = aot.attention_kernel(args.dot, args.head_dim, args.n_rep, args.chunk_rows, args.preset, args.splits,
+                                  options, args.tile_groups or None)
     print(options)
     print(aot.cuobjdump(kernel, "--dump-resource-usage").strip().splitlines()[-1].strip())
     print("shared bytes:", kernel.metadata.shared)

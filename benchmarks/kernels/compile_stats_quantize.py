@@ -1,8 +1,8 @@
 """Compile the quantize kernel for sm_90 without a GPU and print registers, spills, shared memory and SASS mix.
 
-    python benchmarks/kernels/compile_stats_quantize.py [--dtype bf16] [--head-dim 128] [--group 128]
-        [--kbits 4] [--vbits 2] [--num-warps N] [--all]
-Uses Triton's bundled ptxas/cuobjdump (`kvarn_kernels.aot`): a fast loop for register-pressure work on a CPU-only
+    python -m benchmarks.kernels.compile_stats_quantize [--dtype bf16] [--head-dim 128] [--preset kvarn_k4v2_g128]
+        [--num-warps N] [--all]
+Uses Triton's bundled ptxas/cuobjdump (`benchmarks.kernels.aot`): a fast loop for register-pressure work on a CPU-only
 machine.
 Launch options default to the ones `quantize_into_cache` uses (`quantize.launch_options`). --all runs a
 fixed set of configurations and prints one line each.
@@ -14,7 +14,8 @@ import re
 
 import torch
 
-from kvarn_kernels import aot
+from benchmarks.kernels import aot
+from kvarn_kernels import DEFAULT_PRESET, PRESETS, KVarNFormat
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 # SASS opcode families worth watching (prefix match on the opcode before its first dot).
@@ -45,11 +46,13 @@ def stats(kernel) -> dict:
     return out
 
 
-def report(dtype_name, head_dim, group, kbits, vbits, num_warps=None, maxnreg=0) -> None:
-    kernel, options = aot.quantize_kernel(DTYPES[dtype_name], head_dim, group, kbits, vbits, num_warps, maxnreg)
+def report(dtype_name, head_dim, preset, num_warps=None, maxnreg=0) -> None:
+    kernel, options = aot.quantize_kernel(DTYPES[dtype_name], head_dim, preset, num_warps, maxnreg)
     s = stats(kernel)
     mix = " ".join(f"{k}={v}" for k, v in s["mix"].items() if v)
-    print(f"{dtype_name} D={head_dim} G={group} k{kbits}v{vbits} warps={options['num_warps']}: regs={s['regs']} "
+    fmt = KVarNFormat.from_preset(preset, head_dim)
+    print(f"{dtype_name} D={head_dim} G={fmt.group} k{fmt.k_bits}v{fmt.v_bits} warps={options['num_warps']}: "
+          f"regs={s['regs']} "
           f"stack={s['stack']}B shared={s['shared']}B sass={s['sass_total']} | {mix}", flush=True)
 
 
@@ -57,21 +60,20 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--dtype", default="bf16", choices=list(DTYPES))
     ap.add_argument("--head-dim", type=int, default=128)
-    ap.add_argument("--group", type=int, default=128)
-    ap.add_argument("--kbits", type=int, default=4)
-    ap.add_argument("--vbits", type=int, default=2)
+    ap.add_argument("--preset", default=DEFAULT_PRESET, choices=list(PRESETS), help="bit widths and group")
     ap.add_argument("--num-warps", type=int, default=0, help="override the launch's num_warps")
     ap.add_argument("--maxnreg", type=int, default=0)
     ap.add_argument("--all", action="store_true", help="a fixed sweep of dtypes, head dims and bit widths")
     args = ap.parse_args()
     if args.all:
-        for dtype_name, d, g, kb, vb in [
-            ("bf16", 128, 128, 4, 2), ("fp16", 128, 128, 4, 2), ("bf16", 128, 128, 4, 4), ("bf16", 64, 128, 4, 2),
-            ("bf16", 256, 128, 4, 2), ("bf16", 128, 64, 4, 2), ("fp32", 128, 128, 4, 2),
+        for dtype_name, d, preset in [
+            ("bf16", 128, "kvarn_k4v2_g128"), ("fp16", 128, "kvarn_k4v2_g128"), ("bf16", 128, "kvarn_k4v4_g128"),
+            ("bf16", 64, "kvarn_k4v2_g128"), ("bf16", 256, "kvarn_k4v2_g128"), ("bf16", 128, "kvarn_k4v2_g64"),
+            ("fp32", 128, "kvarn_k4v2_g128"),
         ]:
-            report(dtype_name, d, g, kb, vb, args.num_warps or None, args.maxnreg)
+            report(dtype_name, d, preset, args.num_warps or None, args.maxnreg)
         return
-    report(args.dtype, args.head_dim, args.group, args.kbits, args.vbits, args.num_warps or None, args.maxnreg)
+    report(args.dtype, args.head_dim, args.preset, args.num_warps or None, args.maxnreg)
 
 
 if __name__ == "__main__":

@@ -1,8 +1,10 @@
 """Decode time per (tile groups, splits) at fixed shapes: the data behind `attention.tile_groups` and
 `attention.choose_num_splits`.
 
-    PYTHONPATH=. python benchmarks/kernels/sweep_groups.py --out benchmarks/kernels/results/sweep_groups.json
-    PYTHONPATH=. python benchmarks/kernels/sweep_groups.py --evaluate benchmarks/kernels/results/sweep_groups.json
+    PYTHONPATH=. python benchmarks/kernels/sweep_groups.py --out \
+        benchmarks/kernels/results/sweep_groups/h100/2026-11-24_4fcea14.json
+    PYTHONPATH=. python benchmarks/kernels/sweep_groups.py --evaluate \
+        benchmarks/kernels/results/sweep_groups/h100/2026-11-24_4fcea14.json
 (--evaluate needs no GPU; tests/benchmarks/test_sweep_groups.py runs it.) A sweep split by --dims into several runs
 is joined by concatenating the runs' "rows".
 
@@ -18,6 +20,7 @@ calls them) over a stored sweep: the time of the (groups, splits) it picks per s
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import math
 from pathlib import Path
@@ -71,7 +74,6 @@ def main() -> None:
         ap.error("--out is required to run a sweep")
     groups = [int(g) for g in args.groups.split(",")]
     dtype = torch.bfloat16
-    default_groups = attention.TILE_GROUPS
     rows = []
     dims = {int(x) for x in args.dims.split(",")}
     for batch, ctx, d in tqdm([s for s in SHAPES if s[2] in dims], desc="shapes"):
@@ -79,18 +81,18 @@ def main() -> None:
         state = make_state(batch, ctx, 8, fmt, dtype)
         q = torch.randn(batch, 32, d, device="cuda", dtype=dtype)
         row: dict = {"batch": batch, "ctx": ctx, "d": d, "us": {}}
-        attention.TILE_GROUPS = default_groups
         row["auto_us"] = round(1e3 * graph_time_ms(lambda st=state: decode_attention(q, st)), 1)
         for tg in groups:
-            attention.TILE_GROUPS = tg
+            tuning = dataclasses.replace(attention.TUNING, max_tile_groups=tg)
             # One tile at a time, head dims whose split rule also takes 3 * 2^k splits (`attention.one_tile_splits`).
-            extra = (3, 6, 12, 24, 48) if tg == 1 and (d, dtype, 4) in attention.DECODE_PROGRAMS_PER_SM_ONE_TILE else ()
+            one_tile = attention.TUNING.decode_programs_per_sm_one_tile
+            extra = (3, 6, 12, 24, 48) if tg == 1 and (d, dtype, 4) in one_tile else ()
             for splits in sorted((1, 2, 4, 8, 16, 32, 64) + extra):
                 if batch * 8 * splits > 8 * 132 * 8:  # far past filling the GPU
                     continue
                 row["us"][f"{tg}/{splits}"] = round(
-                    1e3 * graph_time_ms(lambda s=splits, st=state: decode_attention(q, st, num_splits=s)), 1)
-        attention.TILE_GROUPS = default_groups
+                    1e3 * graph_time_ms(lambda s=splits, st=state, t=tuning: decode_attention(q, st, num_splits=s,
+                                                                                              tuning=t)), 1)
         add_row(rows, row)
         state = None
         torch.cuda.empty_cache()

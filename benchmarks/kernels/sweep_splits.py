@@ -1,6 +1,7 @@
 """Decode time at split counts that are not powers of two, and with more decode programs per SM.
 
-    PYTHONPATH=. python benchmarks/kernels/sweep_splits.py --out benchmarks/kernels/results/session10/sweep_splits.json
+    PYTHONPATH=. python benchmarks/kernels/sweep_splits.py --out \
+        benchmarks/kernels/results/sweep_splits/h100/2026-11-24_4fcea14.json
 
 The split rule (`attention.choose_num_splits`) picks a power of two, and a split's run of work units is rounded up
 (`cdiv(units, splits)`): at batch 1 x 16K (133 units) 32 splits leave 5 of 32 idle and the rest walk 5 units each,
@@ -13,6 +14,7 @@ programs per SM), so that a rule can be chosen from data. One JSON line per shap
 from __future__ import annotations
 
 import argparse
+import dataclasses
 from pathlib import Path
 
 import torch
@@ -43,29 +45,22 @@ def main() -> None:
     fmt = KVarNFormat.from_preset("kvarn_k4v2_g128", d, dtype)
     shapes = [tuple(int(x) for x in s.split(":")) for s in args.shapes.split(",")] if args.shapes else SHAPES
     configs = [tuple(int(x) for x in c.split("/")) for c in args.configs.split(",")]
-    base_opts = dict(attention.LAUNCH_OPTIONS)
-    base_min_units = attention.GROUP_MIN_UNITS
-    base_caps = dict(attention.ONE_TILE_MAXNREG)
     rows = []
     for batch, ctx in tqdm(shapes, desc="shapes"):
         state = make_state(batch, ctx, 8, fmt, dtype)
         q = torch.randn(batch, args.q_heads, d, device="cuda", dtype=dtype)
         row: dict = {"batch": batch, "ctx": ctx, "d": d, "q_heads": args.q_heads, "dtype": args.dtype, "us": {}}
         row["auto_us"] = round(1e3 * graph_time_ms(lambda st=state: decode_attention(q, st)), 1)
-        attention.ONE_TILE_MAXNREG.clear()  # each config's cap is the only one (0: none), the auto row's are kept
         for splits in SPLITS[batch]:
             for tg, cap in configs:
-                # Forcing: GROUP_MIN_UNITS 0 makes every split take row groups, a huge one none.
-                attention.GROUP_MIN_UNITS = 0 if tg > 1 else 1 << 30
-                attention.LAUNCH_OPTIONS.clear()
-                attention.LAUNCH_OPTIONS.update(base_opts, **({"maxnreg": cap} if cap else {}))
+                # Forcing: group_min_units 0 makes every split take row groups, a huge one none; each config's
+                # register cap is the only one (0: none; the auto row keeps the table's).
+                tuning = dataclasses.replace(
+                    attention.TUNING, group_min_units=0 if tg > 1 else 1 << 30, one_tile_maxnreg={},
+                    launch_options={**attention.TUNING.launch_options, **({"maxnreg": cap} if cap else {})})
                 key = f"{tg}/{splits}" + (f"/r{cap}" if cap else "")
                 row["us"][key] = round(1e3 * graph_time_ms(
-                    lambda s=splits, st=state: decode_attention(q, st, num_splits=s)), 1)
-        attention.GROUP_MIN_UNITS = base_min_units
-        attention.ONE_TILE_MAXNREG.update(base_caps)
-        attention.LAUNCH_OPTIONS.clear()
-        attention.LAUNCH_OPTIONS.update(base_opts)
+                    lambda s=splits, st=state, t=tuning: decode_attention(q, st, num_splits=s, tuning=t)), 1)
         add_row(rows, row)
         state = None
         torch.cuda.empty_cache()

@@ -2,7 +2,7 @@
 
 import csv
 
-from benchmarks.kernels import stall_report
+from benchmarks.kernels.profiling import stall_report
 
 
 def _write(path, rows):

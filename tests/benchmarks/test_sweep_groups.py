@@ -1,5 +1,6 @@
 """The decode launch rule (splits + row groups) against the H100 sweep it was chosen from: replaying
-`attention.choose_num_splits` + `attention.tile_groups` over benchmarks/kernels/results/sweep_groups.json must stay
+`attention.choose_num_splits` + `attention.tile_groups` over
+benchmarks/kernels/results/sweep_groups/h100/2026-11-24_4fcea14.json must stay
 near each shape's measured best. A change of the rule that this test flags needs a new sweep, not a looser bound."""
 
 from __future__ import annotations
@@ -9,7 +10,7 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[2]
-SWEEP = ROOT / "benchmarks" / "kernels" / "results" / "sweep_groups.json"
+SWEEP = ROOT / "benchmarks" / "kernels" / "results" / "sweep_groups" / "h100" / "2026-11-24_4fcea14.json"
 
 
 def test_decode_launch_rule_is_near_the_measured_best(capsys):

@@ -17,7 +17,7 @@ from kvarn_eval.hf_eval import (
     kvarn_variant_codec,
     make_cache,
 )
-from kvarn_kernels.testing import synthetic_kv
+from kvarn_kernels.reference import synthetic_kv
 
 
 def tiles(n: int, dtype: torch.dtype, group: int = 128, dim: int = 64) -> tuple[torch.Tensor, torch.Tensor]:

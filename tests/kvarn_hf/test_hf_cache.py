@@ -10,9 +10,14 @@ from transformers import LlamaConfig
 from kvarn_hf import KVarNCache
 from kvarn_hf import cache as cache_module
 from kvarn_kernels import KVarNFormat
-from kvarn_kernels.reference import dequantize_tiles, gather_history, paged_attention_ref, quantize_tile_records
+from kvarn_kernels.reference import (
+    dequantize_tiles,
+    gather_history,
+    paged_attention_ref,
+    quantize_tile_records,
+    synthetic_kv,
+)
 from kvarn_kernels.reference import sink_query_weights as ref_sink_query_weights
-from kvarn_kernels.testing import synthetic_kv
 
 HEADS, DIM, LAYERS = 2, 64, 2
 G = GROUP

@@ -11,7 +11,6 @@ from hypothesis import strategies as st
 from kvarn_kernels import attention
 from kvarn_kernels import reference as ref
 from kvarn_kernels.attention import (
-    ONE_TILE_SPLITS,
     choose_num_splits,
     chunk_attention,
     decode_attention,
@@ -21,8 +20,8 @@ from kvarn_kernels.attention import (
     tile_groups,
 )
 from kvarn_kernels.format import KVarNFormat
+from kvarn_kernels.reference import sixteen_bit_decode, synthetic_kv
 from kvarn_kernels.state import build_paged_kv
-from kvarn_kernels.testing import sixteen_bit_decode, synthetic_kv
 
 # Kernels use tf32 tensor-core dots on the GPU (exact in the interpreter): tolerances cover tf32 rounding,
 # plus one unit in the last place of the 16-bit output (a different summation order may flip a rounding).
@@ -72,10 +71,10 @@ def test_decode_head_dim_128_k4v4(device):
 @pytest.mark.parametrize("dtype,n_rep", [(torch.bfloat16, 1), (torch.bfloat16, 7), (torch.float16, 4),
                                          (torch.float16, 8)])
 def test_decode_register_capped_builds(dtype, n_rep, device):
-    """head_dim 128 one-tile split builds run capped at 168 registers (attention.ONE_TILE_MAXNREG; bfloat16 GQA 4 is
+    """head_dim 128 one-tile split builds run capped at 168 registers (`Tuning.one_tile_maxnreg`; bfloat16 GQA 4 is
     not capped, float16 is at every GQA size): on a GPU that is the build that runs (float16 with its PTX unpack); its
     sm_90 compile is checked (test_compile_sm90)."""
-    assert (128, dtype, n_rep) in attention.ONE_TILE_MAXNREG
+    assert (128, dtype, n_rep) in attention.TUNING.one_tile_maxnreg
     state = _state([200, 4 * 128 + 9], 1, 128, dtype, device, "kvarn_k4v2_g128")
     q = torch.randn(2, n_rep, 128, generator=torch.Generator().manual_seed(n_rep)).to(device, dtype)
     expected = ref.paged_attention_ref(q, state, _cu([1, 1], device)).float()
@@ -135,41 +134,42 @@ def test_idle_and_many_splits_merge_exactly(splits, device):
 
 
 @pytest.mark.parametrize("splits,dense_units", [(2, 1), (3, 1), (4, 1), (7, 1), (3, 3), (7, 3), (16, 3)])
-def test_work_units_cover_every_key_once(splits, dense_units, device, monkeypatch):
+def test_work_units_cover_every_key_once(splits, dense_units, device):
     """Splits take runs of work units (sink, tiles, tail + new tokens): here the sink sits alone or with tiles, and
     the tail lands on the last busy split, which is often not the last split. In decode a 16-bit block weighs
     `dense_units` units (3: it may span splits, one of which attends it while the others do nothing; chunks keep 1).
     Every key must count exactly once."""
-    monkeypatch.setattr(attention, "DENSE_UNITS", dense_units)
+    tuning = dataclasses.replace(attention.TUNING, dense_units=dense_units)
     lens = [1, 64, 65, 128, 200, 256, 300, 64 * 7 + 13]
     state = _state(lens, 2, 64, torch.float32, device)
     gen = torch.Generator().manual_seed(12)
     q = torch.randn(len(lens), 4, 64, generator=gen).to(device)
     expected = ref.paged_attention_ref(q, state, _cu([1] * len(lens), device))
-    torch.testing.assert_close(decode_attention(q, state, num_splits=splits), expected, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(decode_attention(q, state, num_splits=splits, tuning=tuning), expected, atol=1e-5,
+                               rtol=1e-5)
     n = [2] * len(lens)
     qc = torch.randn(sum(n), 4, 64, generator=gen).to(device)
     kn = torch.randn(sum(n), 2, 64, generator=gen).to(device)
     expected = ref.paged_attention_ref(qc, state, _cu(n, device), kn, kn, _cu(n, device))
-    actual = chunk_attention(qc, kn, kn, _cu(n, device), _cu(n, device), max(n), state, num_splits=splits)
+    actual = chunk_attention(qc, kn, kn, _cu(n, device), _cu(n, device), max(n), state, num_splits=splits,
+                             tuning=tuning)
     torch.testing.assert_close(actual, expected, atol=1e-5, rtol=1e-5)
 
 
 @pytest.mark.parametrize("n_rep,groups", [(2, 4), (3, 4), (4, 4), (4, 2), (8, 2)])
-def test_row_groups_attend_every_tile_once(n_rep, groups, device, monkeypatch):
+def test_row_groups_attend_every_tile_once(n_rep, groups, device):
     """Decode attends 4 tiles at once, one per row group (the padding rows of the 16-row dots). Runs of 10, 5 and 1
     tiles per split (full groups, a partial last group, a group with one tile), GQA 2/3/4/8 (3 pads its groups to 4
     rows), 2 groups too (not used by default), one split and several: every tile must count once, as one tile at a
     time does."""
-    monkeypatch.setattr(attention, "GROUP_MIN_UNITS", 1)  # groups from the first unit (16 by default)
-    monkeypatch.setattr(attention, "TILE_GROUPS", groups)
+    # Groups from the first unit (16 by default).
+    tuning = dataclasses.replace(attention.TUNING, group_min_units=1, max_tile_groups=groups)
     lens = [64 * 11 + 5, 64 * 6, 64 * 2 + 9]
     state = _state(lens, 2, 64, torch.float16, device)
     q = torch.randn(3, 2 * n_rep, 64, generator=torch.Generator().manual_seed(n_rep)).to(device, torch.float16)
     expected = ref.paged_attention_ref(q, state, _cu([1] * 3, device))
-    grouped = {s: decode_attention(q, state, num_splits=s) for s in (1, 2)}
-    monkeypatch.setattr(attention, "TILE_GROUPS", 1)
-    one_at_a_time = decode_attention(q, state, num_splits=1)
+    grouped = {s: decode_attention(q, state, num_splits=s, tuning=tuning) for s in (1, 2)}
+    one_at_a_time = decode_attention(q, state, num_splits=1, tuning=dataclasses.replace(tuning, max_tile_groups=1))
     for out in (*grouped.values(), one_at_a_time):
         torch.testing.assert_close(out.float(), expected.float(), atol=TOL[torch.float16], rtol=RTOL[torch.float16])
     # Only the summation order differs from one tile at a time.
@@ -193,7 +193,7 @@ def test_one_tile_decodes_take_the_splits_that_shorten_the_longest_walk():
     assert one_tile_splits(1000, 21, 396) == 1  # more programs than slots: still one split
     for programs, units, slots in [(8, 1000, 396), (24, 77, 396), (3, 5, 100), (16, 130, 264)]:
         s = one_tile_splits(programs, units, slots)
-        fits = [c for c in ONE_TILE_SPLITS if c * programs <= slots]
+        fits = [c for c in attention.TUNING.one_tile_splits if c * programs <= slots]
         assert s in fits and all(-(-units // c) >= -(-units // s) for c in fits)
     # split_plan: one tile at a time where a split gets few units (head_dim 128), else row groups at a power of two.
     assert split_plan(1, 8, 127, 128, 4, torch.bfloat16, 132) == (48, 1)
@@ -209,18 +209,20 @@ def test_one_tile_decodes_take_the_splits_that_shorten_the_longest_walk():
 
 
 def test_register_caps_apply_to_the_listed_one_tile_decode_split_builds_only():
-    capped = {**attention.LAUNCH_OPTIONS, "maxnreg": 168}
+    capped = {**attention.TUNING.launch_options, "maxnreg": 168}
     for n_rep in (1, 2, 3, 5, 6, 7, 8, 12, 16):
         assert attention.launch_options(16, 128, tl.bfloat16, 1, n_rep, 48, decode=True) == capped
-        assert attention.launch_options(16, 128, tl.bfloat16, 1, n_rep, 1, decode=True) == attention.LAUNCH_OPTIONS
-        assert attention.launch_options(16, 128, tl.bfloat16, 1, n_rep, 48) == attention.LAUNCH_OPTIONS  # chunks
+        plain = attention.TUNING.launch_options
+        assert attention.launch_options(16, 128, tl.bfloat16, 1, n_rep, 1, decode=True) == plain
+        assert attention.launch_options(16, 128, tl.bfloat16, 1, n_rep, 48) == plain  # chunks
         assert attention.launch_options(16, 128, tl.float16, 1, n_rep, 48, decode=True) == capped
-    assert attention.launch_options(16, 128, tl.bfloat16, 1, 4, 48, decode=True) == attention.LAUNCH_OPTIONS
+    assert attention.launch_options(16, 128, tl.bfloat16, 1, 4, 48, decode=True) == attention.TUNING.launch_options
     assert attention.launch_options(16, 128, tl.float16, 1, 4, 48, decode=True) == capped
-    assert attention.launch_options(16, 64, tl.float16, 1, 8, 48, decode=True) == attention.LAUNCH_OPTIONS_D64
-    assert attention.launch_options(16, 128, tl.bfloat16, 4, 1, 48, decode=True) == attention.LAUNCH_OPTIONS_GROUPS
+    assert attention.launch_options(16, 64, tl.float16, 1, 8, 48, decode=True) == attention.TUNING.launch_options_d64
+    groups = attention.TUNING.launch_options_groups
+    assert attention.launch_options(16, 128, tl.bfloat16, 4, 1, 48, decode=True) == groups
     # Every capped build is also counted as holding several programs per SM (what the cap is for).
-    assert set(attention.ONE_TILE_MAXNREG) <= set(attention.DECODE_PROGRAMS_PER_SM_ONE_TILE)
+    assert set(attention.TUNING.one_tile_maxnreg) <= set(attention.TUNING.decode_programs_per_sm_one_tile)
 
 
 def test_check_tables_names_bad_device_metadata(device, monkeypatch):
@@ -264,7 +266,7 @@ def test_tile_groups_fill_the_padding_rows_only():
     assert tile_groups(16, 8, 1, 100) == 1  # only 2 copies of a GQA-8 group fit: not grouped
     assert tile_groups(16, 3, 1, 100) == 4  # padded to 4 rows per group
     assert tile_groups(16, 16, 1, 100) == 1
-    assert tile_groups(16, 4, 1, attention.GROUP_MIN_UNITS - 1) == 1  # short splits: one tile at a time
+    assert tile_groups(16, 4, 1, attention.TUNING.group_min_units - 1) == 1  # short splits: one tile at a time
     assert tile_groups(64, 4, 16, 100) == 1  # chunks fill their rows with queries
     assert tile_groups(16, 4, 1, 100, torch.float32) == 1
 
@@ -350,14 +352,14 @@ def test_magic_code_conversion_path_matches_reference(preset, monkeypatch, devic
     from kvarn_kernels import attention
 
     monkeypatch.setattr(attention, "_dot_dtype", lambda dtype: tl.float16)
-    monkeypatch.setattr(attention, "MAGIC_DTYPES", {tl.float16, tl.bfloat16})
+    tuning = dataclasses.replace(attention.TUNING, magic_dtypes=frozenset({tl.float16, tl.bfloat16}))
     fmt = KVarNFormat.from_preset(preset, 64, torch.float16)
     kv = [synthetic_kv(n, 2, 64, torch.float16, seed=i, device=device) for i, n in enumerate([300, 70])]
     gen = torch.Generator().manual_seed(0)
     state = build_paged_kv([k for k, _ in kv], [v for _, v in kv], fmt, ref.quantize_into_cache_ref, 2, gen)
     q = torch.randn(2, 8, 64, device=device).half()
     expected = ref.paged_attention_ref(q, state, _cu([1, 1], device))
-    actual = decode_attention(q, state, num_splits=2)
+    actual = decode_attention(q, state, num_splits=2, tuning=tuning)
     # Exact products under the interpreter; a GPU's tensor cores accumulate the offset operands (1024 + code)
     # before the offset is removed, which costs a few more low bits (measured on an H100: 0.012 at one element).
     atol = 8e-3 if device == "cpu" else 1.6e-2

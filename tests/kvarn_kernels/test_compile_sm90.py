@@ -3,43 +3,58 @@
 The interpreter runs kernels as Python, so it misses what only the compiler sees. Two such bugs reached a GPU: a
 float32 model's kernel did not compile (statements after an early return inside a constexpr branch are still
 compiled), and the split merge needed 272 KB of shared memory at head_dim 256 (an H100 has 227 KB per block).
-Triton's bundled ptxas compiles without a GPU; the compiles run in one child process without TRITON_INTERPRET
+Triton's bundled ptxas compiles without a GPU; the compiles run in a child process without TRITON_INTERPRET
 (under the interpreter, @triton.jit functions cannot be compiled).
+
+Bounded work: by default a representative subset of the builds is compiled (every kernel, dtype path and head_dim,
+both record groups; a few GQA sizes and split counts of the builds listed per GQA size); KVARN_SM90_ALL=1 compiles
+every listed build. Each case gets CASE_TIMEOUT_S seconds (a case that takes longer is reported as a failure of its
+own, and the rest still run), and Triton's on-disk cache makes a rerun on the same machine take seconds.
 """
 
 import json
 import os
+import queue
 import subprocess
 import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
 
 import pytest
 
-from kvarn_kernels.aot import H100_SHARED_BYTES
+from benchmarks.kernels.aot import H100_SHARED_BYTES
+from kvarn_kernels.format import DEFAULT_PRESET
 
-ATTENTION_CASES = [("float32", 64, 0),  # float32 models: plain code conversion
-                   ("bfloat16", 64, 0),  # head_dim-64 decode (capped registers)
-                   ("bfloat16", 128, 0),  # the decode launch the benchmarks time
-                   ("bfloat16", 256, 0),  # decode at the largest head_dim (its own launch options)
-                   ("float16", 256, 64)]  # chunk program at the largest head_dim
+FULL = os.environ.get("KVARN_SM90_ALL") == "1"
+CASE_TIMEOUT_S = 420
+ROOT = Path(__file__).resolve().parents[2]
+ATTENTION_CASES = [("float32", 64, 0, DEFAULT_PRESET),  # float32 models: plain code conversion
+                   ("bfloat16", 64, 0, DEFAULT_PRESET),  # head_dim-64 decode (capped registers)
+                   ("bfloat16", 128, 0, DEFAULT_PRESET),  # the decode launch the benchmarks time
+                   ("bfloat16", 128, 0, "kvarn_k4v4_g64"),  # 64-token tiles (16-token planes)
+                   ("bfloat16", 256, 0, DEFAULT_PRESET),  # decode at the largest head_dim (its own launch options)
+                   ("float16", 256, 64, DEFAULT_PRESET)]  # chunk program at the largest head_dim
 MERGE_CASES = [64, 128, 256]
 DENSE_HISTORY_CASES = [("bfloat16", 64), ("bfloat16", 128), ("float16", 256), ("float32", 128)]
 
 
-def _attention_shared(dot, head_dim, chunk_rows):
-    from kvarn_kernels import aot
+def _attention_shared(dot, head_dim, chunk_rows, preset):
+    from benchmarks.kernels import aot
 
     # Two splits: the split-partial epilogue (one split stores the output instead; compiled in a case below).
-    return aot.attention_kernel(dot, head_dim, chunk_rows=chunk_rows, num_splits=2).metadata.shared
+    return aot.attention_kernel(dot, head_dim, chunk_rows=chunk_rows, preset=preset, num_splits=2).metadata.shared
 
 
 def _merge_shared(head_dim):
-    from kvarn_kernels import aot
+    from benchmarks.kernels import aot
 
     return aot.merge_kernel(head_dim).metadata.shared
 
 
 def _merge_unrotate_usage(head_dim):
-    from kvarn_kernels import aot
+    from benchmarks.kernels import aot
 
     # The merge that un-rotates (`attention.merge_unrotates`: head_dim <= 128), at the split counts where its warps
     # change (merge_meta) and at the most splits: {splits: [shared bytes, local bytes per thread]}.
@@ -52,13 +67,13 @@ def _merge_unrotate_usage(head_dim):
 
 
 def _attention_one_split_shared():
-    from kvarn_kernels import aot
+    from benchmarks.kernels import aot
 
     return aot.attention_kernel("bfloat16", 128, num_splits=1).metadata.shared
 
 
 def _attention_one_tile_shared():
-    from kvarn_kernels import aot
+    from benchmarks.kernels import aot
 
     # Decode one tile at a time (short splits; the cases above compile its row groups, as long contexts run it).
     return aot.attention_kernel("bfloat16", 128, num_splits=2, tile_groups=1).metadata.shared
@@ -67,7 +82,7 @@ def _attention_one_tile_shared():
 def _quantize_weighted_shared():
     import torch
 
-    from kvarn_kernels import aot
+    from benchmarks.kernels import aot
 
     return aot.quantize_kernel(torch.bfloat16, 128, weights=True)[0].metadata.shared
 
@@ -75,50 +90,62 @@ def _quantize_weighted_shared():
 def _quantize_loops():
     import torch
 
-    from kvarn_kernels import aot
+    from benchmarks.kernels import aot
 
     # The two normalization loops (K's and V's programs): [instructions, spill loads/stores inside].
     kernel = aot.quantize_kernel(torch.bfloat16, 128)[0]
     return [[n, ops["LDL"] + ops["STL"]] for n, ops in aot.sass_loops(aot.cuobjdump(kernel, "-sass")) if n > 500]
 
 
-def _decode_loop_spills():
-    from kvarn_kernels import aot
+# Head_dim-128 decode in row groups (long contexts), one split and several.
+SPILL_SPLITS = (1, 2, 4, 32) if FULL else (1, 2, 32)
 
-    # Head_dim-128 decode in row groups (long contexts), one split and several: spill loads/stores in the tile loop.
+
+def _decode_loop_spills(splits):
+    from benchmarks.kernels import aot
+
+    # Spill loads/stores in the tile loop.
+    sass = aot.cuobjdump(aot.attention_kernel("bfloat16", 128, num_splits=splits, tile_groups=4), "-sass")
+    _, ops = max(aot.sass_loops(sass), key=lambda loop: loop[0])
+    return ops["LDL"] + ops["STL"]
+
+
+def _one_tile_builds() -> list[tuple[int, str, int]]:
+    """The (head_dim, dtype name, GQA size) of the one-tile split builds `Tuning.decode_programs_per_sm_one_tile`
+    counts several of per SM; without KVARN_SM90_ALL, those of GQA 4 and 8 (every head_dim, dtype and cap)."""
+    from kvarn_kernels import attention
+
+    return [(head_dim, str(dtype).removeprefix("torch."), n_rep)
+            for head_dim, dtype, n_rep in attention.TUNING.decode_programs_per_sm_one_tile if FULL or n_rep in (4, 8)]
+
+
+def _one_tile_residency(head_dim, dot, n_rep):
+    import torch
+
+    from benchmarks.kernels import aot
+    from kvarn_kernels import attention
+
+    # [registers per thread, threads, shared bytes, programs per SM it assumes, local (spill) bytes per thread, tile
+    # loop reloads, tile loop stores] per split count, with the launch options the real launch uses (register caps:
+    # `Tuning.one_tile_maxnreg`). 3 splits: a constexpr divisor that is not a power of two (the capped builds are
+    # compiled with 2 as well).
+    key = (head_dim, getattr(torch, dot), n_rep)
+    per_sm = attention.TUNING.decode_programs_per_sm_one_tile[key]
     out = {}
-    for splits in (1, 2, 4, 32):
-        sass = aot.cuobjdump(aot.attention_kernel("bfloat16", 128, num_splits=splits, tile_groups=4), "-sass")
-        _, ops = max(aot.sass_loops(sass), key=lambda loop: loop[0])
-        out[splits] = ops["LDL"] + ops["STL"]
-    return out
-
-
-def _one_tile_residency():
-    from kvarn_kernels import aot, attention
-
-    # The one-tile split builds that `attention.DECODE_PROGRAMS_PER_SM_ONE_TILE` counts several of per SM:
-    # [registers per thread, threads, shared bytes, programs per SM it assumes, local (spill) bytes per thread], with
-    # the launch options the real launch uses (register caps: attention.ONE_TILE_MAXNREG). 3 splits: a constexpr
-    # divisor that is not a power of two (the capped builds are compiled with 2 as well).
-    out = {}
-    for (head_dim, dtype, n_rep), per_sm in attention.DECODE_PROGRAMS_PER_SM_ONE_TILE.items():
-        dot = str(dtype).removeprefix("torch.")
-        for splits in (2, 3) if (head_dim, dtype, n_rep) in attention.ONE_TILE_MAXNREG else (3,):
-            kernel = aot.attention_kernel(dot, head_dim, n_rep=n_rep, num_splits=splits, tile_groups=1)
-            usage = aot.resources(kernel)
-            _, loop = max(aot.sass_loops(aot.cuobjdump(kernel, "-sass")), key=lambda body: body[0])
-            out[f"{dot}-d{head_dim}-gqa{n_rep}-s{splits}"] = [usage["REG"], 32 * kernel.metadata.num_warps,
-                                                             kernel.metadata.shared, per_sm,
-                                                             usage["LOCAL"] + usage["STACK"],
-                                                             loop["LDL"], loop["STL"]]
+    for splits in (2, 3) if key in attention.TUNING.one_tile_maxnreg else (3,):
+        kernel = aot.attention_kernel(dot, head_dim, n_rep=n_rep, num_splits=splits, tile_groups=1)
+        usage = aot.resources(kernel)
+        _, loop = max(aot.sass_loops(aot.cuobjdump(kernel, "-sass")), key=lambda body: body[0])
+        out[f"{dot}-d{head_dim}-gqa{n_rep}-s{splits}"] = [usage["REG"], 32 * kernel.metadata.num_warps,
+                                                         kernel.metadata.shared, per_sm,
+                                                         usage["LOCAL"] + usage["STACK"], loop["LDL"], loop["STL"]]
     return out
 
 
 def _merge_waits_before_loading():
     import re
 
-    from kvarn_kernels import aot
+    from benchmarks.kernels import aot
 
     # [index of the grid-dependency wait (ACQBULK), index of the first global load] in the merge build's SASS.
     out = {}
@@ -134,41 +161,85 @@ def _merge_waits_before_loading():
 def _dense_history_shared(dtype, head_dim):
     import torch
 
-    from kvarn_kernels import aot
+    from benchmarks.kernels import aot
 
     return aot.dense_history_kernel(getattr(torch, dtype), head_dim).metadata.shared
 
 
-def _run_all() -> dict:
-    """In the child: every case's shared-memory bytes, or its compile error."""
-    out = {}
-    for key, fn, args in ([(f"attention-{c}", _attention_shared, c) for c in ATTENTION_CASES]
-                          + [(f"merge-{d}", _merge_shared, (d,)) for d in MERGE_CASES]
-                          + [(f"merge-unrotate-{d}", _merge_unrotate_usage, (d,)) for d in (64, 128)]
-                          + [(f"dense-{c}", _dense_history_shared, c) for c in DENSE_HISTORY_CASES]
-                          + [("attention-one-split", _attention_one_split_shared, ()),
-                             ("attention-one-tile", _attention_one_tile_shared, ()),
-                             ("quantize-weighted", _quantize_weighted_shared, ()),
-                             ("quantize-loops", _quantize_loops, ()),
-                             ("decode-loop-spills", _decode_loop_spills, ()),
-                             ("one-tile-residency", _one_tile_residency, ()),
-                             ("merge-pdl-order", _merge_waits_before_loading, ())]):
+def _cases() -> dict[str, tuple]:
+    """Every case of this run: name -> (function, arguments); each compiles one build or a few small ones."""
+    cases = {f"attention-{c}": (_attention_shared, c) for c in ATTENTION_CASES}
+    cases.update({f"merge-{d}": (_merge_shared, (d,)) for d in MERGE_CASES})
+    cases.update({f"merge-unrotate-{d}": (_merge_unrotate_usage, (d,)) for d in (64, 128)})
+    cases.update({f"dense-{c}": (_dense_history_shared, c) for c in DENSE_HISTORY_CASES})
+    cases.update({"attention-one-split": (_attention_one_split_shared, ()),
+                  "attention-one-tile": (_attention_one_tile_shared, ()),
+                  "quantize-weighted": (_quantize_weighted_shared, ()),
+                  "quantize-loops": (_quantize_loops, ()),
+                  "merge-pdl-order": (_merge_waits_before_loading, ())})
+    cases.update({f"decode-loop-spills-{n}": (_decode_loop_spills, (n,)) for n in SPILL_SPLITS})
+    cases.update({f"one-tile-residency-{b}": (_one_tile_residency, b) for b in _one_tile_builds()})
+    return cases
+
+
+def _run_cases(names: list[str]) -> None:
+    """In the child: one JSON line per case, flushed as it ends (its result, or its compile error)."""
+    cases = _cases()
+    for name in names:
+        fn, args = cases[name]
+        start = time.perf_counter()
         try:
-            out[key] = fn(*args)
+            result = fn(*args)
         except Exception as e:  # reported by the test, with the case that failed
-            out[key] = f"{type(e).__name__}: {e}"[-2000:]
-    return out
+            result = f"{type(e).__name__}: {e}"[-2000:]
+        print(json.dumps({"case": name, "result": result, "seconds": round(time.perf_counter() - start, 1)}),
+              flush=True)
+
+
+def _pump(stream, lines: queue.Queue) -> None:
+    for line in stream:
+        lines.put(line)
+    lines.put(None)
+
+
+def _compile_in_children(names: list[str], timeout_s: float) -> dict:
+    """Run the cases in a child process, each within timeout_s: a case past it is killed (with its child) and reported
+    as a TimeoutError, and a new child goes on with the cases after it."""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["PYTHONPATH"] = os.pathsep.join([str(ROOT), *filter(None, [env.get("PYTHONPATH")])])  # benchmarks.kernels.aot
+    results: dict = {}
+    pending = list(names)
+    while pending:
+        with tempfile.TemporaryFile("w+") as err:
+            child = subprocess.Popen([sys.executable, __file__, *pending], env=env, stdout=subprocess.PIPE,
+                                     stderr=err, text=True)
+            lines: queue.Queue = queue.Queue()
+            threading.Thread(target=_pump, args=(child.stdout, lines), daemon=True).start()
+            while pending:
+                try:
+                    line = lines.get(timeout=timeout_s)
+                except queue.Empty:
+                    child.kill()
+                    results[pending.pop(0)] = f"TimeoutError: no result within {timeout_s:.0f} s"
+                    break
+                if line is None:  # the child ended early
+                    child.wait()
+                    err.seek(0)
+                    text = err.read()
+                    if "ptxas" in text.lower():
+                        pytest.skip(f"Triton's ptxas is unavailable here: {text[-500:]}")
+                    raise AssertionError(f"compile child failed:\n{text[-3000:]}")
+                if line.startswith("{"):
+                    row = json.loads(line)
+                    results[row["case"]] = row["result"]
+                    pending.remove(row["case"])
+            child.wait()
+    return results
 
 
 @pytest.fixture(scope="module")
 def compiled() -> dict:
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    r = subprocess.run([sys.executable, __file__], env=env, capture_output=True, text=True, timeout=900)
-    if r.returncode != 0:
-        if "ptxas" in r.stderr.lower():
-            pytest.skip(f"Triton's ptxas is unavailable here: {r.stderr[-500:]}")
-        raise AssertionError(f"compile child failed:\n{r.stderr[-3000:]}")
-    results = json.loads(r.stdout.strip().splitlines()[-1])
+    results = _compile_in_children(list(_cases()), CASE_TIMEOUT_S)
     errors = [v for v in results.values() if isinstance(v, str)]
     if errors and all("ptxas" in e.lower() and "not found" in e.lower() for e in errors):
         pytest.skip(f"Triton's ptxas is unavailable here: {errors[0][:300]}")
@@ -178,11 +249,12 @@ def compiled() -> dict:
 def test_decode_tile_loop_does_not_spill(compiled):
     """The split builds' tile loop reloaded spilled registers (3 LDL per iteration) when the split epilogue stored
     acc, m and l: batch 8 x 64K/128K decode ran 11 % slower than with today's (normalized output, log-sum-exp) on an
-    H100 (results/session9/ab_split_epilogue.log). ptxas's allocation turns on small changes anywhere in the kernel, so
+    H100 (results/ab/h100/2026-11-24_34febff_split_epilogue.log). ptxas's allocation turns on small changes anywhere
+    in the kernel, so
     this pins the property that mattered."""
-    spills = compiled["decode-loop-spills"]
-    assert not isinstance(spills, str), spills
-    assert spills == {"1": 0, "2": 0, "4": 0, "32": 0}, spills
+    spills = {splits: compiled[f"decode-loop-spills-{splits}"] for splits in SPILL_SPLITS}
+    assert not any(isinstance(v, str) for v in spills.values()), spills
+    assert all(v == 0 for v in spills.values()), spills
 
 
 def test_one_tile_split_builds_fit_the_programs_per_sm_the_split_rule_assumes(compiled):
@@ -190,8 +262,9 @@ def test_one_tile_split_builds_fit_the_programs_per_sm_the_split_rule_assumes(co
     more registers or shared memory than that many leave (an H100 SM: 65536 registers, 228 KB), the splits past the
     resident ones would wait for a second wave (batch 1 x 16K on an H100: 22.0 us at 64 splits, 20.4 at 48). Registers
     are allocated per thread in steps of 8."""
-    builds = compiled["one-tile-residency"]
-    assert not isinstance(builds, str), builds
+    cases = [compiled[f"one-tile-residency-{b}"] for b in _one_tile_builds()]
+    assert not [c for c in cases if isinstance(c, str)], [c for c in cases if isinstance(c, str)]
+    builds = {name: build for case in cases for name, build in case.items()}
     assert builds, "no build listed"
     for name, (regs, threads, shared, per_sm, local, loop_reloads, loop_stores) in builds.items():
         assert -(-regs // 8) * 8 * threads * per_sm <= 65536, (name, regs)
@@ -200,7 +273,7 @@ def test_one_tile_split_builds_fit_the_programs_per_sm_the_split_rule_assumes(co
         # instead). Outside it, some keep a spilled register or two (8-16 bytes of stack: a few stores and loads per
         # program, around the epilogue's conditional un-rotation). float16 at head_dim 128 reloads up to 8 values per
         # iteration (~1245 instructions) under its cap, stores none, keeps up to 40 bytes of stack, and was measured
-        # faster that way (attention.DECODE_PROGRAMS_PER_SM_ONE_TILE).
+        # faster that way (`Tuning.decode_programs_per_sm_one_tile`).
         f16_d128 = name.startswith("float16-d128-")
         assert loop_stores == 0, (name, loop_stores)
         assert loop_reloads <= (8 if f16_d128 else 0), (name, loop_reloads)
@@ -216,11 +289,11 @@ def test_merge_waits_for_the_attention_launch_before_loading_its_partials(compil
     order = compiled["merge-pdl-order"]
     assert not isinstance(order, str), order
     for splits, (wait, first_load) in order.items():
-        if attention.PDL:
+        if attention.TUNING.pdl:
             assert 0 <= wait < first_load, (splits, wait, first_load)
 
 
-@pytest.mark.parametrize("case", ATTENTION_CASES, ids=lambda c: f"{c[0]}-d{c[1]}-rows{c[2]}")
+@pytest.mark.parametrize("case", ATTENTION_CASES, ids=lambda c: f"{c[0]}-d{c[1]}-rows{c[2]}-{c[3]}")
 def test_attention_kernel_compiles_within_shared_memory(compiled, case):
     shared = compiled[f"attention-{case}"]
     assert isinstance(shared, int), shared
@@ -228,7 +301,8 @@ def test_attention_kernel_compiles_within_shared_memory(compiled, case):
 
 
 def test_quantize_normalizes_k_and_v_in_the_same_register_layout(compiled):
-    """V's tile is anchored in a blocked layout like the one K's select gives K (quantize.py; since session 12 one with
+    """V's tile is anchored in a blocked layout like the one K's select gives K (quantize.py; since 2026-11-24
+    (b45bb10) one with
     4 lanes along its rows and 8 along its columns): left in the rotation gather's layout, V's normalization loop took
     2594 sm_90 instructions per iteration against K's 1797, and spilled inside the loop."""
     loops = compiled["quantize-loops"]
@@ -271,4 +345,4 @@ def test_dense_history_kernel_compiles_within_shared_memory(compiled, case):
 
 
 if __name__ == "__main__":
-    print(json.dumps(_run_all()))
+    _run_cases(sys.argv[1:])

@@ -1,6 +1,8 @@
 """The dense-history kernel (history dequantized once + new tokens, packed varlen) versus the reference, and the
 large-chunk route of `paged_attention` that feeds it to varlen flash attention (GPU)."""
 
+import dataclasses
+
 import pytest
 import torch
 
@@ -9,8 +11,8 @@ from kvarn_kernels import reference as ref
 from kvarn_kernels.attention import paged_attention
 from kvarn_kernels.dense_history import dense_history
 from kvarn_kernels.format import KVarNFormat
+from kvarn_kernels.reference import sixteen_bit_chunk, synthetic_kv
 from kvarn_kernels.state import build_paged_kv
-from kvarn_kernels.testing import sixteen_bit_chunk, synthetic_kv
 
 
 def _state(lens, hkv, head_dim, dtype, device, preset="kvarn_k4v2_g64"):
@@ -82,8 +84,8 @@ def test_dense_history_without_new_tokens(device):
 @pytest.mark.parametrize("head_dim", [64, 128, 256])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_large_chunks_take_the_dense_route_and_match(head_dim, dtype, monkeypatch):
-    """Chunks of >= DENSE_CHUNK_MIN_QUERIES queries: dequantize once + varlen flash attention, against the reference
-    and against the packed-tile path (the same call with the route switched off)."""
+    """Chunks of >= `Tuning.dense_chunk_min_queries` queries: dequantize once + varlen flash attention, against the
+    reference and against the packed-tile path (the same call with the route switched off)."""
     calls = []
     real = attention._attend_dense_chunk
     monkeypatch.setattr(attention, "_attend_dense_chunk", lambda *a: calls.append(1) or real(*a))
@@ -100,8 +102,8 @@ def test_large_chunks_take_the_dense_route_and_match(head_dim, dtype, monkeypatc
     got = paged_attention(q, state, cu_q, max(n_q), k_new, v_new, cu_k)
     assert calls
     expected = ref.paged_attention_ref(q, state, cu_q, k_new, v_new, cu_k).float()
-    monkeypatch.setattr(attention, "DENSE_CHUNKS", False)
-    packed = paged_attention(q, state, cu_q, max(n_q), k_new, v_new, cu_k).float()
+    packed = paged_attention(q, state, cu_q, max(n_q), k_new, v_new, cu_k,
+                             tuning=dataclasses.replace(attention.TUNING, dense_chunks=False)).float()
     assert len(calls) == 1
     # The route is a 16-bit flash attention over the dequantized history: judged against that computation's
     # precision floor (keys, values and probabilities in 16 bits), like the decode kernel's GPU tests.

@@ -14,8 +14,9 @@ import triton.language as tl
 from kvarn_kernels import quantize
 from kvarn_kernels import reference as ref
 from kvarn_kernels.format import KVarNFormat
+from kvarn_kernels.hadamard import hadamard_signs
 from kvarn_kernels.quantize import quantize_into_cache
-from kvarn_kernels.testing import synthetic_kv
+from kvarn_kernels.reference import synthetic_kv
 
 pytestmark = pytest.mark.gpu
 
@@ -25,13 +26,13 @@ pytestmark = pytest.mark.gpu
 NEAR_TIE = 1e-5
 
 
-def _compare(k, v, fmt, n, k_weights=None):
+def _compare(k, v, fmt, n, k_weights=None, launch_overrides=None):
     starts = torch.arange(n, dtype=torch.int32, device="cuda") * fmt.group
     blocks = torch.randperm(n, device="cuda").to(torch.int32)
     h = k.shape[1]
     expected, actual = fmt.allocate(n, h, "cuda"), fmt.allocate(n, h, "cuda")
     ref.quantize_into_cache_ref(k, v, starts, blocks, expected, fmt, k_weights)
-    quantize_into_cache(k, v, starts, blocks, actual, fmt, k_weights)
+    quantize_into_cache(k, v, starts, blocks, actual, fmt, k_weights, launch_overrides)
     offs = (starts.long()[blocks.argsort()])[:, None] + torch.arange(fmt.group, device="cuda")
     kt, vt = k[offs].transpose(1, 2).float(), v[offs].transpose(1, 2).float()
     # K-frame flags (sign of K col_scale[0]) agree but for near ties; codes are compared where the frames agree.
@@ -67,7 +68,7 @@ def test_rotation_is_exact_to_float32_summation():
     fmt = KVarNFormat.from_preset("kvarn_k4v4_g64", 128, torch.bfloat16)
     k = torch.randn(64, 1, 128, device="cuda").to(torch.bfloat16)
     rotated = ref.rotate(k)
-    h = quantize._signs(128, torch.bfloat16, "cuda").float() / 128**0.5
+    h = hadamard_signs(128, torch.bfloat16, "cuda").float() / 128**0.5
     torch.testing.assert_close(k.float() @ h, rotated, rtol=1e-6, atol=1e-6)
     _compare(k, k, fmt, 1)
 
@@ -76,11 +77,7 @@ def test_rotation_is_exact_to_float32_summation():
 def test_every_launch_configuration_matches(num_warps):
     fmt = KVarNFormat.from_preset("kvarn_k4v2_g128", 128, torch.bfloat16)
     k, v = synthetic_kv(16 * 128, 2, 128, torch.bfloat16, seed=1, device="cuda")
-    quantize.LAUNCH_OVERRIDES["num_warps"] = num_warps
-    try:
-        _compare(k, v, fmt, 16)
-    finally:
-        quantize.LAUNCH_OVERRIDES.clear()
+    _compare(k, v, fmt, 16, launch_overrides={"num_warps": num_warps})
 
 
 def test_offset_heavy_and_outlier_tiles_match():

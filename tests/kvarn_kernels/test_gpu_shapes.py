@@ -5,16 +5,16 @@ import torch
 
 from kvarn_kernels import reference as ref
 from kvarn_kernels.attention import chunk_attention, decode_attention
-from kvarn_kernels.format import KVarNFormat
+from kvarn_kernels.format import PRESETS, KVarNFormat
 from kvarn_kernels.quantize import quantize_into_cache
+from kvarn_kernels.reference import sixteen_bit_chunk, sixteen_bit_decode, synthetic_kv
 from kvarn_kernels.state import build_paged_kv
-from kvarn_kernels.testing import sixteen_bit_chunk, sixteen_bit_decode, synthetic_kv
 
 pytestmark = pytest.mark.gpu
 
 
 @pytest.mark.parametrize("head_dim", [64, 128, 256])
-@pytest.mark.parametrize("preset", ["kvarn_k4v2_g128", "kvarn_k4v4_g64", "kvarn_k2v2_g128"])
+@pytest.mark.parametrize("preset", list(PRESETS))
 def test_quantize_matches_reference(head_dim, preset):
     fmt = KVarNFormat.from_preset(preset, head_dim, torch.bfloat16)
     n, h = 64, 8
@@ -61,7 +61,7 @@ def test_decode_is_repeatable_and_as_precise_as_16bit_attention(head_dim):
     """GQA 8 at head_dim 64 once missed atol = rtol = 2e-2 on an H100 (worst 1.01x). Measured there, FlashAttention-
     style attention over the same dequantized history with 16-bit operands misses it too (worst 1.68x): 2e-2 is
     below bfloat16's floor at outputs near 1.5. So the kernel is held to that floor instead: over 16 query draws its
-    worst and mean errors must not exceed those of `testing.sixteen_bit_decode` (measured: 0.055 vs 0.126 worst,
+    worst and mean errors must not exceed those of `reference.sixteen_bit_decode` (measured: 0.055 vs 0.126 worst,
     8e-4 vs 1.2e-3 mean). Repeated launches must give identical bits (a race would not)."""
     hkv, n_rep, lens = 4, 8, [129, 1000, 4096 + 77]
     state = _decode_state(lens, hkv, head_dim)
@@ -91,9 +91,10 @@ def test_long_context_decode_matches_reference(context):
     torch.testing.assert_close(decode_attention(q, state).float(), expected.float(), atol=2e-2, rtol=2e-2)
 
 
-def chunk_case(head_dim: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Chunks over no, short and long float16 history: (kernel output, reference output, cu_seqlens). Also run by
-    benchmarks/kernels/debug_chunk.py."""
+def chunk_case(head_dim: int, tuning=None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Chunks over no, short and long float16 history: (kernel output, reference output, cu_seqlens); tuning: the
+    attention kernel's launch choices (default `attention.TUNING`). Also run by
+    benchmarks/kernels/diagnostics/debug_chunk.py."""
     hist, n_q = [0, 300, 5000], [700, 64, 5]
     fmt = KVarNFormat.from_preset("kvarn_k4v2_g128", head_dim, torch.float16)
     kv = [synthetic_kv(max(n, 1), 2, head_dim, torch.float16, seed=i, device="cuda") for i, n in enumerate(hist)]
@@ -105,7 +106,7 @@ def chunk_case(head_dim: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]
     kn = torch.randn(sum(n_q), 2, head_dim, device="cuda", dtype=torch.float16)
     vn = torch.randn_like(kn)
     expected = ref.paged_attention_ref(q, state, cu, kn, vn, cu)
-    return chunk_attention(q, kn, vn, cu, cu, max(n_q), state), expected, cu
+    return chunk_attention(q, kn, vn, cu, cu, max(n_q), state, tuning=tuning), expected, cu
 
 
 @pytest.mark.parametrize("head_dim", [64, 128, 256])
@@ -132,7 +133,7 @@ def test_decode_replays_from_a_cuda_graph():
 def preset_case(preset: str, dtype: torch.dtype, head_dim: int):
     """Two sequences (300 tokens; 48 tiles + 77) of `preset` quantized by the Triton kernel, 2 KV heads with GQA 4:
     (state, decode queries, their cu_seqlens, (chunk queries, new keys, new values, chunk cu_seqlens, longest chunk)).
-    Also run by benchmarks/kernels/diag_presets.py."""
+    Also run by benchmarks/kernels/diagnostics/diag_presets.py."""
     hkv, n_rep = 2, 4
     fmt = KVarNFormat.from_preset(preset, head_dim, dtype)
     lens = [300, 48 * fmt.group + 77]
@@ -151,17 +152,17 @@ def preset_case(preset: str, dtype: torch.dtype, head_dim: int):
 
 @pytest.mark.parametrize("head_dim", [64, 128, 256])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-@pytest.mark.parametrize("preset", ["kvarn_k4v2_g128", "kvarn_k4v4_g128", "kvarn_k4v2_g64", "kvarn_k4v4_g64",
-                                    "kvarn_k2v2_g128"])
+@pytest.mark.parametrize("preset", list(PRESETS))
 def test_every_preset_attends_like_the_reference(preset, dtype, head_dim):
     """Every preset, model dtype and head_dim through each build of the attention kernel: decode one tile at a time
     (many splits), decode in row groups (one split over 40+ tiles), and a chunk. The code unpack differs by code width
     (4-bit codes in int16 words, 2-bit codes in bytes, for keys and values alike) and by dtype (the PTX paths), so
     each combination is checked against the reference, held to the 16-bit floors of the same history
-    (`testing.sixteen_bit_decode`, `sixteen_bit_chunk`). The bounds are loose multiples of them: one query draw, and
-    measured on an H100 (session 13, results/session13/diag_presets.log) bfloat16 decode at head_dim 256 erred 1.8x
+    (`reference.sixteen_bit_decode`, `sixteen_bit_chunk`). The bounds are loose multiples of them: one query draw, and
+    measured on an H100 (2026-11-24, 4bb7806, results/precision/h100/2026-11-24_4bb7806_presets.log) bfloat16 decode
+    at head_dim 256 erred 1.8x
     its floor, bfloat16 k2v2 1.3x, and bfloat16 g64 chunks at head_dim 64 3.6x (3-4 output steps at values near 5),
-    with the plain code conversion as with the PTX path. An unpack bug is far outside them: before session 13
+    with the plain code conversion as with the PTX path. An unpack bug is far outside them: before 2026-11-24 (4bb7806)
     bfloat16 k2v2 decode erred 7.6 against a floor of 0.015 here (key planes weighted 4^p)."""
     state, q, cu, (qc, kn, vn, cu_q, max_q) = preset_case(preset, dtype, head_dim)
     expected = ref.paged_attention_ref(q, state, cu).float()

@@ -8,7 +8,7 @@ import triton.language as tl
 from kvarn_kernels import reference as ref
 from kvarn_kernels.format import KVarNFormat
 from kvarn_kernels.quantize import _round_to, quantize_into_cache
-from kvarn_kernels.testing import synthetic_kv
+from kvarn_kernels.reference import synthetic_kv
 
 # Two range costs closer than this (relative) are a near tie: the kernel's rotated tile equals the reference's up
 # to float32 summation order (last bits), and its cost sums run in another order too, so the K-frame flag of such

@@ -5,7 +5,7 @@ from hypothesis import strategies as st
 
 from kvarn_kernels import reference as ref
 from kvarn_kernels.format import KVarNFormat
-from kvarn_kernels.testing import synthetic_kv
+from kvarn_kernels.reference import synthetic_kv
 
 
 @given(bits=st.sampled_from([2, 4]), rows=st.integers(1, 5), width=st.integers(1, 8), seed=st.integers(0, 10**6))
