@@ -17,7 +17,7 @@ from typing import Any
 import torch
 
 from kvarn_kernels import KVarNFormat
-from kvarn_kernels.reference import dequantize_tiles
+from kvarn_kernels.codec import dequantize_tiles
 
 from .staging import StagingPool
 
