@@ -122,11 +122,14 @@ def test_a_conflicting_block_size_is_refused_with_what_to_pass(tmp_path):
 
 @pytest.mark.parametrize("preset", ["kvarn_k4v2_g128", "kvarn_k4v4_g64"])
 def test_vllms_own_block_size_pass_picks_the_tile(tmp_path, preset):
-    """The worker's pass after model load (official API: get_preferred_block_size) lands on the tile too."""
+    """The pass CUDA runs after model load (`Platform.update_block_size_for_backend`; official API:
+    get_preferred_block_size) lands on the tile too."""
+    from vllm.platforms.interface import Platform
+
     cfg = _config(_model_dir(tmp_path), kv_cache_dtype=preset)
     _layers(cfg)
     cfg.cache_config.block_size = 64 if PRESETS[preset][2] != 64 else 16
-    CpuPlatform.update_block_size_for_backend(cfg)
+    Platform.update_block_size_for_backend(cfg)
     assert cfg.cache_config.block_size == PRESETS[preset][2]
 
 
@@ -192,6 +195,42 @@ def test_vllms_planner_and_allocator_give_each_layer_its_tiles(tmp_path):
         assert records.shape == (blocks, 2, fmt.record_bytes) and records.dtype == torch.uint8
         assert records.stride() == (2 * fmt.record_bytes, fmt.record_bytes, 1)
         assert records.data_ptr() == cache.data_ptr()  # a view: the backend writes vLLM's pages
+
+
+@pytest.mark.parametrize("skip", ["0", "1"])
+def test_skipped_layers_share_vllms_plan_with_kvarn_layers(tmp_path, skip):
+    """--kv-cache-dtype-skip-layers through CUDA's block-size pass, the planner and the allocator: one block table
+    for a KVarN layer and a 16-bit layer, kernel blocks of one tile. 0.34 enlarges the scheduler's block to a
+    multiple of the tile when a KVarN layer comes first (its mixed-dtype alignment); kernel blocks stay tiles."""
+    import math
+
+    from vllm.platforms.interface import Platform
+    from vllm.v1.attention.backends.utils import resolve_kv_cache_layout
+    from vllm.v1.core.kv_cache_planning import get_global_kv_cache_groups, get_kv_cache_configs
+    from vllm.v1.worker.utils import allocate_kv_cache, select_common_block_size
+
+    preset = "kvarn_k4v2_g128"
+    fmt = KVarNFormat.from_preset(preset, 64)
+    cfg = _config(_model_dir(tmp_path), kv_cache_dtype=preset, kv_cache_dtype_skip_layers=[skip])
+    layers = _layers(cfg)
+    Platform.update_block_size_for_backend(cfg)
+    block = cfg.cache_config.block_size
+    # KVarN first: the smallest multiple of the tile whose KVarN page covers a 16-bit tile (ceil of the ratio).
+    assert block == (fmt.group if skip == "0" else fmt.group * math.ceil(2 * 2 * 64 / (fmt.record_bytes / fmt.group)))
+    specs = _specs(cfg, layers)
+    layout = resolve_kv_cache_layout(cfg, [["LBHNC"]], list(specs.values()))
+    groups = get_global_kv_cache_groups(cfg, [specs])
+    assert len(groups) == 1
+    kv_config = get_kv_cache_configs(cfg, [specs], [10**7], groups)[0]
+    backends = [layer.get_attn_backend() for layer in layers.values()]
+    with set_current_vllm_config(cfg):  # as in the worker's KV cache set-up
+        kernel_block = select_common_block_size(block, backends, list(specs.values()))
+    assert kernel_block == fmt.group
+    caches = allocate_kv_cache(kv_config, torch.device("cpu"), layout, kernel_block_sizes=[kernel_block])
+    tiles = kv_config.num_blocks * block // fmt.group
+    kvarn_name, skip_name = (f"model.layers.{i}.self_attn.attn" for i in ((1, 0) if skip == "0" else (0, 1)))
+    assert compat_034.as_records(caches[kvarn_name]).shape == (tiles, 2, fmt.record_bytes)
+    assert caches[skip_name].shape == (tiles, 2, fmt.group, 2 * 64) and caches[skip_name].dtype == torch.bfloat16
 
 
 def test_kvarn_layers_get_the_kvarn_backend_and_skipped_layers_keep_vllms(tmp_path):
