@@ -143,6 +143,12 @@ def test_unsupported_models_are_refused_at_start_up(tmp_path, overrides, kwargs,
         _config(_model_dir(tmp_path, **overrides), kv_cache_dtype="kvarn_k4v2_g128", **kwargs)
 
 
+def test_sliding_window_models_are_accepted_when_their_window_layers_stay_16_bit(tmp_path):
+    cfg = _config(_model_dir(tmp_path, sliding_window=512), kv_cache_dtype="kvarn_k4v2_g128",
+                  kv_cache_dtype_skip_layers=["sliding_window"])
+    assert cfg.cache_config.block_size == 128 and cfg.cache_config.kv_cache_dtype_skip_layers == ["sliding_window"]
+
+
 def test_other_cache_dtypes_are_untouched(tmp_path):
     cfg = _config(_model_dir(tmp_path), kv_cache_dtype="fp8", block_size=16)
     assert cfg.cache_config.cache_dtype == "fp8" and cfg.cache_config.block_size == 16
