@@ -10,7 +10,7 @@ vLLM 0.22 has no registration API for a new KV-cache dtype, so the plugin extend
   - `VllmConfig.__post_init__`: the block size follows the preset, unsupported models are refused up front;
   - `GPUModelRunner._update_states`: staging slots follow vLLM's persistent batch.
 A newer vLLM release is a new entry in `HOOKS` (0.23+ register spec classes, 0.28 adds `customize_spec`, 0.32
-`register_backend` by name, 0.33 `register_kv_cache_dtype`), not a rewrite.
+`register_backend` by name, 0.33 `register_kv_cache_dtype`), not a rewrite: 0.34's hooks are in `compat_034`.
 """
 
 from __future__ import annotations
@@ -29,7 +29,7 @@ from kvarn_kernels.format import SUPPORTED_HEAD_DIMS
 logger = logging.getLogger("kvarn_vllm")
 
 BACKEND_PATH = "kvarn_vllm.backend.KVarNAttentionBackend"
-SUPPORTED_VLLM = ("0.22",)
+SUPPORTED_VLLM = ("0.22", "0.34")
 
 
 def vllm_series(version: str) -> str:
@@ -40,7 +40,8 @@ def check_version(version: str) -> None:
     if vllm_series(version) not in SUPPORTED_VLLM:
         raise RuntimeError(
             f"kvarn_vllm supports vLLM {', '.join(s + '.x' for s in SUPPORTED_VLLM)}; this is vLLM {version}. "
-            "Install vllm==0.22.0, or use the transformers front-end (kvarn_hf)."
+            f"Install vllm=={SUPPORTED_VLLM[0]}.0 (serving) or vllm=={SUPPORTED_VLLM[-1]}.0 (config level), or use "
+            "the transformers front-end (kvarn_hf)."
         )
 
 
@@ -199,8 +200,22 @@ def _patch_runner() -> None:
     cls._update_states = update_states
 
 
+def _from_034(name: str) -> Callable[[], None]:
+    """A hook of `compat_034`, imported only when run (it subclasses the backend, which imports vLLM)."""
+
+    def hook() -> None:
+        from . import compat_034
+
+        getattr(compat_034, name)()
+
+    hook.__name__ = hook.__qualname__ = name
+    return hook
+
+
 HOOKS: dict[str, list[Callable[[], None]]] = {
     "0.22": [_extend_cache_dtype, _patch_kv_cache_spec, _route_backend, _patch_config_validation, _patch_runner],
+    "0.34": [_from_034("register_dtypes"), _from_034("register_backend_name"), _from_034("route_backend"),
+             _patch_config_validation],
 }
 
 

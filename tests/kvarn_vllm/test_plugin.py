@@ -134,8 +134,9 @@ def test_skip_layers_keep_their_16_bit_spec():
 
 def test_unsupported_vllm_releases_are_refused_by_name():
     compat.check_version("0.22.0")
-    for version in ("0.21.1", "0.23.0", "0.34.0"):
-        with pytest.raises(RuntimeError, match=r"supports vLLM 0\.22\.x; this is vLLM " + version.replace(".", r"\.")):
+    for version in ("0.21.1", "0.23.0", "0.33.1"):
+        with pytest.raises(RuntimeError, match=r"supports vLLM 0\.22\.x, 0\.34\.x; this is vLLM "
+                           + version.replace(".", r"\.")):
             compat.check_version(version)
 
 
