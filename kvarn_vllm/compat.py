@@ -145,10 +145,19 @@ def validate_config(vllm_config: Any) -> None:
                          "bfloat16 or --dtype float16")
     window = getattr(model.hf_text_config, "sliding_window", None)
     layer_types = getattr(model.hf_text_config, "layer_types", None) or []
-    if (window or "sliding_attention" in layer_types) and "sliding_window" not in cache.kv_cache_dtype_skip_layers:
-        raise ValueError(
-            f"--kv-cache-dtype {preset}: {model.model} has sliding-window attention layers, which KVarN does not "
-            "quantize yet; this vLLM release cannot mix their pages with KVarN pages. Use fp8 for this model.")
+    if window or "sliding_attention" in layer_types:
+        import vllm
+
+        skipped = "sliding_window" in cache.kv_cache_dtype_skip_layers
+        if vllm_series(vllm.__version__) == "0.22":
+            # 0.22 unifies page sizes by growing block sizes: a 16-bit window page is no whole multiple of a KVarN page.
+            raise ValueError(
+                f"--kv-cache-dtype {preset}: {model.model} has sliding-window attention layers, which KVarN does not "
+                "quantize, and vLLM 0.22 cannot mix their 16-bit pages with KVarN pages. Use fp8 for this model.")
+        if not skipped:
+            raise ValueError(
+                f"--kv-cache-dtype {preset}: {model.model} has sliding-window attention layers, which KVarN does not "
+                "quantize: pass --kv-cache-dtype-skip-layers sliding_window to keep them 16-bit, or use fp8.")
     fmt = KVarNFormat.from_preset(preset, head, model.dtype)
     sched = vllm_config.scheduler_config
     logger.warning(
