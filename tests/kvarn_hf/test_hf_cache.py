@@ -8,7 +8,8 @@ from hf_models import GROUP, PRESET
 from transformers import LlamaConfig
 
 from kvarn_hf import KVarNCache
-from kvarn_hf import cache as cache_module
+from kvarn_hf import layer as layer_module
+from kvarn_hf import placement as placement_module
 from kvarn_kernels import KVarNFormat
 from kvarn_kernels.reference import dequantize_tiles, gather_history, paged_attention_ref, quantize_tile_records
 from kvarn_kernels.reference import sink_query_weights as ref_sink_query_weights
@@ -74,13 +75,13 @@ def test_history_matches_kernel_reference(chunks):
 
 def test_each_tile_quantized_once_in_one_call_per_update(monkeypatch):
     calls: list[int] = []
-    real = cache_module.ops.quantize_into_cache
+    real = layer_module.ops.quantize_into_cache
 
     def counting(k_src, v_src, tile_starts, block_ids, cache, fmt, k_weights=None):
         calls.append(tile_starts.numel())
         real(k_src, v_src, tile_starts, block_ids, cache, fmt, k_weights)
 
-    monkeypatch.setattr(cache_module.ops, "quantize_into_cache", counting)
+    monkeypatch.setattr(layer_module.ops, "quantize_into_cache", counting)
     cache = KVarNCache(PRESET)
     k, v = kv(400, seed=2, batch=2)
     for pos, n in ((0, 150), (150, 1), (151, 99), (250, 150)):
@@ -149,16 +150,16 @@ def test_unpadded_prefill_takes_sdpa_and_equals_the_paged_kernel(monkeypatch):
     k, v = kv(300, seed=7, batch=2)
     q = torch.randn(2, 4, 300, DIM, generator=torch.Generator().manual_seed(1))
     outs, states = [], []
-    real = cache_module.ops.paged_attention
+    real = layer_module.ops.paged_attention
     for use_sdpa in (True, False):
-        monkeypatch.setattr(cache_module, "PREFILL_SDPA", use_sdpa)
+        monkeypatch.setattr(layer_module, "PREFILL_SDPA", use_sdpa)
         calls: list[int] = []
 
         def counted(*args, calls=calls, **kwargs):
             calls.append(1)
             return real(*args, **kwargs)
 
-        monkeypatch.setattr(cache_module.ops, "paged_attention", counted)
+        monkeypatch.setattr(layer_module.ops, "paged_attention", counted)
         cache = fused_cache()
         pending, _ = cache.update(k, v, 0)
         outs.append(cache.layers[0].attend(q, pending, 0.125, None))
@@ -329,7 +330,7 @@ def test_reference_attention_over_the_cache_state():
 
 @pytest.mark.parametrize("group", [64, 128])
 def test_decode_placement_fast_path_equals_the_general_placement(group):
-    """The one-token decode placement (Python ints) must produce exactly what `_placement` does, and decline every
+    """The one-token decode placement (Python ints) must produce exactly what `placement` does, and decline every
     step where a row completes a tile or its new position is still padding."""
     gen = torch.Generator().manual_seed(group)
     declined = taken = 0
@@ -337,8 +338,8 @@ def test_decode_placement_fast_path_equals_the_general_placement(group):
         batch = int(torch.randint(1, 6, (1,), generator=gen))
         pads = torch.randint(0, 3 * group, (batch,), generator=gen)
         for from_len in list(range(0, 4 * group + 2, 7)) + [2 * group - 1, 3 * group - 1, 4 * group - 1]:
-            general, new_tiles, nq1 = cache_module._placement(pads, from_len, 1, group, next_block=5)
-            fast = cache_module._decode_placement(pads.tolist(), from_len, group)
+            general, new_tiles, nq1 = placement_module.placement(pads, from_len, 1, group, next_block=5)
+            fast = placement_module.decode_placement(pads.tolist(), from_len, group)
             if fast is None:
                 declined += 1
                 assert int(new_tiles.sum()) > 0 or "real_index" in general

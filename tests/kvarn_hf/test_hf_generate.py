@@ -17,7 +17,7 @@ from transformers import DynamicCache
 
 from kvarn_eval.hf_eval import SimulatedTileCache, kvarn_codec
 from kvarn_hf import KVarNCache
-from kvarn_hf import cache as cache_module
+from kvarn_hf.paging import Paging
 
 ATTN = ["sdpa", "kvarn"]
 
@@ -84,14 +84,14 @@ def test_continuing_a_conversation_from_the_cache(attn):
 def test_assisted_decoding_equals_plain_greedy(attn, monkeypatch):
     """The main model's cache is cropped after rejected drafts, also right after a tile was completed."""
     restores = []
-    crop = cache_module._Paging.crop
+    crop = Paging.crop
 
     def counting(self, remove):
         rows = crop(self, remove)
         restores.append(rows.numel())
         return rows
 
-    monkeypatch.setattr(cache_module._Paging, "crop", counting)
+    monkeypatch.setattr(Paging, "crop", counting)
     model, assistant = make_model("llama", attn), make_model("llama", attn, seed=5)
     prompt = tokens(120)
     plain = generate(model, prompt, KVarNCache(PRESET), max_new_tokens=100)
