@@ -37,6 +37,7 @@ from transformers.cache_utils import Cache, CacheLayerMixin, DynamicSlidingWindo
 
 from kvarn_kernels import DEFAULT_PRESET, PRESETS
 
+from . import verify
 from .checks import is_fused, layer_kinds
 from .graphs import DecodeGraphs
 from .layer import KVarNLayer, PendingKV
@@ -57,7 +58,8 @@ class KVarNCache(Cache):
     `generate()` binds a config-less cache to the model's config itself.
 
     keep_last_tile: also keep a 16-bit copy of each row's newest quantized tile (one more tile of 16-bit memory per
-    row and layer), so that `crop` can undo up to tail + G tokens exactly; assisted `generate()` turns it on.
+    row and layer), so that `crop` can undo up to tail + G tokens exactly. Assisted `generate()` needs more (a
+    verification forward may complete several tiles): it binds the cache with `verify_from` (see `bind`).
 
     k_frame: how each K tile's frame (rotated or not) is chosen. "range" (default): from the tile alone
     (`reference.choose_k_rotation`). "sink-queries": each channel's range cost weighted by the row's sink queries'
@@ -95,14 +97,20 @@ class KVarNCache(Cache):
     # --- binding to a model ------------------------------------------------------------------------------
     def bind(
         self, config: Any, attention_mask: torch.Tensor | None = None, max_length: int | None = None,
-        keep_last_tile: bool = False,
+        keep_last_tile: bool = False, verify_from: int | None = None,
     ) -> None:
         """Adopt a model's config (layer types, fused or dense mode), its batch's padding and a length to reserve.
 
-        `generate()` calls this before the prefill (with keep_last_tile=True for assisted decoding, whose rejected
-        drafts are cropped); call it yourself when driving the model by hand.
+        `generate()` calls this before the prefill; call it yourself when driving the model by hand.
+
+        verify_from: for speculative decoding, the length of the prompt (padding included). Every position from there
+        on attends to the same history as in one-token decoding, however many tokens a forward verifies (each sees
+        the tiles completed before it as quantized, the rest in 16-bit), and `crop` can undo any part of the latest
+        forward past the prompt (the tiles it completed keep a 16-bit copy until the next forward that completes
+        tiles). Assisted `generate()` passes the prompt length; None (the default) turns it off.
         """
         self._paging.keep_last_tile |= keep_last_tile
+        self._paging.verify_from = verify_from
         if self.layer_class_to_replicate is not None:
             if any(layer.is_initialized for layer in self.layers):
                 self._check_lazy_layers(config)
@@ -187,9 +195,9 @@ class KVarNCache(Cache):
     def crop(self, tokens_to_remove: int) -> None:
         """Remove the last `-tokens_to_remove` tokens (a negative count, as transformers >= 5.18 requires).
 
-        Exact inside the 16-bit sink and tail, down to any tile boundary, and (with keep_last_tile) inside each row's
-        newest quantized tile, so up to tail + G tokens can always be undone (rejected drafts in assisted decoding);
-        a crop deeper into quantized history raises ValueError.
+        Exact inside the 16-bit sink and tail, down to any tile boundary, inside each row's newest quantized tile with
+        keep_last_tile, and inside every tile completed by the latest forward past the prompt after
+        `bind(verify_from=...)` (assisted decoding); a crop deeper into quantized history raises ValueError.
         """
         tokens_to_remove = int(tokens_to_remove)  # transformers 5.17 passes a 0-d tensor
         if tokens_to_remove > 0:
@@ -202,9 +210,34 @@ class KVarNCache(Cache):
         for layer in self.layers:
             if isinstance(layer, KVarNLayer):
                 if restore is not None:
-                    layer._crop(remove, restore)
+                    layer._crop(remove, *restore)
             else:
                 layer.crop(tokens_to_remove)
+
+    # --- the model's attention mask -----------------------------------------------------------------------
+    def verification_mask(self, config: Any, inputs_embeds: torch.Tensor, layer_idx: int) -> torch.Tensor | None:
+        """The attention mask of a dense-path verification forward (inputs [B, T, hidden]) over the KVarN layers, or
+        None when the model's own causal mask is right (see verify.py; register.py hands it to the model)."""
+        paging, (batch, query_length) = self._paging, inputs_embeds.shape[:2]
+        if (paging.fused or paging.verify_from is None or query_length <= 1 or layer_idx >= len(self.layers)
+                or not isinstance(self.layers[layer_idx], KVarNLayer)):
+            return None
+        pads = paging.pads if paging.pads is not None else torch.zeros(batch, dtype=torch.long)
+        parts = verify.chunks(pads.tolist(), paging.length, query_length, paging.group, paging.verify_from)
+        mask = verify.dense_mask(pads, paging.length, parts, paging.group) if len(parts) > 1 else None
+        if mask is None:
+            return None
+        implementation = getattr(config, "_attn_implementation", None)
+        if implementation == "sdpa":
+            return mask.to(inputs_embeds.device)
+        if implementation == "eager":
+            dtype = inputs_embeds.dtype
+            mask = torch.zeros(mask.shape, dtype=dtype).masked_fill_(~mask, torch.finfo(dtype).min)
+            return mask.to(inputs_embeds.device)
+        raise ValueError(
+            f"speculative decoding with KVarNCache needs attn_implementation 'kvarn', 'sdpa' or 'eager' (the mask "
+            f"that gives each verified token its one-token-decoding history), not {implementation!r}"
+        )
 
     # --- sizes ---------------------------------------------------------------------------------------------
     def reserve(self, max_length: int) -> None:

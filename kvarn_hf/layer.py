@@ -13,6 +13,7 @@ from transformers.cache_utils import CacheLayerMixin
 from kvarn_kernels import DEFAULT_PRESET, KVarNFormat, PagedKV, ops
 from kvarn_kernels.reference import dequantize_tiles
 
+from . import verify
 from .paging import Paging
 from .placement import Step
 
@@ -29,7 +30,6 @@ class PendingKV:
     values: torch.Tensor
 
 
-
 class KVarNLayer(CacheLayerMixin):
     """One full-attention layer: KVarN tiles in a paged uint8 cache plus 16-bit sink and tail blocks per row.
 
@@ -42,8 +42,8 @@ class KVarNLayer(CacheLayerMixin):
 
     @property
     def is_croppable(self) -> bool:
-        """Whether any one-step rollback is exact (it may reopen the newest tile, which needs its 16-bit copy)."""
-        return self.paging.keep_last_tile
+        """Whether undoing the latest forward is exact (it may reopen tiles, which needs their 16-bit copies)."""
+        return self.paging.croppable
 
     def __init__(self, paging: Paging, preset: str = DEFAULT_PRESET) -> None:
         super().__init__()
@@ -56,7 +56,8 @@ class KVarNLayer(CacheLayerMixin):
         self.tiles: torch.Tensor | None = None  # uint8 [capacity, H, record_bytes]
         self.pool_k: torch.Tensor | None = None  # [2B, H, G, D]: block 2b is row b's sink, 2b + 1 its tail
         self.pool_v: torch.Tensor | None = None
-        self.shadow_k: torch.Tensor | None = None  # [B, H, G, D]: 16-bit copy of each row's newest tile, for crop
+        # [B, S, H, G, D]: 16-bit copies of tiles that a crop may reopen (Paging.shadow_lo/hi say which)
+        self.shadow_k: torch.Tensor | None = None
         self.shadow_v: torch.Tensor | None = None
         # k_frame="sink-queries": float32 [2B, H, G, D], the squared query (mean over the KV head's query heads) of
         # each position, laid out like pool_k; row b's sink positions (block 2b) weight its K-frame choices.
@@ -108,12 +109,17 @@ class KVarNLayer(CacheLayerMixin):
                 "KVarNCache(k_frame='sink-queries') weighs each K tile's frame choice by the sink's queries, which "
                 "only the fused path sees: load the model with attn_implementation='kvarn', or use k_frame='range'"
             )
-        step = self._step(key_states.shape[2], None)
-        hist_k, hist_v = self._history(step)
-        keys = torch.cat([hist_k, key_states], dim=2)
-        values = torch.cat([hist_v, value_states], dim=2)
-        self._append(step, key_states, value_states)
-        return keys, values
+        steps = self._steps(key_states.shape[2], None)
+        hist_k, hist_v = self._history(steps[0])
+        start = 0
+        for step in steps:
+            self._append(step, key_states[:, :, start : start + step.num_new],
+                         value_states[:, :, start : start + step.num_new])
+            start += step.num_new
+        if len(steps) > 1:  # a verification forward: the tiles it completed, for the mask of verify.dense_mask
+            more_k, more_v = self._completed_tiles(steps)
+            hist_k, hist_v = torch.cat([hist_k, more_k], dim=2), torch.cat([hist_v, more_v], dim=2)
+        return torch.cat([hist_k, key_states], dim=2), torch.cat([hist_v, value_states], dim=2)
 
     def attend(
         self, query: torch.Tensor, pending: PendingKV, scaling: float | None, padding: torch.Tensor | None
@@ -122,20 +128,34 @@ class KVarNLayer(CacheLayerMixin):
         if pending is not self.pending:
             raise RuntimeError("this PendingKV does not belong to the layer's latest update")
         self.pending = None
+        steps = self._steps(query.shape[2], padding)
+        if len(steps) == 1:
+            return self._attend_step(steps[0], query, pending.keys, pending.values, scaling)
+        # A verification forward: its parts attend one after the other, each over the tiles the previous completed.
+        outs, start = [], 0
+        for step in steps:
+            part = slice(start, start + step.num_new)
+            outs.append(self._attend_step(step, query[:, :, part], pending.keys[:, :, part],
+                                          pending.values[:, :, part], scaling))
+            start += step.num_new
+        return torch.cat(outs, dim=1)
+
+    def _attend_step(
+        self, step: Step, query: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, scaling: float | None
+    ) -> torch.Tensor:
         batch, heads_q, num_new, d = query.shape
-        step = self._step(num_new, padding)
         if self.query_energy is not None and step.num_dense:
             self._record_query_energy(step, query)
         if PREFILL_SDPA and step.real_index is None and not any(step.real_before):
             # A prefill (no row has history, none is padded) attends only to its own 16-bit tokens: plain causal
             # attention, which torch's flash SDPA does faster than the paged kernel's 16-bit path.
             out = torch.nn.functional.scaled_dot_product_attention(
-                query, pending.keys, pending.values, is_causal=True, scale=scaling, enable_gqa=True)
-            self._append(step, pending.keys, pending.values)
+                query, keys, values, is_causal=True, scale=scaling, enable_gqa=True)
+            self._append(step, keys, values)
             return out.transpose(1, 2)
         q = query.transpose(1, 2).reshape(batch * num_new, heads_q, d)
-        k = pending.keys.transpose(1, 2).reshape(batch * num_new, -1, d)
-        v = pending.values.transpose(1, 2).reshape(batch * num_new, -1, d)
+        k = keys.transpose(1, 2).reshape(batch * num_new, -1, d)
+        v = values.transpose(1, 2).reshape(batch * num_new, -1, d)
         if step.real_index is not None:
             q, k, v = q[step.real_index], k[step.real_index], v[step.real_index]
         if step.max_new:
@@ -148,7 +168,7 @@ class KVarNLayer(CacheLayerMixin):
             out = q.new_zeros(q.shape)
         if step.real_index is not None:
             out = q.new_zeros(batch * num_new, heads_q, d).index_copy_(0, step.real_index, out)
-        self._append(step, pending.keys, pending.values)
+        self._append(step, keys, values)
         return out.view(batch, num_new, heads_q, d)
 
     def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
@@ -195,15 +215,16 @@ class KVarNLayer(CacheLayerMixin):
             dense_table=self.paging.dense_table,
         )
 
-    def _step(self, num_new: int, padding: torch.Tensor | None) -> Step:
-        """The shared step from this layer's length: computed by the first layer to get there, reused by the rest."""
-        paging, last = self.paging, self.paging.last_step
+    def _steps(self, num_new: int, padding: torch.Tensor | None) -> list[Step]:
+        """The shared steps of a forward from this layer's length: planned by the first layer to get there, reused
+        by the rest."""
+        paging, last = self.paging, self.paging.last_plan
         static = paging.static_step
         if static is not None and static.from_len == self.length and num_new == 1:
-            return static
+            return [static]
         if paging.length == self.length:
-            return paging.step(self.length, num_new, padding)
-        if last is not None and last.from_len == self.length and last.num_new == num_new:
+            return paging.plan(self.length, num_new, padding)
+        if last and last[0].from_len == self.length and sum(step.num_new for step in last) == num_new:
             return last
         raise RuntimeError(
             f"KVarNCache layers are out of step: this layer holds {self.length} positions, the cache "
@@ -216,7 +237,7 @@ class KVarNLayer(CacheLayerMixin):
         tiles (`reference.sink_query_weights`)."""
         batch, heads_q, num_new, d = query.shape
         heads = self.pool_k.shape[1]
-        energy = query.float().square().view(batch, heads, heads_q // heads, num_new, d).mean(2)  # [B, H, T, D]
+        energy = query.float().square().view(batch, heads, heads_q // heads, num_new, d).mean(2)  # B,H,T,D
         row, t, blk, slot = step.dense
         self.query_energy[blk, :, slot] = energy.transpose(1, 2)[row, t]
 
@@ -249,7 +270,7 @@ class KVarNLayer(CacheLayerMixin):
             self._grow()
             ops.quantize_into_cache(stage_k, stage_v, step.tile_starts, step.tile_blocks, self.tiles, self.fmt,
                                     self._k_weights(step))
-            if self.paging.keep_last_tile:
+            if step.num_shadow:
                 self._keep_shadow(step, stage_k, stage_v)
         self.length += step.num_new
 
@@ -261,14 +282,39 @@ class KVarNLayer(CacheLayerMixin):
             self.tiles = grown
 
     def _keep_shadow(self, step: Step, stage_k: torch.Tensor, stage_v: torch.Tensor) -> None:
-        """Keep a 16-bit copy of each row's newest tile, so that crop can reopen it exactly."""
-        if self.shadow_k is None:
-            self.shadow_k = self.pool_k.new_zeros(self.paging.batch, *self.pool_k.shape[1:])
-            self.shadow_v = torch.zeros_like(self.shadow_k)
-        rows, tiles = step.shadow
+        """Keep 16-bit copies of the step's tiles that a crop may reopen (chosen by `Paging.plan`)."""
+        slots = self.paging.shadow_slots
+        if self.shadow_k is None or self.shadow_k.shape[1] < slots:
+            grown = self.pool_k.new_zeros(self.paging.batch, slots, *self.pool_k.shape[1:])
+            grown_v = torch.zeros_like(grown)
+            if self.shadow_k is not None:  # rows that completed no tile in this forward keep their copies
+                grown[:, : self.shadow_k.shape[1]] = self.shadow_k
+                grown_v[:, : self.shadow_v.shape[1]] = self.shadow_v
+            self.shadow_k, self.shadow_v = grown, grown_v
+        rows, tiles, where = step.shadow
         g = self.fmt.group
-        self.shadow_k[rows] = stage_k.view(-1, g, *stage_k.shape[1:])[tiles].transpose(1, 2)
-        self.shadow_v[rows] = stage_v.view(-1, g, *stage_v.shape[1:])[tiles].transpose(1, 2)
+        self.shadow_k[rows, where] = stage_k.view(-1, g, *stage_k.shape[1:])[tiles].transpose(1, 2)
+        self.shadow_v[rows, where] = stage_v.view(-1, g, *stage_v.shape[1:])[tiles].transpose(1, 2)
+
+    def _completed_tiles(self, steps: list[Step]) -> tuple[torch.Tensor, torch.Tensor]:
+        """The tiles that a verification forward completed before its last part, dequantized, as [B, H, X, D]:
+        slot j of row b holds its tile `first + j` (the layout `verify.dense_mask` expects)."""
+        g = self.fmt.group
+        first = verify.tiles_of(torch.tensor(steps[0].real_before), g)
+        count = verify.tiles_of(torch.tensor(steps[-1].real_before), g) - first
+        batch, heads, _, d = self.pool_k.shape[0] // 2, *self.pool_k.shape[1:]
+        out_k = self.pool_k.new_zeros(batch, heads, g * int(count.max()), d)
+        out_v = torch.zeros_like(out_k)
+        if out_k.shape[2]:
+            rows = torch.repeat_interleave(torch.arange(batch), count)
+            index = torch.arange(int(count.sum())) - torch.repeat_interleave(count.cumsum(0) - count, count)
+            blocks = self.paging.host_table[rows, first[rows] + index]
+            k_t, v_t = dequantize_tiles(self.tiles[blocks.to(self.device)], self.fmt)  # [n, H, G, D] float32
+            rows, index = rows.to(self.device), index.to(self.device)
+            for out, tiles in ((out_k, k_t), (out_v, v_t)):
+                view = out.view(batch, heads, -1, g, d).transpose(1, 2)  # [B, X / G, H, G, D]
+                view[rows, index] = tiles.to(out.dtype)
+        return out_k, out_v
 
     def _history(self, step: Step) -> tuple[torch.Tensor, torch.Tensor]:
         """The history before `step` as dense [B, H, from_len, D] in the padded frame (padding left as zeros)."""
@@ -316,10 +362,10 @@ class KVarNLayer(CacheLayerMixin):
             self.shadow_k = self.shadow_k.index_select(0, rows)
             self.shadow_v = self.shadow_v.index_select(0, rows)
 
-    def _crop(self, remove: int, restore: torch.Tensor) -> None:
-        if restore.numel():
-            self.pool_k[2 * restore + 1] = self.shadow_k[restore]
-            self.pool_v[2 * restore + 1] = self.shadow_v[restore]
+    def _crop(self, remove: int, rows: torch.Tensor, slots: torch.Tensor) -> None:
+        if rows.numel():
+            self.pool_k[2 * rows + 1] = self.shadow_k[rows, slots]
+            self.pool_v[2 * rows + 1] = self.shadow_v[rows, slots]
         self.length -= remove
 
     def memory_bytes(self) -> dict[str, int]:

@@ -12,16 +12,21 @@ import math
 
 import torch
 
+from . import verify
 from .placement import Step, decode_placement, dense_table, placement, to_device
 
 
 class Paging:
-    """Paging metadata shared by the KVarN layers of one cache: per-row padding, lengths and block table."""
+    """Paging metadata shared by the KVarN layers of one cache: per-row padding, lengths and block table, and which
+    tiles keep a 16-bit copy so that `crop` can reopen them."""
 
     def __init__(self, group: int, keep_last_tile: bool, k_frame: str = "range") -> None:
         self.group = group
         self.fused = False
         self.keep_last_tile = keep_last_tile
+        # Assisted decoding (KVarNCache.bind): the prompt's end; forwards past it attend like one-token decoding
+        # (verify.py) and keep the tiles they complete undoable. None: forwards attend as one step.
+        self.verify_from: int | None = None
         self.k_frame = k_frame
         self.reserved_tokens = 0
         self._clear()
@@ -31,13 +36,19 @@ class Paging:
         self.device: torch.device | None = None
         self.pads: torch.Tensor | None = None  # int64 [B] on the host: leading padded positions per row
         self.length = 0  # positions seen, padding included (the same for every row)
-        self.next_block = 0
+        self.next_block = 0  # blocks ever handed out; those in free_blocks are handed out again first
+        self.free_blocks: list[int] = []  # blocks of tiles dropped by crop or batch edits
         self.capacity = 0  # physical blocks each layer's tile cache must hold
         self.block_table: torch.Tensor | None = None
+        self.host_table = torch.zeros(0, 0, dtype=torch.long)  # the block table on the host (to reclaim blocks)
         self.seq_lens: torch.Tensor | None = None
         self.dense_table: torch.Tensor | None = None
-        self.shadow_tile = torch.zeros(0, dtype=torch.long)  # per row: tile held in 16-bit by the shadow, or -1
-        self.last_step: Step | None = None  # the latest step, replayed by the layers that reach it later
+        # Per row, tiles [shadow_lo, shadow_hi) have a 16-bit copy, tile t in slot t - shadow_lo of each layer's
+        # shadow blocks; shadow_slots is the most slots a row uses.
+        self.shadow_lo = torch.zeros(0, dtype=torch.long)
+        self.shadow_hi = torch.zeros(0, dtype=torch.long)
+        self.shadow_slots = 0
+        self.last_plan: list[Step] | None = None  # the latest forward's steps, replayed by the layers reaching it later
         self.static: StaticDecode | None = None  # device buffers of CUDA-graph decode steps (graphs.py)
         self.static_step: Step | None = None  # the static decode step in progress, if any
 
@@ -47,15 +58,22 @@ class Paging:
                 raise ValueError(f"the padding mask has {self.pads.shape[0]} rows but the batch has {batch}")
             self.batch, self.device = batch, device
             self.block_table = torch.zeros(batch, 0, dtype=torch.int32, device=device)
+            self.host_table = torch.zeros(batch, 0, dtype=torch.long)
             self.seq_lens = torch.zeros(batch, dtype=torch.int32, device=device)
             self.dense_table = dense_table(batch, device)
-            self.shadow_tile = torch.full((batch,), -1, dtype=torch.long)
+            self.shadow_lo = torch.zeros(batch, dtype=torch.long)
+            self.shadow_hi = torch.zeros(batch, dtype=torch.long)
             self.reserve(self.reserved_tokens)
         elif (batch, device) != (self.batch, self.device):
             raise ValueError(
-                f"KVarNCache holds batch {self.batch} on {self.device} but got a batch of {batch} on {device}: "
-                "all layers must be on one device, and the batch changes only through reorder/select/repeat"
+                f"KVarNCache holds a batch of {self.batch} rows on {self.device} but got {batch} rows on {device}: "
+                "all layers must be on one device, and the batch of a filled cache changes only through "
+                "reorder/select/repeat; for another batch use a new KVarNCache() or call reset() first"
             )
+
+    @property
+    def croppable(self) -> bool:
+        return self.keep_last_tile or self.verify_from is not None
 
     def reserve(self, max_tokens: int) -> None:
         """Size the block table and tile caches for rows of up to `max_tokens` positions (avoids regrowth)."""
@@ -98,29 +116,79 @@ class Paging:
     def real_lengths(self, length: int) -> torch.Tensor:
         return (length - self.pads).clamp_min(0)
 
-    # --- one forward step ---------------------------------------------------------------------------------
-    def step(self, from_len: int, num_new: int, padding: torch.Tensor | None) -> Step:
-        """Advance by `num_new` positions: place every new token and allocate the tiles they complete."""
+    def tiles_at(self, length: int) -> torch.Tensor:
+        """Full tiles per row (host int64 [B]) once `length` positions are seen."""
+        return verify.tiles_of(self.real_lengths(length), self.group)
+
+    # --- one forward ----------------------------------------------------------------------------------------
+    def plan(self, from_len: int, num_new: int, padding: torch.Tensor | None) -> list[Step]:
+        """Advance by the `num_new` positions of one forward: one step, or one per part of a verification forward
+        (verify.py); marks which of the tiles they complete keep a 16-bit copy."""
         if self.pads is None:
             self.set_pads(padding)
+        parts = verify.chunks(self.pads.tolist(), from_len, num_new, self.group, self.verify_from)
+        before = self.tiles_at(from_len)
+        steps, at = [], from_len
+        for n in parts:
+            steps.append(self.step(at, n))
+            at += n
+        if self.croppable:
+            self._keep_copies(steps, before, self.tiles_at(at))
+        self.last_plan = steps
+        return steps
+
+    def _keep_copies(self, steps: list[Step], before: torch.Tensor, after: torch.Tensor) -> None:
+        """Choose the tiles of this forward that keep a 16-bit copy: the newest with keep_last_tile, and in assisted
+        decoding all those ending past the prompt (the prompt is never cropped, drafts may all be); rows that
+        completed no tile keep their earlier copies."""
+        done = after > before
+        if not bool(done.any()):
+            return
+        lo = after - 1 if self.keep_last_tile else after.clone()
+        if self.verify_from is not None:
+            # Tile t of a row padded by p ends at position p + (t + 2) G - 1.
+            first = -(-(self.verify_from + 1 - self.pads) // self.group) - 2
+            lo = torch.minimum(lo, torch.maximum(first, before))
+        self.shadow_lo = torch.where(done, lo, self.shadow_lo)
+        self.shadow_hi = torch.where(done, after, self.shadow_hi)
+        self.shadow_slots = max(self.shadow_slots, int((self.shadow_hi - self.shadow_lo).max()))
+        for step in steps:
+            if not step.num_tiles:
+                continue
+            rows, cols = step.host_tiles
+            keep = done[rows] & (cols >= self.shadow_lo[rows]) & (cols < self.shadow_hi[rows])
+            if bool(keep.any()):
+                staged = torch.arange(step.num_tiles)
+                parts = {"row": rows[keep], "tile": staged[keep], "slot": (cols - self.shadow_lo[rows])[keep]}
+                dev = to_device(parts, self.device)
+                step.shadow = (dev["row"], dev["tile"], dev["slot"])
+                step.num_shadow = int(keep.sum())
+
+    def step(self, from_len: int, num_new: int) -> Step:
+        """Advance by `num_new` positions: place every new token and allocate the tiles they complete."""
         fast = decode_placement(self.pads.tolist(), from_len, self.group) if num_new == 1 else None
         parts, new_tiles, nq1 = fast or placement(self.pads, from_len, num_new, self.group, self.next_block)
         batch, num_tiles = self.batch, int(new_tiles.sum())
+        if num_tiles:  # blocks freed by crops and batch edits first, then new ones
+            reuse = min(num_tiles, len(self.free_blocks))
+            fresh = torch.arange(self.next_block, self.next_block + num_tiles - reuse)
+            parts["tile_blocks"] = torch.cat([torch.tensor(self.free_blocks[:reuse], dtype=torch.long), fresh])
+            del self.free_blocks[:reuse]
+            self.next_block += num_tiles - reuse
         l0 = self.real_lengths(from_len)
         n_real = parts["seq_lens"] - l0
+        host_tiles = (parts["tile_rows"], parts["tile_cols"])
         dev = to_device(parts, self.device)
         seq_lens_before = self.seq_lens
         self._widen(int(nq1.max()) if batch else 0)
-        self.next_block += num_tiles
         if self.next_block > self.capacity:  # grow geometrically: each growth copies every layer's tiles
             self.capacity = max(self.next_block, math.ceil(self.capacity * 1.5))
         if num_tiles:
             self.block_table[dev["tile_rows"], dev["tile_cols"]] = dev["tile_blocks"].to(torch.int32)
+            self.host_table[host_tiles] = parts["tile_blocks"]
         self.seq_lens = dev["seq_lens"].to(torch.int32)
         self.length = from_len + num_new
-        if self.keep_last_tile:
-            self.shadow_tile = torch.where(new_tiles > 0, nq1 - 1, self.shadow_tile)
-        self.last_step = Step(
+        return Step(
             from_len=from_len,
             num_new=num_new,
             real_before=l0.tolist(),
@@ -134,12 +202,11 @@ class Paging:
             tile_starts=dev["tile_starts"].to(torch.int32),
             tile_blocks=dev["tile_blocks"].to(torch.int32),
             tile_rows=dev["tile_rows"],
-            shadow=(dev["shadow_row"], dev["shadow_tile"]),
             num_tiles=num_tiles,
             num_dense=parts["dense_row"].numel(),
             num_move=parts["move_blk"].numel(),
+            host_tiles=host_tiles,
         )
-        return self.last_step
 
     def begin_static_step(self, history_bound: int) -> Step | None:
         """Advance by one decode token per row through the static device buffers of `self.static` (which a
@@ -161,7 +228,7 @@ class Paging:
         step = self.static.step(self.length, before.tolist(), history_bound)
         self.seq_lens = self.static.meta[3]  # the lengths after the step
         self.length += 1
-        self.last_step = None
+        self.last_plan = None
         self.static_step = step
         return step
 
@@ -173,46 +240,61 @@ class Paging:
         if tiles > have:
             pad = torch.zeros(self.batch, tiles - have, dtype=torch.int32, device=self.device)
             self.block_table = torch.cat([self.block_table, pad], dim=1)
+            self.host_table = torch.cat([self.host_table, torch.zeros(self.batch, tiles - have, dtype=torch.long)], 1)
 
     # --- batch and length edits ---------------------------------------------------------------------------
-    def crop(self, remove: int) -> torch.Tensor:
-        """Drop the last `remove` positions; returns the rows whose tail must be restored from the shadow."""
-        g = self.group
+    def crop(self, remove: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Drop the last `remove` positions; returns (rows, shadow slots) of the rows whose reopened tile must be
+        restored from its 16-bit copy into the tail block."""
         new_len = self.length - remove
-        l_old, l_new = self.real_lengths(self.length), self.real_lengths(new_len)
-        nq_old, nq_new = (l_old - g).clamp_min(0) // g, (l_new - g).clamp_min(0) // g
-        tail_new = (l_new - g).clamp_min(0) % g
+        nq_old, nq_new = self.tiles_at(self.length), self.tiles_at(new_len)
+        tail_new = (self.real_lengths(new_len) - self.group).clamp_min(0) % self.group
         restore = (nq_new < nq_old) & (tail_new > 0)
-        bad = restore & (self.shadow_tile != nq_new)
+        copied = (self.shadow_lo <= nq_new) & (nq_new < self.shadow_hi)
+        bad = restore & ~copied
         if bool(bad.any()):
             b = int(torch.nonzero(bad)[0])
             raise ValueError(
                 f"crop(-{remove}) would cut into quantized tile {int(nq_new[b])} of row {b}, which no longer has a "
-                "16-bit copy: KVarNCache can undo tokens in the 16-bit sink and tail, and in each row's newest "
-                "quantized tile when built with keep_last_tile=True (assisted generate() does this), not older history"
+                "16-bit copy: KVarNCache can undo tokens in the 16-bit sink and tail, each row's newest quantized "
+                "tile when built with keep_last_tile=True, and every tile the latest forward completed past the "
+                "prompt when bound with verify_from (assisted generate() does this), not older history"
             )
+        rows = torch.nonzero(restore).flatten()
+        slots = (nq_new - self.shadow_lo)[rows]
         self.length = new_len
-        self.last_step = None
-        self.seq_lens = l_new.to(torch.int32).to(self.device)
-        self.shadow_tile = torch.where(self.shadow_tile >= nq_new, -1, self.shadow_tile)  # reopened or dropped
-        return torch.nonzero(restore).flatten().to(self.device)
+        self.last_plan = None
+        self.seq_lens = self.real_lengths(new_len).to(torch.int32).to(self.device)
+        self.shadow_hi = torch.minimum(self.shadow_hi, nq_new)  # reopened or dropped tiles lose their copy
+        self.shadow_lo = torch.minimum(self.shadow_lo, self.shadow_hi)
+        self._reclaim(nq_new)
+        return rows.to(self.device), slots.to(self.device)
 
     def select(self, rows: torch.Tensor) -> torch.Tensor:
         """Keep/reorder/repeat batch rows (host int64 indices); returns the indices on the device."""
         rows_dev = rows.to(self.device)
+        live = self.tiles_at(self.length)
         self.pads = self.pads[rows] if self.pads is not None else None
         self.batch = rows.numel()
         self.block_table = self.block_table.index_select(0, rows_dev)
+        self.host_table = self.host_table[rows]
         self.seq_lens = self.seq_lens.index_select(0, rows_dev)
         self.dense_table = dense_table(self.batch, self.device)
-        self.shadow_tile = self.shadow_tile[rows]
-        self.last_step = None
+        self.shadow_lo, self.shadow_hi = self.shadow_lo[rows], self.shadow_hi[rows]
+        self.last_plan = None
         self.static = None
+        self._reclaim(live[rows])
         return rows_dev
+
+    def _reclaim(self, tiles: torch.Tensor) -> None:
+        """Return to free_blocks every handed-out block that no row's first `tiles` [B] tiles use any more."""
+        used = self.host_table[torch.arange(self.host_table.shape[1])[None, :] < tiles[:, None]]
+        handed, free = torch.arange(self.next_block), torch.tensor(self.free_blocks, dtype=torch.long)
+        unused = handed[~torch.isin(handed, used) & ~torch.isin(handed, free)]
+        self.free_blocks.extend(unused.tolist())
 
     def reset(self) -> None:
         self._clear()
-
 
 
 class StaticDecode:
@@ -239,6 +321,6 @@ class StaticDecode:
         return Step(
             from_len=from_len, num_new=1, real_before=real_before, seq_lens_before=self.meta[2], cu_seqlens=self.cu,
             max_new=1, real_index=None, dense=(self.rows, self.t0, self.meta[0], self.meta[1]), stage=(e, e, e),
-            move=(e, e, e), tile_starts=e.int(), tile_blocks=e.int(), tile_rows=e, shadow=(e, e), num_tiles=0,
-            num_dense=batch, num_move=0, history_bound=history_bound,
+            move=(e, e, e), tile_starts=e.int(), tile_blocks=e.int(), tile_rows=e, num_tiles=0, num_dense=batch,
+            num_move=0, history_bound=history_bound,
         )

@@ -29,12 +29,14 @@ class Step:
     tile_starts: torch.Tensor  # int32 [n_tiles]
     tile_blocks: torch.Tensor  # int32 [n_tiles]
     tile_rows: torch.Tensor  # int64 [n_tiles]: the row each tile belongs to
-    shadow: tuple[torch.Tensor, torch.Tensor]  # (row, staging tile): the newest completed tile of each row
     num_tiles: int
     num_dense: int
     num_move: int
     history_bound: int | None = None  # bounds every row's history for the kernel's grid; None: max(real_before)
-
+    host_tiles: tuple[torch.Tensor, torch.Tensor] | None = None  # (row, tile column) of each completed tile, host
+    # (row, staging tile, shadow slot): completed tiles whose 16-bit copy is kept for crop (see Paging.plan)
+    shadow: tuple[torch.Tensor, ...] | None = None
+    num_shadow: int = 0
 
 
 def placement(
@@ -72,8 +74,6 @@ def placement(
     tile_rows = torch.repeat_interleave(torch.arange(batch), new_tiles)
     tile_cols = nq0[tile_rows] + torch.arange(num_tiles) - base[tile_rows]
     tile_blocks = next_block + torch.arange(num_tiles)
-    shadow_rows = torch.nonzero(new_tiles > 0).flatten()
-    shadow_idx = (shadow_rows, base[shadow_rows] + new_tiles[shadow_rows] - 1)
     cu = torch.cat([torch.zeros(1, dtype=torch.long), (l1 - l0).cumsum(0)])
 
     parts = {
@@ -81,8 +81,7 @@ def placement(
         "stage_row": stage_idx[0], "stage_t": stage_idx[1], "stage_flat": stage_idx[2],
         "move_blk": move_idx[0], "move_slot": move_idx[1], "move_flat": move_idx[2],
         "tile_starts": torch.arange(num_tiles) * g, "tile_blocks": tile_blocks,
-        "tile_rows": tile_rows, "tile_cols": tile_cols, "shadow_row": shadow_idx[0], "shadow_tile": shadow_idx[1],
-        "cu": cu, "seq_lens": l1,
+        "tile_rows": tile_rows, "tile_cols": tile_cols, "cu": cu, "seq_lens": l1,
     }
     if not bool(real.all()):
         parts["real_index"] = torch.nonzero(real.flatten()).flatten()
@@ -90,8 +89,7 @@ def placement(
 
 
 PLACEMENT_KEYS = ("dense_row", "dense_t", "dense_blk", "dense_slot", "stage_row", "stage_t", "stage_flat", "move_blk",
-                   "move_slot", "move_flat", "tile_starts", "tile_blocks", "tile_rows", "tile_cols", "shadow_row",
-                   "shadow_tile", "cu", "seq_lens")
+                   "move_slot", "move_flat", "tile_starts", "tile_blocks", "tile_rows", "tile_cols", "cu", "seq_lens")
 
 
 def decode_placement(
