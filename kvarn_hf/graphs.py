@@ -4,7 +4,7 @@ A decode step of a transformers model is a thousand small kernel launches, issue
 not the GPU, sets the pace (the H100 measurements of session 4: 33-81 ms of wall time per step for 2.4-20 ms of
 kernels). A KVarNCache is paged and preallocated, so a decode step can be captured once and replayed: every tensor
 it reads keeps its storage, and what changes from step to step (where each row's new token goes, the row lengths)
-lives in small device buffers (`cache._StaticDecode`) that are refilled before each replay.
+lives in small device buffers (`cache.StaticDecode`) that are refilled before each replay.
 
 `DecodeGraphs` is what `generate()` calls instead of the model for decode steps (register.py routes it through
 transformers' compiled-forward hook, in place of torch.compile). Per call it either
@@ -31,7 +31,7 @@ import torch
 import triton
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
-from .cache import KVarNCache, KVarNLayer
+from .layer import KVarNLayer
 
 # Smallest history bucket, in tiles, of a captured decode graph.
 MIN_BUCKET_TILES = 16
@@ -54,12 +54,12 @@ def bucket_tiles(tiles: int, width: int) -> int:
 
 
 class DecodeGraphs:
-    """Decode steps of `model` over `cache`, replayed from CUDA graphs (see the module docstring).
+    """Decode steps of `model` over `cache` (a `KVarNCache`), replayed from CUDA graphs (see the module docstring).
 
     Call it like the model (`generate()` does); `stats` counts replays, captures and eager steps.
     """
 
-    def __init__(self, model: torch.nn.Module, cache: KVarNCache) -> None:
+    def __init__(self, model: torch.nn.Module, cache: Any) -> None:
         self._model = weakref.ref(model)
         self.cache = cache
         self._graphs: dict[tuple, tuple[Any, torch.Tensor, torch.Tensor, torch.Tensor]] = {}

@@ -4,8 +4,10 @@
 `GenerationMixin._prepare_cache_for_generation` (the one place where `generate()` creates its cache) so that
 - `generate(..., cache_implementation="kvarn", cache_config={...})` builds a `KVarNCache` for the model, and
 - any `KVarNCache` used by `generate()` is bound to the model's config, the batch's padding mask and the
-  generation's maximum length before the prefill, and keeps its newest tiles croppable in assisted decoding
-  (see `KVarNCache.bind`).
+  generation's maximum length before the prefill, and in assisted decoding to the prompt's length, from which on
+  verification forwards attend like one-token decoding and can be cropped (see `KVarNCache.bind`).
+It also wraps `masking_utils._preprocess_mask_arguments`, through which a KVarNCache sees each forward's mask
+arguments before the model's layers run (see `_show_masks_to_the_cache`).
 """
 
 from __future__ import annotations
@@ -15,7 +17,7 @@ import functools
 import inspect
 from typing import Any
 
-from transformers import AttentionInterface, GenerationMixin, PreTrainedModel
+from transformers import AttentionInterface, GenerationMixin, PreTrainedModel, masking_utils
 from transformers.generation import configuration_utils
 from transformers.masking_utils import AttentionMaskInterface
 
@@ -24,6 +26,7 @@ from .cache import KVarNCache
 
 NAME = "kvarn"
 _PREPARE_PARAMS = ["self", "generation_config", "model_kwargs", "generation_mode", "batch_size", "max_cache_length"]
+_MASK_PARAMS = ["config", "inputs_embeds", "attention_mask", "past_key_values", "position_ids", "layer_idx"]
 
 
 def register() -> None:
@@ -59,13 +62,52 @@ def register() -> None:
             result = original(self, generation_config, model_kwargs, generation_mode, batch_size, max_cache_length)
         cache = model_kwargs.get("past_key_values")
         if isinstance(cache, KVarNCache):
+            mask = model_kwargs.get("attention_mask")
             assisted = getattr(generation_mode, "value", generation_mode) == "assisted_generation"
-            cache.bind(self.config, model_kwargs.get("attention_mask"), max_cache_length, keep_last_tile=assisted)
+            # The prompt's end: the first position that a verification forward must give its decoding history
+            # (without a mask, every position of the first forward is treated as one).
+            verify_from = (mask.shape[-1] if mask is not None else cache.get_seq_length()) if assisted else None
+            cache.bind(self.config, mask, max_cache_length, verify_from=verify_from)
         return result
 
     prepare_cache._kvarn = True
     GenerationMixin._prepare_cache_for_generation = prepare_cache
     _route_decode_to_graphs()
+    _show_masks_to_the_cache()
+
+
+def _show_masks_to_the_cache() -> None:
+    """Let a KVarNCache give the dense path's mask of a verification forward (`KVarNCache.verification_mask`).
+
+    transformers builds every mask of a forward through `masking_utils._preprocess_mask_arguments`, the one place
+    where the model's config, its 2-D attention mask and its cache meet, before any layer runs; a mask returned from
+    there as an early exit is what the layers get.
+    """
+    original = masking_utils._preprocess_mask_arguments
+    if getattr(original, "_kvarn", False):
+        return
+    params = list(inspect.signature(original).parameters)
+    if params[: len(_MASK_PARAMS)] != _MASK_PARAMS:
+        raise RuntimeError(
+            f"masking_utils._preprocess_mask_arguments takes {params}, not the {_MASK_PARAMS} that kvarn_hf was "
+            "tested with: install a transformers version in the range kvarn_hf supports"
+        )
+
+    @functools.wraps(original)
+    def preprocess(
+        config: Any, inputs_embeds: Any, attention_mask: Any, past_key_values: Any, position_ids: Any,
+        layer_idx: Any, *args: Any, **kwargs: Any,
+    ) -> Any:
+        result = original(config, inputs_embeds, attention_mask, past_key_values, position_ids, layer_idx, *args,
+                          **kwargs)
+        if isinstance(past_key_values, KVarNCache) and not result[0]:
+            mask = past_key_values.verification_mask(config, inputs_embeds, layer_idx)
+            if mask is not None:  # (early exit, the mask, and nothing else)
+                return (True, mask, *(None,) * (len(result) - 2))
+        return result
+
+    preprocess._kvarn = True
+    masking_utils._preprocess_mask_arguments = preprocess
 
 
 def _route_decode_to_graphs() -> None:

@@ -8,7 +8,8 @@ from hf_models import GROUP, PRESET
 from transformers import LlamaConfig
 
 from kvarn_hf import KVarNCache
-from kvarn_hf import cache as cache_module
+from kvarn_hf import layer as layer_module
+from kvarn_hf import placement as placement_module
 from kvarn_kernels import KVarNFormat
 from kvarn_kernels.reference import (
     dequantize_tiles,
@@ -79,13 +80,13 @@ def test_history_matches_kernel_reference(chunks):
 
 def test_each_tile_quantized_once_in_one_call_per_update(monkeypatch):
     calls: list[int] = []
-    real = cache_module.ops.quantize_into_cache
+    real = layer_module.ops.quantize_into_cache
 
     def counting(k_src, v_src, tile_starts, block_ids, cache, fmt, k_weights=None):
         calls.append(tile_starts.numel())
         real(k_src, v_src, tile_starts, block_ids, cache, fmt, k_weights)
 
-    monkeypatch.setattr(cache_module.ops, "quantize_into_cache", counting)
+    monkeypatch.setattr(layer_module.ops, "quantize_into_cache", counting)
     cache = KVarNCache(PRESET)
     k, v = kv(400, seed=2, batch=2)
     for pos, n in ((0, 150), (150, 1), (151, 99), (250, 150)):
@@ -154,16 +155,16 @@ def test_unpadded_prefill_takes_sdpa_and_equals_the_paged_kernel(monkeypatch):
     k, v = kv(300, seed=7, batch=2)
     q = torch.randn(2, 4, 300, DIM, generator=torch.Generator().manual_seed(1))
     outs, states = [], []
-    real = cache_module.ops.paged_attention
+    real = layer_module.ops.paged_attention
     for use_sdpa in (True, False):
-        monkeypatch.setattr(cache_module, "PREFILL_SDPA", use_sdpa)
+        monkeypatch.setattr(layer_module, "PREFILL_SDPA", use_sdpa)
         calls: list[int] = []
 
         def counted(*args, calls=calls, **kwargs):
             calls.append(1)
             return real(*args, **kwargs)
 
-        monkeypatch.setattr(cache_module.ops, "paged_attention", counted)
+        monkeypatch.setattr(layer_module.ops, "paged_attention", counted)
         cache = fused_cache()
         pending, _ = cache.update(k, v, 0)
         outs.append(cache.layers[0].attend(q, pending, 0.125, None))
@@ -334,7 +335,7 @@ def test_reference_attention_over_the_cache_state():
 
 @pytest.mark.parametrize("group", [64, 128])
 def test_decode_placement_fast_path_equals_the_general_placement(group):
-    """The one-token decode placement (Python ints) must produce exactly what `_placement` does, and decline every
+    """The one-token decode placement (Python ints) must produce exactly what `placement` does, and decline every
     step where a row completes a tile or its new position is still padding."""
     gen = torch.Generator().manual_seed(group)
     declined = taken = 0
@@ -342,8 +343,8 @@ def test_decode_placement_fast_path_equals_the_general_placement(group):
         batch = int(torch.randint(1, 6, (1,), generator=gen))
         pads = torch.randint(0, 3 * group, (batch,), generator=gen)
         for from_len in list(range(0, 4 * group + 2, 7)) + [2 * group - 1, 3 * group - 1, 4 * group - 1]:
-            general, new_tiles, nq1 = cache_module._placement(pads, from_len, 1, group, next_block=5)
-            fast = cache_module._decode_placement(pads.tolist(), from_len, group)
+            general, new_tiles, nq1 = placement_module.placement(pads, from_len, 1, group, next_block=5)
+            fast = placement_module.decode_placement(pads.tolist(), from_len, group)
             if fast is None:
                 declined += 1
                 assert int(new_tiles.sum()) > 0 or "real_index" in general
@@ -419,3 +420,91 @@ def test_sink_query_k_frame_needs_the_fused_path():
         cache.update(k, v, 0)
     with pytest.raises(ValueError, match="k_frame 'tile' is unknown"):
         KVarNCache(PRESET, k_frame="tile")
+
+
+def test_crop_undoes_a_verification_forward_that_completed_several_tiles():
+    """bind(verify_from=124): one forward of 150 draft tokens completes three tiles (124 -> 274 real tokens per row);
+    crop can undo it back into the first of them, and the blocks of the dropped tiles are handed out again."""
+    config = LlamaConfig(hidden_size=128, num_attention_heads=4, num_key_value_heads=HEADS, head_dim=DIM,
+                         num_hidden_layers=LAYERS)
+    cache = KVarNCache(PRESET, config=config)
+    cache.bind(config, verify_from=124)
+    k, v = kv(274, seed=7, batch=2)
+    feed(cache, k[:, :, :124], v[:, :, :124])
+    feed(cache, k[:, :, 124:], v[:, :, 124:])
+    assert cache._paging.next_block == 2 * 3
+    cache.crop(-140)  # 134 tokens: sink, tile 0 and 6 tokens of the reopened tile 1
+    assert_rows(cache, list(k[:, :, :134]), list(v[:, :, :134]))
+    feed(cache, k[:, :, 134:274], v[:, :, 134:274])
+    assert_rows(cache, list(k[:, :, :274]), list(v[:, :, :274]))
+    assert cache._paging.next_block == 2 * 3  # tiles 1 and 2 of each row reused the blocks the crop freed
+    cache.crop(-139)  # 135: reopens tile 1, the first tile of the latest forward
+    assert_rows(cache, list(k[:, :, :135]), list(v[:, :, :135]))
+    feed(cache, k[:, :, 135:274], v[:, :, 135:274])
+    with pytest.raises(ValueError, match="16-bit copy"):
+        cache.crop(-150)  # 124: would reopen tile 0, completed by an earlier forward
+    cache.crop(-146)  # 128: a tile boundary needs no copy
+
+
+def visible_attention(q, k, v, visible, scale=0.125):
+    """q [B, Hq, T, D] over k/v [B, H, L, D] where visible [B, T, L] (True = attend); returns [B, T, Hq, D]."""
+    rep = q.shape[1] // k.shape[1]
+    k, v = k.repeat_interleave(rep, 1), v.repeat_interleave(rep, 1)
+    scores = (q @ k.transpose(-1, -2) * scale).masked_fill(~visible[:, None], float("-inf"))
+    return (scores.softmax(-1) @ v).transpose(1, 2)
+
+
+@pytest.mark.parametrize("fused", [False, True])
+def test_a_verification_forward_attends_like_one_token_decoding(fused):
+    """bind(verify_from=P) (speculative decoding): a forward of many tokens past the prompt gives each of them the
+    attention of one-token decoding (tiles completed before it quantized, everything else 16-bit), on rows whose
+    tiles complete at different positions (left padding 0 and 37), whether the prompt is a forward of its own or
+    part of the same forward; the stored tiles are the same bit for bit. Fused: `attend` runs the forward in parts.
+    Dense: `update` returns the extended keys that `verification_mask` selects from."""
+    pads, prompt, total = torch.tensor([0, 37]), 150, 330
+    k, v = kv(total, seed=12, batch=2)
+    q = torch.randn(2, 4, total, DIM, generator=torch.Generator().manual_seed(3))
+    mask = (torch.arange(total)[None, :] >= pads[:, None]).long()
+    config = LlamaConfig(hidden_size=128, num_attention_heads=4, num_key_value_heads=HEADS, head_dim=DIM,
+                         num_hidden_layers=LAYERS)
+    config._attn_implementation = "kvarn" if fused else "sdpa"
+
+    def forward(cache, start, end):
+        """Attention outputs [B, end - start, Hq, D] of every layer for positions start..end-1."""
+        sl = slice(start, end)
+        visible = None if fused else cache.verification_mask(config, torch.zeros(2, end - start, 1), 0)
+        outs = []
+        for layer in range(LAYERS):
+            keys, values = cache.update(k[:, :, sl] + layer, v[:, :, sl] - layer, layer)
+            if fused:
+                outs.append(cache.layers[layer].attend(q[:, :, sl], keys, 0.125, mask[:, :end]))
+                continue
+            if visible is None:  # the plain causal mask over [history | new], padding hidden
+                kv_pos = torch.arange(keys.shape[2])
+                plain = (kv_pos[None, None, :] <= torch.arange(start, end)[None, :, None]) & (
+                    kv_pos[None, None, :] >= pads[:, None, None])
+                outs.append(visible_attention(q[:, :, sl], keys, values, plain))
+            else:
+                outs.append(visible_attention(q[:, :, sl], keys, values, visible[:, 0]))
+        return torch.stack(outs)
+
+    plain = KVarNCache(PRESET, config=config)
+    plain.set_padding(mask)
+    want = torch.cat([forward(plain, 0, prompt)] + [forward(plain, p, p + 1) for p in range(prompt, total)], dim=2)
+    real = mask.bool()[:, None, :, None, None].transpose(0, 1)  # [1, B, T, 1, 1]: compare real query positions
+    for split in (True, False):
+        cache = KVarNCache(PRESET, config=config)
+        cache.bind(config, mask, verify_from=prompt)
+        got = (torch.cat([forward(cache, 0, prompt), forward(cache, prompt, total)], dim=2) if split
+               else forward(cache, 0, total))
+        torch.testing.assert_close(got.where(real, 0), want.where(real, 0), rtol=1e-5, atol=1e-5)
+        for layer in range(LAYERS):
+            for b in range(2):
+                a = gather_history(cache.layers[layer].paged_state(), b)
+                s = gather_history(plain.layers[layer].paged_state(), b)
+                torch.testing.assert_close(a, s, rtol=0, atol=0)
+    # Without verify_from the same forward attends as one step: the tiles it completes stay 16-bit for it.
+    cache = KVarNCache(PRESET, config=config)
+    cache.bind(config, mask)
+    one_step = torch.cat([forward(cache, 0, prompt), forward(cache, prompt, total)], dim=2)
+    assert float((one_step - want).where(real, 0).abs().max()) > 1e-3

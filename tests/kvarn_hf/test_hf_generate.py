@@ -13,11 +13,11 @@ from __future__ import annotations
 import pytest
 import torch
 from hf_models import GROUP, PRESET, make_model, tokens
-from transformers import DynamicCache
+from transformers import DynamicCache, StoppingCriteria, StoppingCriteriaList
 
 from kvarn_eval.hf_eval import SimulatedTileCache, kvarn_codec
 from kvarn_hf import KVarNCache
-from kvarn_hf import cache as cache_module
+from kvarn_hf.paging import Paging
 
 ATTN = ["sdpa", "kvarn"]
 
@@ -84,14 +84,14 @@ def test_continuing_a_conversation_from_the_cache(attn):
 def test_assisted_decoding_equals_plain_greedy(attn, monkeypatch):
     """The main model's cache is cropped after rejected drafts, also right after a tile was completed."""
     restores = []
-    crop = cache_module._Paging.crop
+    crop = Paging.crop
 
     def counting(self, remove):
-        rows = crop(self, remove)
+        rows, slots = crop(self, remove)
         restores.append(rows.numel())
-        return rows
+        return rows, slots
 
-    monkeypatch.setattr(cache_module._Paging, "crop", counting)
+    monkeypatch.setattr(Paging, "crop", counting)
     model, assistant = make_model("llama", attn), make_model("llama", attn, seed=5)
     prompt = tokens(120)
     plain = generate(model, prompt, KVarNCache(PRESET), max_new_tokens=100)
@@ -134,3 +134,77 @@ def test_kvarn_attention_without_a_kvarn_cache_is_plain_attention():
         got = kvarn(ids, attention_mask=mask, past_key_values=cache).logits
         want = sdpa(ids, attention_mask=mask, past_key_values=None if cache is None else DynamicCache()).logits
         torch.testing.assert_close(got, want, rtol=0, atol=0)
+
+
+class StopAt(StoppingCriteria):
+    """Ends generation at `length` tokens: draft lengths follow max_new_tokens, this keeps the run short."""
+
+    def __init__(self, length):
+        self.length = length
+
+    def __call__(self, input_ids, scores, **kwargs):
+        return torch.full((input_ids.shape[0],), input_ids.shape[1] >= self.length, device=input_ids.device)
+
+
+def drafting(assistant, tokens_per_draft):
+    """The assistant drafts `tokens_per_draft` tokens every time (transformers reads these from the assistant's own
+    generation config, not from generate()'s arguments; a confidence threshold would cut drafts short)."""
+    assistant.generation_config.update(num_assistant_tokens=tokens_per_draft, num_assistant_tokens_schedule="constant",
+                                       assistant_confidence_threshold=0.0)
+    return assistant
+
+
+@pytest.mark.parametrize("attn", ATTN)
+def test_assisted_decoding_with_drafts_longer_than_a_tile(attn, monkeypatch):
+    """200-token drafts (capped at the 69 tokens left): the first verification forward (126 prompt + 69 drafts)
+    completes two tiles and its rejected drafts are cropped back into the first of them; each token still attends
+    as in plain greedy decoding."""
+    crops = []
+    crop = Paging.crop
+
+    def recording(self, remove):
+        copies = int((self.shadow_hi - self.shadow_lo).max())
+        rows, slots = crop(self, remove)
+        crops.append((copies, slots.tolist()))
+        return rows, slots
+
+    monkeypatch.setattr(Paging, "crop", recording)
+    model, assistant = make_model("llama", attn), drafting(make_model("llama", attn, seed=5), 200)
+    prompt = tokens(126)
+    kwargs = dict(max_new_tokens=70, stopping_criteria=StoppingCriteriaList([StopAt(126 + 8)]))
+    plain = generate(model, prompt, KVarNCache(PRESET), **kwargs)
+    assisted = generate(model, prompt, KVarNCache(PRESET), assistant_model=assistant, **kwargs)
+    assert assisted.shape[1] >= 126 + 8
+    assert_agree(attn, plain, assisted[:, : plain.shape[1]], 126)
+    assert crops[0] == (2, [0])  # tiles 0 and 1 had 16-bit copies; tile 0 was reopened
+
+
+def agree_until_a_near_tie(plain, assisted, start, max_logit_diff):
+    """Two greedy generations (return_dict_in_generate, output_logits) agree token for token, with logits within
+    `max_logit_diff`, until they end or until a step where the first one's top-2 logits are within 10x that (a near
+    tie that float rounding may flip); returns (identical tokens, largest logit difference over them)."""
+    n = min(plain.sequences.shape[1], assisted.sequences.shape[1])  # a stopping criterion may let one run further
+    same = int((plain.sequences[:, :n] == assisted.sequences[:, :n])[0, start:].long().cumprod(0).sum())
+    diff = max((float((a - b).abs().max()) for a, b in zip(plain.logits[:same], assisted.logits[:same], strict=False)),
+               default=0.0)
+    assert diff < max_logit_diff
+    if same < n - start:
+        top = plain.logits[same][0].topk(2).values
+        assert float(top[0] - top[1]) < 10 * max_logit_diff
+    return same, diff
+
+
+@pytest.mark.parametrize("attn", ATTN)
+def test_assisted_decoding_by_the_model_itself_accepts_long_drafts(attn):
+    """The model as its own assistant (16-bit DynamicCache drafts): most of each 200-token draft is accepted, so the
+    accepted tokens' logits come from verification forwards that span tiles. They are plain greedy decoding's up to
+    float rounding, which the quantizer can amplify (a key computed in a batch of tokens may round one code the other
+    way: ~1e-3 here, against ~7e-2 when the forward's tiles stay 16-bit for its later tokens)."""
+    model = make_model("llama", attn)
+    prompt = tokens(100)
+    kwargs = dict(max_new_tokens=120, output_logits=True, return_dict_in_generate=True,
+                  stopping_criteria=StoppingCriteriaList([StopAt(100 + 60)]))
+    plain = generate(model, prompt, KVarNCache(PRESET), **kwargs)
+    assisted = generate(model, prompt, KVarNCache(PRESET), assistant_model=drafting(model, 200), **kwargs)
+    same, _ = agree_until_a_near_tie(plain, assisted, 100, 5e-3)
+    assert same >= 40  # past the tile completed at 128 tokens
