@@ -656,6 +656,9 @@ def _task_args(ap: Any) -> None:
     ap.add_argument("--dtype", choices=["float32", "bfloat16", "float16"],
                     help="model dtype (default: float32 on CPU, bfloat16 on CUDA)")
     ap.add_argument("--threads", type=int, help="CPU threads for torch (default: torch's choice)")
+    ap.add_argument("--engine", choices=["hf", "vllm"], default="hf",
+                    help="hf: transformers caches (CPU or GPU, default); vllm: one vLLM engine per kv_cache_dtype "
+                         "(GPU; --model is a Hugging Face folder; methods 16-bit, fp8, turboquant_4bit_nc, presets)")
     ap.add_argument("--out", type=Path, default=RESULTS_DIR, help=f"results folder (default {RESULTS_DIR})")
     ap.add_argument("--tag", help="suffix of the result files, e.g. a subset name")
 
@@ -685,10 +688,12 @@ def main(args: Any, argv: Sequence[str]) -> int:
     if args.device == "cuda" and not torch.cuda.is_available():
         raise ValueError("--device cuda was given but torch sees no CUDA device (torch "
                          f"{torch.__version__}); use --device cpu")
-    methods = resolve_methods(args.methods)  # before loading the model: a bad name fails at once
     if args.limit is not None and args.limit <= 0:
         raise ValueError(f"--limit must be positive, got {args.limit}")
     opts = options_from(args)
+    if args.engine == "vllm":
+        return _main_vllm(args, argv, opts)
+    methods = resolve_methods(args.methods)  # before loading the model: a bad name fails at once
     if args.threads:
         torch.set_num_threads(args.threads)
     dtype = getattr(torch, args.dtype) if args.dtype else None
@@ -696,6 +701,48 @@ def main(args: Any, argv: Sequence[str]) -> int:
     result = run_task(args.task, lm, methods, args.limit, **opts)
     command = "kvarn eval " + " ".join(shlex.quote(a) for a in argv)
     jpath, cpath = write_results(result, args.out, command, args.tag)
+    print(format_summary(result))
+    print(f"wrote {jpath} and {cpath}")
+    return 0
+
+
+def _main_vllm(args: Any, argv: Sequence[str], opts: dict[str, Any]) -> int:
+    from kvarn_kernels import PRESETS, KVarNFormat
+
+    from .vllm_engine import kv_cache_dtype, run_vllm_task
+
+    names = ["16-bit", *(m for m in args.methods if m != "16-bit")]
+    for name in names:
+        kv_cache_dtype(name)  # every name checked before an engine starts
+    t0 = time.perf_counter()
+    out = run_vllm_task(args.task, args.model, names, args.limit, **opts)
+    from transformers import AutoConfig
+
+    cfg = AutoConfig.from_pretrained(args.model).get_text_config(decoder=True)
+    d = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+    slots = cfg.num_hidden_layers * cfg.num_key_value_heads
+    for name, s in out["summary"].items():
+        per_head = (4.0 * d if name == "16-bit" else 2.0 * d if name.startswith("fp8") else
+                    KVarNFormat.from_preset(name, d, __import__("torch").float16).bytes_per_token_per_head
+                    if name in PRESETS else None)
+        s["family"] = "16-bit" if name == "16-bit" else "kvarn" if name in PRESETS else "vllm"
+        s["description"] = f"vLLM kv_cache_dtype={s['kv_cache_dtype']}"
+        s["kv_bytes_per_token"] = slots * per_head if per_head else float("nan")
+        s["bits_per_element"] = 8 * per_head / (2 * d) if per_head else float("nan")
+    import vllm
+
+    env = {"device": "cuda", "device_name": torch.cuda.get_device_name() if torch.cuda.is_available() else "?",
+           "dtype": "auto", "torch": torch.__version__, "vllm": vllm.__version__, "git_commit": _git_commit(),
+           "date": _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")}
+    import transformers
+
+    env["transformers"] = transformers.__version__
+    result = {"task": args.task, "description": TASKS[args.task].description, "metric": "score",
+              "higher_is_better": True, "model": args.model, "model_source": str(Path(args.model).resolve()),
+              "head_dim": d, "kv_slots": slots, "limit": args.limit, "options": opts,
+              "seconds": time.perf_counter() - t0, "environment": env, **out}
+    command = "kvarn eval " + " ".join(shlex.quote(a) for a in argv)
+    jpath, cpath = write_results(result, args.out, command, args.tag or "vllm")
     print(format_summary(result))
     print(f"wrote {jpath} and {cpath}")
     return 0

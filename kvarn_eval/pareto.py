@@ -31,6 +31,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--context", type=int, default=32768, help="context of the throughput rows (default 32768)")
     p.add_argument("--batch", type=int, default=8, help="batch of the throughput rows (default 8)")
     p.add_argument("--out", type=Path, help="PNG path (default <results>/<model>/pareto.png)")
+    p.add_argument("--markdown", action="store_true", help="print each result as a Markdown table instead")
 
 
 def frontier(points: list[tuple[float, float]], higher_is_better: bool) -> list[tuple[float, float]]:
@@ -57,8 +58,8 @@ def load_results(folder: Path) -> list[dict[str, Any]]:
 
 def _label(result: dict[str, Any]) -> str:
     n = next(iter(result["summary"].values()))["n"]
-    metric = {"perplexity": "perplexity (lower is better)", "gsm8k": "exact match", "humaneval": "pass@1",
-              "mbpp": "pass@1", "needle": "retrieval accuracy"}.get(result["task"], "accuracy")
+    metric = {"perplexity": "KL vs 16-bit cache (nats/token, lower is better)", "gsm8k": "exact match",
+              "humaneval": "pass@1", "mbpp": "pass@1", "needle": "retrieval accuracy"}.get(result["task"], "accuracy")
     return f"{result['task']} ({n} items): {metric}"
 
 
@@ -90,7 +91,7 @@ def draw(results: list[dict[str, Any]], out: Path, speed: tuple[dict[str, float]
     cols = 2 if speed else 1
     fig, axes = plt.subplots(len(results), cols, figsize=(7 * cols, 3.6 * len(results)), squeeze=False)
     for row, result in enumerate(results):
-        hib = result.get("higher_is_better", True)
+        hib = result.get("higher_is_better", True) and result["task"] != "perplexity"
         summary = result["summary"]
         for col in range(cols):
             ax = axes[row][col]
@@ -103,7 +104,7 @@ def draw(results: list[dict[str, Any]], out: Path, speed: tuple[dict[str, float]
                     if name not in speed[0]:
                         continue
                     x = speed[0][name]
-                y = s["score"]
+                y = s["kl"] if result["task"] == "perplexity" else s["score"]
                 pts.append((x, y))
                 ax.scatter([x], [y], color=FAMILY_COLORS.get(s.get("family", ""), "gray"), zorder=3)
                 ax.annotate(name, (x, y), fontsize=7, xytext=(3, 3), textcoords="offset points")
@@ -115,6 +116,8 @@ def draw(results: list[dict[str, Any]], out: Path, speed: tuple[dict[str, float]
                 ax.set_xscale("log")
                 ax.set_xlabel(speed[1] if speed else "", fontsize=7)
             ax.set_ylabel(_label(result), fontsize=8)
+            if result["task"] == "perplexity":
+                ax.set_yscale("symlog", linthresh=1e-4)
             ax.grid(alpha=0.3)
         env = result["environment"]
         axes[row][0].set_title(f"{result['model']} - {result['task']} - {env['device_name']}, "
@@ -126,7 +129,38 @@ def draw(results: list[dict[str, Any]], out: Path, speed: tuple[dict[str, float]
     return out
 
 
+def markdown_table(result: dict[str, Any]) -> str:
+    """One result file as a Markdown table: method, score, KV bytes per token and the task's agreement columns."""
+    extra = {"perplexity": [("ppl_delta_pct", "Δ ppl %", "{:+.2f}"), ("kl", "KL vs 16-bit", "{:.2e}"),
+                            ("top1_agreement", "top-1 agree", "{:.1%}")],
+             "needle": [("by_length", "by length", "{}")]}.get(result["task"])
+    if extra is None and "same_choice_as_16bit" in next(iter(result["summary"].values())):
+        extra = [("acc_norm", "acc_norm", "{:.3f}"), ("same_choice_as_16bit", "same choice as 16-bit", "{:.0%}"),
+                 ("quantized_context_share", "context quantized", "{:.0%}")]
+    if extra is None:
+        extra = [("same_completion_as_16bit", "same output as 16-bit", "{:.0%}"),
+                 ("mean_new_tokens", "tokens generated", "{:.0f}"),
+                 ("quantized_share", "gen. tokens reading quantized KV", "{:.0%}")]
+    head = ["method", "score", "KV B/token", "bits/elem", *(title for _, title, _ in extra)]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for name, s in result["summary"].items():
+        cells = [name, f"{s['score']:.4g}", f"{s['kv_bytes_per_token']:,.0f}", f"{s['bits_per_element']:.2f}"]
+        for key, _, fmt in extra:
+            value = s.get(key)
+            cells.append("—" if value is None else fmt.format(value))
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
 def main(args: argparse.Namespace) -> int:
+    if args.markdown:
+        for result in load_results(args.results / args.model):
+            n = next(iter(result["summary"].values()))["n"]
+            env = result["environment"]
+            print(f"**{result['task']}** — {n} items, {env['device_name']}, torch {env['torch']}, "
+                  f"transformers {env['transformers']}, commit {env['git_commit']}; `{result.get('command')}`\n")
+            print(markdown_table(result) + "\n")
+        return 0
     folder = args.results / args.model
     results = load_results(folder)
     if not results:
