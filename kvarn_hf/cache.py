@@ -7,9 +7,9 @@ growable paged uint8 cache, and the newest partial tile stays 16-bit (the tail).
 never re-quantized.
 
 Left padding: each row's tokens are counted from its first real token, so the sink starts there and padded
-positions never enter a tile's statistics. The cache learns the padding from the 2-D attention mask: `generate()`
-hands it over before the prefill (see `register.py`), the fused attention path reads it from its mask, and manual
-loops with the dense path call `KVarNCache.set_padding`. Rows may therefore fill their tiles at different steps.
+positions never enter a tile's statistics. The cache learns the padding from the 2-D attention mask of its first
+forward (`prepare_forward`, which register.py calls before the model's layers run; `generate()` also hands it over
+in `bind`). Rows may therefore fill their tiles at different steps.
 
 Two modes, picked from the model's attention implementation:
 - fused (attn_implementation="kvarn"): `update()` returns a `PendingKV` handle; the registered attention function
@@ -17,14 +17,16 @@ Two modes, picked from the model's attention implementation:
   `kvarn_kernels.ops.paged_attention`, then appends the new tokens.
 - dense (eager, sdpa, ...): `update()` returns the dequantized history followed by the new 16-bit tokens, in the
   padded frame the model's own mask expects, like the stock QuantizedCache.
-In both modes a forward pass sees the history as stored before it and its own new tokens in 16-bit.
+In both modes a forward pass sees the history as stored before it and its own new tokens in 16-bit, except a
+verification forward of speculative decoding (`bind(verify_from=...)`), whose every token sees what it would see in
+one-token decoding (verify.py).
 
 Sliding-window layers (Gemma-3's local layers) keep transformers' 16-bit rolling window (`DynamicSlidingWindowLayer`):
 their window is short and rolls, which does not fit append-only tiles; only full-attention layers are quantized.
 
 Where the parts live: `placement.py` (where each new token goes), `paging.py` (the paging state all KVarN layers of
-a cache share), `layer.py` (one layer's storage and attention), `checks.py` (which models can be served),
-`graphs.py` (CUDA-graph decode).
+a cache share), `layer.py` (one layer's storage and attention), `verify.py` (verification forwards), `checks.py`
+(which models can be served), `graphs.py` (CUDA-graph decode).
 """
 
 from __future__ import annotations
@@ -124,17 +126,20 @@ class KVarNCache(Cache):
     def set_padding(self, attention_mask: torch.Tensor | None) -> None:
         """Tell the cache which leading positions of each row are padding (a 2-D mask, 1 = real token).
 
-        Needed before the first forward of a left-padded batch on the dense path outside `generate()`; the fused
-        path and `generate()` learn it themselves. On a filled cache the mask must match the stored padding.
+        The cache learns it by itself from the attention mask of its first forward (`generate()`, or a model called
+        by hand with `attention_mask=`); call this only to set it before that. On a filled cache the mask must match
+        the stored padding.
         """
         self._paging.set_pads(attention_mask)
 
     def prepare_forward(self, config: Any, attention_mask: Any) -> None:
         """What a KVarNCache learns from a forward before the model's layers run (register.py calls this from
         transformers' mask preparation): the model's config (an empty cache builds its layers for it, a filled one
-        refuses a model that did not fill it).
+        refuses a model that did not fill it) and, at the first forward, the batch's left padding from its 2-D mask.
         """
         self._adopt(config)
+        if isinstance(attention_mask, torch.Tensor) and attention_mask.dim() == 2 and self._paging.pads is None:
+            self._paging.set_pads(attention_mask)
 
     def _adopt(self, config: Any) -> None:
         """Take the layer types and attention mode of the model that is about to run: an empty cache builds its
@@ -211,6 +216,15 @@ class KVarNCache(Cache):
             raise ValueError(f"layer {layer_idx} of this KVarNCache holds {say(held)}; the model gives {say(got)}: "
                              f"{REUSE}")
 
+    @property
+    def batch_size(self) -> int:
+        """Rows held, or -1 before the first forward (transformers' convention for an empty cache)."""
+        return self._paging.batch if self._paging.device is not None else -1
+
+    def __getstate__(self) -> dict:
+        state = self.__dict__.copy()
+        state["_decoder"] = None  # CUDA graphs of this process's model: a copy or a loaded cache captures its own
+        return state
 
     # --- whole-cache edits (the shared paging first, then every layer) ----------------------------------
     def reset(self) -> None:
