@@ -7,9 +7,9 @@ growable paged uint8 cache, and the newest partial tile stays 16-bit (the tail).
 never re-quantized.
 
 Left padding: each row's tokens are counted from its first real token, so the sink starts there and padded
-positions never enter a tile's statistics. The cache learns the padding from the 2-D attention mask: `generate()`
-hands it over before the prefill (see `register.py`), the fused attention path reads it from its mask, and manual
-loops with the dense path call `KVarNCache.set_padding`. Rows may therefore fill their tiles at different steps.
+positions never enter a tile's statistics. The cache learns the padding from the 2-D attention mask of its first
+forward (`prepare_forward`, which register.py calls before the model's layers run; `generate()` also hands it over
+in `bind`). Rows may therefore fill their tiles at different steps.
 
 Two modes, picked from the model's attention implementation:
 - fused (attn_implementation="kvarn"): `update()` returns a `PendingKV` handle; the registered attention function
@@ -17,14 +17,16 @@ Two modes, picked from the model's attention implementation:
   `kvarn_kernels.ops.paged_attention`, then appends the new tokens.
 - dense (eager, sdpa, ...): `update()` returns the dequantized history followed by the new 16-bit tokens, in the
   padded frame the model's own mask expects, like the stock QuantizedCache.
-In both modes a forward pass sees the history as stored before it and its own new tokens in 16-bit.
+In both modes a forward pass sees the history as stored before it and its own new tokens in 16-bit, except a
+verification forward of speculative decoding (`bind(verify_from=...)`), whose every token sees what it would see in
+one-token decoding (verify.py).
 
 Sliding-window layers (Gemma-3's local layers) keep transformers' 16-bit rolling window (`DynamicSlidingWindowLayer`):
 their window is short and rolls, which does not fit append-only tiles; only full-attention layers are quantized.
 
 Where the parts live: `placement.py` (where each new token goes), `paging.py` (the paging state all KVarN layers of
-a cache share), `layer.py` (one layer's storage and attention), `checks.py` (which models can be served),
-`graphs.py` (CUDA-graph decode).
+a cache share), `layer.py` (one layer's storage and attention), `verify.py` (verification forwards), `checks.py`
+(which models can be served), `graphs.py` (CUDA-graph decode).
 """
 
 from __future__ import annotations
@@ -33,7 +35,7 @@ from functools import partial
 from typing import Any
 
 import torch
-from transformers.cache_utils import Cache, CacheLayerMixin, DynamicSlidingWindowLayer
+from transformers.cache_utils import Cache, DynamicSlidingWindowLayer
 
 from kvarn_kernels import DEFAULT_PRESET, PRESETS
 
@@ -47,6 +49,9 @@ __all__ = ["KVarNCache", "KVarNLayer", "PendingKV"]
 
 # How KVarNCache chooses each K tile's frame (see KVarNCache).
 K_FRAME_RULES = ("range", "sink-queries")
+# What to do when a cache meets a model it was not filled by.
+REUSE = ("a KVarNCache holds the keys and values of the model that filled it: use a new KVarNCache() for this model, "
+         "or call reset() on this one first")
 
 
 class KVarNCache(Cache):
@@ -83,11 +88,12 @@ class KVarNCache(Cache):
         self._decoder: Any = None  # graphs.DecodeGraphs of the model that generates with this cache
         self._graphs_off = False  # set by batch edits of a filled cache (beam search): decode runs eagerly
         self._paging = Paging(PRESETS[preset][2], keep_last_tile, k_frame)
+        self._config_id: int | None = None  # id() of the config the layers were last adopted for (see _adopt)
         if config is None:
             super().__init__(layer_class_to_replicate=partial(KVarNLayer, self._paging, preset))
         else:
-            super().__init__(layers=self._layers_for(config))
-            self._paging.fused = is_fused(config)
+            super().__init__(layers=[])
+            self._adopt(config)
 
     @property
     def fused(self) -> bool:
@@ -109,17 +115,9 @@ class KVarNCache(Cache):
         forward past the prompt (the tiles it completed keep a 16-bit copy until the next forward that completes
         tiles). Assisted `generate()` passes the prompt length; None (the default) turns it off.
         """
+        self._adopt(config)
         self._paging.keep_last_tile |= keep_last_tile
         self._paging.verify_from = verify_from
-        if self.layer_class_to_replicate is not None:
-            if any(layer.is_initialized for layer in self.layers):
-                self._check_lazy_layers(config)
-            else:
-                self.layers = self._layers_for(config)
-                self.layer_class_to_replicate = None
-        else:
-            layer_kinds(config, self.preset)
-        self._paging.fused = is_fused(config)
         if attention_mask is not None:
             self.set_padding(attention_mask)
         if max_length:
@@ -128,26 +126,110 @@ class KVarNCache(Cache):
     def set_padding(self, attention_mask: torch.Tensor | None) -> None:
         """Tell the cache which leading positions of each row are padding (a 2-D mask, 1 = real token).
 
-        Needed before the first forward of a left-padded batch on the dense path outside `generate()`; the fused
-        path and `generate()` learn it themselves. On a filled cache the mask must match the stored padding.
+        The cache learns it by itself from the attention mask of its first forward (`generate()`, or a model called
+        by hand with `attention_mask=`); call this only to set it before that. On a filled cache the mask must match
+        the stored padding.
         """
         self._paging.set_pads(attention_mask)
 
-    def _layers_for(self, config: Any) -> list[CacheLayerMixin]:
-        kinds = layer_kinds(config, self.preset)
-        return [KVarNLayer(self._paging, self.preset) if window is None else DynamicSlidingWindowLayer(window)
-                for window in kinds]
+    def prepare_forward(self, config: Any, attention_mask: Any) -> None:
+        """What a KVarNCache learns from a forward before the model's layers run (register.py calls this from
+        transformers' mask preparation): the model's config (an empty cache builds its layers for it, a filled one
+        refuses a model that did not fill it) and, at the first forward, the batch's left padding from its 2-D mask.
+        """
+        self._adopt(config)
+        if isinstance(attention_mask, torch.Tensor) and attention_mask.dim() == 2 and self._paging.pads is None:
+            self._paging.set_pads(attention_mask)
 
-    def _check_lazy_layers(self, config: Any) -> None:
+    def _adopt(self, config: Any) -> None:
+        """Take the layer types and attention mode of the model that is about to run: an empty cache builds its
+        layers for it (a 16-bit window for sliding-window layers), a filled one checks that it fits."""
+        if id(config) == self._config_id:
+            return
         kinds = layer_kinds(config, self.preset)
-        if any(window is not None for window in kinds):
-            raise ValueError(
-                "this KVarNCache was filled without the model's config, so its sliding-window layers were "
-                "quantized as full attention: build it with KVarNCache(config=model.config)"
-            )
+        if self._filled():
+            self._check_model(config, kinds)
+        else:
+            self.layers = [KVarNLayer(self._paging, self.preset) if window is None
+                           else DynamicSlidingWindowLayer(window) for window in kinds]
+            self.layer_class_to_replicate = None
+        self._paging.fused = is_fused(config)
+        self._config_id = id(config)
+
+    def _filled(self) -> bool:
+        return any(layer.is_initialized for layer in self.layers)
+
+    def _check_model(self, config: Any, kinds: list[int | None]) -> None:
+        """Refuse a model whose layers differ from those of the model that filled this cache."""
+        if len(kinds) != len(self.layers):
+            raise ValueError(f"this KVarNCache holds {len(self.layers)} layers but the model has {len(kinds)}: {REUSE}")
+        for i, (layer, window) in enumerate(zip(self.layers, kinds, strict=True)):
+            if isinstance(layer, KVarNLayer) and window is not None:
+                raise ValueError(
+                    "this KVarNCache was filled without the model's config, so its sliding-window layers were "
+                    f"quantized as full attention (layer {i}): build it with KVarNCache(config=model.config), or let "
+                    "a model run it from empty (it adopts the model's layer types at its first forward); or call "
+                    "reset() on this one first"
+                )
+            if not isinstance(layer, KVarNLayer) and window is None:
+                raise ValueError(f"layer {i} of this KVarNCache is a 16-bit sliding window but a full-attention layer "
+                                 f"of the model: {REUSE}")
+        text = config.get_text_config(decoder=True)
+        want = (getattr(text, "num_key_value_heads", None) or text.num_attention_heads,
+                getattr(text, "head_dim", None) or text.hidden_size // text.num_attention_heads)
+        for i, layer in enumerate(self.layers):
+            if isinstance(layer, KVarNLayer) and layer.is_initialized:
+                held = (layer.pool_k.shape[1], layer.pool_k.shape[3])
+                if held != want:
+                    raise ValueError(f"layer {i} of this KVarNCache holds KV heads {held[0]}, head_dim {held[1]}; the "
+                                     f"model has KV heads {want[0]}, head_dim {want[1]}: {REUSE}")
+
+    def update(
+        self, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int, *args: Any, **kwargs: Any
+    ) -> tuple[Any, Any]:
+        self._check_update(key_states, layer_idx)
+        return super().update(key_states, value_states, layer_idx, *args, **kwargs)
+
+    def _check_update(self, key_states: torch.Tensor, layer_idx: int) -> None:
+        """Refuse keys that do not fit what this cache holds: another layer count, batch, KV heads, head_dim, dtype
+        or device (a model that did not fill it)."""
+        if layer_idx >= len(self.layers):
+            plan = self._paging.last_plan  # a config-less cache grows layers during its first forward only
+            first_forward = not self._filled() or (plan is not None and plan[0].from_len == 0)
+            if self.layer_class_to_replicate is None or not first_forward:
+                raise ValueError(f"the model updates layer {layer_idx} but this KVarNCache holds {len(self.layers)} "
+                                 f"layers: {REUSE}")
+            return
+        layer = self.layers[layer_idx]
+        if isinstance(layer, KVarNLayer) and layer.is_initialized:
+            held = (self._paging.batch, layer.pool_k.shape[1], layer.pool_k.shape[3], layer.dtype, layer.device)
+        elif not isinstance(layer, KVarNLayer) and layer.is_initialized and layer.keys.dim() == 4:
+            held = (*layer.keys.shape[:2], layer.keys.shape[3], layer.keys.dtype, layer.keys.device)
+        else:
+            return
+        got = (key_states.shape[0], key_states.shape[1], key_states.shape[-1], key_states.dtype, key_states.device)
+        if got != held:
+
+            def say(x: tuple) -> str:
+                return f"batch {x[0]}, KV heads {x[1]}, head_dim {x[2]}, {str(x[3]).removeprefix('torch.')}, {x[4]}"
+
+            raise ValueError(f"layer {layer_idx} of this KVarNCache holds {say(held)}; the model gives {say(got)}: "
+                             f"{REUSE}")
+
+    @property
+    def batch_size(self) -> int:
+        """Rows held, or -1 before the first forward (transformers' convention for an empty cache)."""
+        return self._paging.batch if self._paging.device is not None else -1
+
+    def __getstate__(self) -> dict:
+        state = self.__dict__.copy()
+        state["_decoder"] = None  # CUDA graphs of this process's model: a copy or a loaded cache captures its own
+        return state
 
     # --- whole-cache edits (the shared paging first, then every layer) ----------------------------------
     def reset(self) -> None:
+        """Empty the cache, keeping its settings; the next model to run adopts it as a new cache."""
+        self._config_id = None
         self._paging.reset()
         self._decoder = None
         self._graphs_off = False

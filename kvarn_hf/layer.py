@@ -237,7 +237,7 @@ class KVarNLayer(CacheLayerMixin):
         tiles (`reference.sink_query_weights`)."""
         batch, heads_q, num_new, d = query.shape
         heads = self.pool_k.shape[1]
-        energy = query.float().square().view(batch, heads, heads_q // heads, num_new, d).mean(2)  # B,H,T,D
+        energy = query.detach().float().square().view(batch, heads, heads_q // heads, num_new, d).mean(2)  # B,H,T,D
         row, t, blk, slot = step.dense
         self.query_energy[blk, :, slot] = energy.transpose(1, 2)[row, t]
 
@@ -250,6 +250,9 @@ class KVarNLayer(CacheLayerMixin):
 
     def _append(self, step: Step, keys: torch.Tensor, values: torch.Tensor) -> None:
         """Write the step's new tokens [B, H, T, D] into sink/tail blocks and quantize the tiles they complete."""
+        # The cache stores values, not autograd history (the tiles have none anyway): a stored tensor that required
+        # grad could not be written in place once saved and loaded again.
+        keys, values = keys.detach(), values.detach()
         kb, vb = keys.transpose(1, 2), values.transpose(1, 2)  # [B, T, H, D] views
         if step.num_tiles:
             g, heads, d = self.fmt.group, keys.shape[1], keys.shape[3]

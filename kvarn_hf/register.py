@@ -98,6 +98,8 @@ def _show_masks_to_the_cache() -> None:
         config: Any, inputs_embeds: Any, attention_mask: Any, past_key_values: Any, position_ids: Any,
         layer_idx: Any, *args: Any, **kwargs: Any,
     ) -> Any:
+        if isinstance(past_key_values, KVarNCache):
+            past_key_values.prepare_forward(config, attention_mask)
         result = original(config, inputs_embeds, attention_mask, past_key_values, position_ids, layer_idx, *args,
                           **kwargs)
         if isinstance(past_key_values, KVarNCache) and not result[0]:
