@@ -60,9 +60,11 @@ def positive_int(text: str) -> int:
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--preset", type=preset_arg, default=DEFAULT_PRESET,
                    help=f"KVarN preset: {', '.join(PRESETS)} (default {DEFAULT_PRESET})")
-    p.add_argument("--new-tokens", type=positive_int, default=48, help="greedy tokens generated per cache (48)")
-    p.add_argument("--ppl-tokens", type=positive_int, default=1024,
-                   help="tokens of Wikipedia text scored for perplexity, fed in chunks of 64 (1024)")
+    p.add_argument("--new-tokens", type=positive_int,
+                   help="greedy tokens generated per cache (default 48 on a GPU, 32 on a CPU)")
+    p.add_argument("--ppl-tokens", type=positive_int,
+                   help="tokens of Wikipedia text scored for perplexity, fed in chunks of 64 (default 1024 on a GPU, "
+                        "512 on a CPU, where the kernels' PyTorch reference is slow)")
     p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto",
                    help="auto (default: cuda when available), cpu or cuda")
 
@@ -247,7 +249,10 @@ def main_args(args: argparse.Namespace) -> int:
     if args.device == "cuda" and not torch.cuda.is_available():
         raise ValueError(f"--device cuda was given but torch {torch.__version__} sees no CUDA device; "
                          "use --device cpu")
-    print(format_table(run(args.preset, args.new_tokens, args.ppl_tokens, device=args.device)))
+    gpu = args.device == "cuda" or (args.device == "auto" and torch.cuda.is_available())
+    new_tokens = args.new_tokens or (48 if gpu else 32)
+    ppl_tokens = args.ppl_tokens or (1024 if gpu else 512)
+    print(format_table(run(args.preset, new_tokens, ppl_tokens, device=args.device)))
     return 0
 
 
