@@ -238,9 +238,9 @@ def format_table(result: dict) -> str:
         "",
         "KVarN continuation:",
         "  " + ours["text"],
-        "",
-        f"(demo took {result['seconds']:.0f} s)",
     ]
+    if "seconds" in result:
+        lines += ["", f"(demo took {result['seconds']:.0f} s)"]
     return "\n".join(lines)
 
 

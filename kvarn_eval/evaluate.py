@@ -235,7 +235,8 @@ def _generation_task(lm: LoadedModel, methods: list[Method], prompts: list[str],
         summary[method.name] = {
             "score": sum(r["correct"] for r in rows) / max(len(rows), 1),
             "n": len(rows),
-            "same_completion_as_16bit": sum(r["raw"] == q["raw"] for r, q in zip(rows, ref, strict=True)) / len(rows),
+            "same_completion_as_16bit": sum(r["completion"] == q["completion"] for r, q in zip(rows, ref, strict=True))
+            / len(rows),
             "mean_new_tokens": new / len(rows),
             "quantized_share": (sum(r["quantized_share"] * r["new_tokens"] for r in rows) / new) if new else 0.0,
             "decode_tokens_per_s": new / decode_s if decode_s > 0 else None,

@@ -58,7 +58,7 @@ def load_results(folder: Path) -> list[dict[str, Any]]:
 
 def _label(result: dict[str, Any]) -> str:
     n = next(iter(result["summary"].values()))["n"]
-    metric = {"perplexity": "KL vs 16-bit cache (nats/token, lower is better)", "gsm8k": "exact match",
+    metric = {"perplexity": "KL vs 16-bit (nats/token)", "gsm8k": "exact match",
               "humaneval": "pass@1", "mbpp": "pass@1", "needle": "retrieval accuracy"}.get(result["task"], "accuracy")
     return f"{result['task']} ({n} items): {metric}"
 
@@ -96,7 +96,7 @@ def draw(results: list[dict[str, Any]], out: Path, speed: tuple[dict[str, float]
         for col in range(cols):
             ax = axes[row][col]
             pts = []
-            for name, s in summary.items():
+            for k, (name, s) in enumerate(summary.items()):
                 if col == 0:
                     x = s["kv_bytes_per_token"] / 1024
                 else:
@@ -107,7 +107,7 @@ def draw(results: list[dict[str, Any]], out: Path, speed: tuple[dict[str, float]
                 y = s["kl"] if result["task"] == "perplexity" else s["score"]
                 pts.append((x, y))
                 ax.scatter([x], [y], color=FAMILY_COLORS.get(s.get("family", ""), "gray"), zorder=3)
-                ax.annotate(name, (x, y), fontsize=7, xytext=(3, 3), textcoords="offset points")
+                ax.annotate(name, (x, y), fontsize=7, xytext=(4, 6 - 9 * (k % 3)), textcoords="offset points")
             if col == 0 and pts:
                 f = frontier(pts, hib)
                 ax.plot([p[0] for p in f], [p[1] for p in f], "--", color="gray", lw=1, zorder=2)
@@ -118,6 +118,7 @@ def draw(results: list[dict[str, Any]], out: Path, speed: tuple[dict[str, float]
             ax.set_ylabel(_label(result), fontsize=8)
             if result["task"] == "perplexity":
                 ax.set_yscale("symlog", linthresh=1e-4)
+                ax.set_ylim(bottom=0)
             ax.grid(alpha=0.3)
         env = result["environment"]
         axes[row][0].set_title(f"{result['model']} - {result['task']} - {env['device_name']}, "
@@ -157,7 +158,8 @@ def main(args: argparse.Namespace) -> int:
         for result in load_results(args.results / args.model):
             n = next(iter(result["summary"].values()))["n"]
             env = result["environment"]
-            print(f"**{result['task']}** — {n} items, {env['device_name']}, torch {env['torch']}, "
+            unit = "tokens" if result["task"] == "perplexity" else "items"
+            print(f"**{result['task']}** — {n} {unit}, {env['device_name']}, torch {env['torch']}, "
                   f"transformers {env['transformers']}, commit {env['git_commit']}; `{result.get('command')}`\n")
             print(markdown_table(result) + "\n")
         return 0

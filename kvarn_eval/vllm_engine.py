@@ -126,9 +126,10 @@ def run_vllm_task(task: str, model_dir: str, methods: Sequence[str], limit: int 
         ref = samples[methods[0]]
         for m in methods:
             rows = samples[m]
+            same = sum(a["completion"] == b["completion"] for a, b in zip(rows, ref, strict=True))
             summary[m] = {"score": sum(r["correct"] for r in rows) / len(rows), "n": len(rows),
-                          "same_completion_as_16bit": sum(a["raw"] == b["raw"] for a, b in zip(rows, ref, strict=True))
-                          / len(rows), "mean_new_tokens": sum(r["new_tokens"] for r in rows) / len(rows),
+                          "same_completion_as_16bit": same / len(rows),
+                          "mean_new_tokens": sum(r["new_tokens"] for r in rows) / len(rows),
                           "kv_cache_dtype": dtypes[m]}
     elif task in LOGLIK_TASKS:
         build, default_shots = evaluate.LOGLIK_DOCS[task]
