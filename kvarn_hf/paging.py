@@ -126,13 +126,16 @@ class Paging:
         (verify.py); marks which of the tiles they complete keep a 16-bit copy."""
         if self.pads is None:
             self.set_pads(padding)
-        parts = verify.chunks(self.pads.tolist(), from_len, num_new, self.group, self.verify_from)
-        before = self.tiles_at(from_len)
+        if self.verify_from is None or num_new == 1:  # (decode steps: no host work beyond the step itself)
+            parts = [num_new]
+        else:
+            parts = verify.chunks(self.pads.tolist(), from_len, num_new, self.group, self.verify_from)
+        before = self.tiles_at(from_len) if self.croppable else None
         steps, at = [], from_len
         for n in parts:
             steps.append(self.step(at, n))
             at += n
-        if self.croppable:
+        if before is not None and any(step.num_tiles for step in steps):
             self._keep_copies(steps, before, self.tiles_at(at))
         self.last_plan = steps
         return steps
@@ -142,8 +145,6 @@ class Paging:
         decoding all those ending past the prompt (the prompt is never cropped, drafts may all be); rows that
         completed no tile keep their earlier copies."""
         done = after > before
-        if not bool(done.any()):
-            return
         lo = after - 1 if self.keep_last_tile else after.clone()
         if self.verify_from is not None:
             # Tile t of a row padded by p ends at position p + (t + 2) G - 1.

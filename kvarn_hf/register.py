@@ -64,9 +64,7 @@ def register() -> None:
         if isinstance(cache, KVarNCache):
             mask = model_kwargs.get("attention_mask")
             assisted = getattr(generation_mode, "value", generation_mode) == "assisted_generation"
-            # The prompt's end: the first position that a verification forward must give its decoding history
-            # (without a mask, every position of the first forward is treated as one).
-            verify_from = (mask.shape[-1] if mask is not None else cache.get_seq_length()) if assisted else None
+            verify_from = _prompt_length(generation_config, mask, cache) if assisted else None
             cache.bind(self.config, mask, max_cache_length, verify_from=verify_from)
         return result
 
@@ -74,6 +72,21 @@ def register() -> None:
     GenerationMixin._prepare_cache_for_generation = prepare_cache
     _route_decode_to_graphs()
     _show_masks_to_the_cache()
+
+
+def _prompt_length(generation_config: Any, mask: Any, cache: KVarNCache) -> int:
+    """The prompt's length in generate() (padding included): the first position that a verification forward must
+    give its one-token-decoding history. From the mask, else from what generate() recorded when it dropped an all-ones
+    mask (transformers >= 5.20), else max_length - max_new_tokens; failing all, the cache's length (the first forward
+    is then verified like drafts)."""
+    if mask is not None:
+        return mask.shape[-1]
+    recorded = getattr(generation_config, "_mask_length", None)
+    if isinstance(recorded, int):
+        return recorded
+    if generation_config.max_new_tokens is not None and generation_config.max_length is not None:
+        return generation_config.max_length - generation_config.max_new_tokens
+    return cache.get_seq_length()
 
 
 def _show_masks_to_the_cache() -> None:

@@ -197,14 +197,42 @@ def agree_until_a_near_tie(plain, assisted, start, max_logit_diff):
 @pytest.mark.parametrize("attn", ATTN)
 def test_assisted_decoding_by_the_model_itself_accepts_long_drafts(attn):
     """The model as its own assistant (16-bit DynamicCache drafts): most of each 200-token draft is accepted, so the
-    accepted tokens' logits come from verification forwards that span tiles. They are plain greedy decoding's up to
-    float rounding, which the quantizer can amplify (a key computed in a batch of tokens may round one code the other
-    way: ~1e-3 here, against ~7e-2 when the forward's tiles stay 16-bit for its later tokens)."""
+    accepted tokens' logits come from verification forwards that span tiles (the first one holds the prompt too:
+    generate() drops an all-ones mask, the prompt length comes from what it records). They are plain greedy
+    decoding's up to float rounding, which the quantizer can amplify (a key computed in a batch of tokens may round
+    one code the other way: ~1e-3 here, against ~7e-2 when the forward's tiles stay 16-bit for its later tokens)."""
     model = make_model("llama", attn)
-    prompt = tokens(100)
+    prompt = tokens(150)  # tile 0 completes inside the prompt (which attends in 16-bit), tile 1 at 192 tokens
     kwargs = dict(max_new_tokens=120, output_logits=True, return_dict_in_generate=True,
-                  stopping_criteria=StoppingCriteriaList([StopAt(100 + 60)]))
+                  stopping_criteria=StoppingCriteriaList([StopAt(150 + 60)]))
     plain = generate(model, prompt, KVarNCache(PRESET), **kwargs)
     assisted = generate(model, prompt, KVarNCache(PRESET), assistant_model=drafting(model, 200), **kwargs)
-    same, _ = agree_until_a_near_tie(plain, assisted, 100, 5e-3)
-    assert same >= 40  # past the tile completed at 128 tokens
+    same, _ = agree_until_a_near_tie(plain, assisted, 150, 5e-3)
+    assert same >= 45
+
+
+@pytest.mark.parametrize("attn", ["sdpa", "eager", "kvarn"])
+def test_a_verification_forward_through_the_model_attends_like_decoding(attn):
+    """A model driven by hand with bind(verify_from=150): one forward of 99 draft tokens (left-padded batch; a tile
+    of each row completes inside it) gives the logits of one-token decoding, up to float rounding amplified by
+    quantization codes (keys computed in a batch round differently); the same forward without verify_from is ~25x
+    further off. Covers the mask that register.py hands to the sdpa and eager attention."""
+    model = make_model("llama", attn)
+    ids = tokens(249, batch=2)
+    mask = torch.ones_like(ids)
+    mask[1, :37] = 0
+
+    def logits(cache, chunks):
+        out, pos = [], 0
+        for n in chunks:
+            out.append(model(ids[:, pos : pos + n], attention_mask=mask[:, : pos + n], past_key_values=cache).logits)
+            pos += n
+        return torch.cat(out, 1)[:, 149:].where(mask[:, 149:, None].bool(), 0)
+
+    want = logits(KVarNCache(PRESET), [150] + [1] * 99)
+    errors = []
+    for verify_from in (150, None):
+        cache = KVarNCache(PRESET)
+        cache.bind(model.config, mask, verify_from=verify_from)
+        errors.append(float((logits(cache, [150, 99]) - want).abs().max()))
+    assert errors[0] < 0.1 * errors[1], errors
