@@ -198,10 +198,9 @@ def agree_until_a_near_tie(plain, assisted, start, max_logit_diff):
 def test_assisted_decoding_by_the_model_itself_accepts_long_drafts(attn):
     """The model as its own assistant (16-bit DynamicCache drafts): most of each 200-token draft is accepted, so the
     accepted tokens' logits come from verification forwards that span tiles (the first one holds the prompt too:
-    generate() drops an all-ones mask, the prompt length comes from what it records). They are plain greedy decoding's
-    up to
-    float rounding, which the quantizer can amplify (a key computed in a batch of tokens may round one code the other
-    way: ~1e-3 here, against ~7e-2 when the forward's tiles stay 16-bit for its later tokens)."""
+    generate() drops an all-ones mask, the prompt length comes from what it records). They are plain greedy
+    decoding's up to float rounding, which the quantizer can amplify (a key computed in a batch of tokens may round
+    one code the other way: ~1e-3 here, against ~7e-2 when the forward's tiles stay 16-bit for its later tokens)."""
     model = make_model("llama", attn)
     prompt = tokens(150)  # tile 0 completes inside the prompt (which attends in 16-bit), tile 1 at 192 tokens
     kwargs = dict(max_new_tokens=120, output_logits=True, return_dict_in_generate=True,
