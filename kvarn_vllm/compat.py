@@ -72,28 +72,34 @@ def _extend_cache_dtype() -> None:
         torch_utils.STR_DTYPE_TO_TORCH_DTYPE[p] = torch.uint8
 
 
+def wrap_once(owner: Any, name: str, make: Callable[[Any], Callable[..., Any]]) -> None:
+    """Replace owner.name by make(original), once: plugins load in every process and may load twice in one."""
+    original = getattr(owner, name)
+    if getattr(original, "_kvarn", False):
+        return
+    wrapper = functools.wraps(original)(make(original))
+    wrapper._kvarn = True  # type: ignore[attr-defined]
+    setattr(owner, name, wrapper)
+
+
 def _patch_kv_cache_spec() -> None:
     from vllm.model_executor.layers.attention import attention as attn_mod
     from vllm.v1.kv_cache_interface import TQFullAttentionSpec
 
-    cls = attn_mod.Attention
-    original = cls.get_kv_cache_spec
-    if getattr(original, "_kvarn", False):
-        return
+    def make(original: Callable[..., Any]) -> Callable[..., Any]:
+        def get_kv_cache_spec(self: Any, vllm_config: Any) -> Any:
+            if self.kv_cache_dtype not in PRESETS:
+                return original(self, vllm_config)
+            fmt = KVarNFormat.from_preset(self.kv_cache_dtype, self.head_size)
+            return TQFullAttentionSpec(
+                block_size=vllm_config.cache_config.block_size, num_kv_heads=self.num_kv_heads,
+                head_size=self.head_size, head_size_v=self.head_size, dtype=torch.uint8,
+                tq_slot_size=fmt.record_bytes // fmt.group,
+            )
 
-    @functools.wraps(original)
-    def get_kv_cache_spec(self: Any, vllm_config: Any) -> Any:
-        if self.kv_cache_dtype not in PRESETS:
-            return original(self, vllm_config)
-        fmt = KVarNFormat.from_preset(self.kv_cache_dtype, self.head_size)
-        return TQFullAttentionSpec(
-            block_size=vllm_config.cache_config.block_size, num_kv_heads=self.num_kv_heads,
-            head_size=self.head_size, head_size_v=self.head_size, dtype=torch.uint8,
-            tq_slot_size=fmt.record_bytes // fmt.group,
-        )
+        return get_kv_cache_spec
 
-    get_kv_cache_spec._kvarn = True  # type: ignore[attr-defined]
-    cls.get_kv_cache_spec = get_kv_cache_spec
+    wrap_once(attn_mod.Attention, "get_kv_cache_spec", make)
 
 
 def _route_backend() -> None:
@@ -171,18 +177,14 @@ def validate_config(vllm_config: Any) -> None:
 def _patch_config_validation() -> None:
     from vllm.config import vllm as vllm_mod
 
-    cls = vllm_mod.VllmConfig
-    original = cls.__post_init__
-    if getattr(original, "_kvarn", False):
-        return
+    def make(original: Callable[..., Any]) -> Callable[..., Any]:
+        def post_init(self: Any) -> None:
+            original(self)
+            validate_config(self)
 
-    @functools.wraps(original)
-    def post_init(self: Any) -> None:
-        original(self)
-        validate_config(self)
+        return post_init
 
-    post_init._kvarn = True  # type: ignore[attr-defined]
-    cls.__post_init__ = post_init
+    wrap_once(vllm_mod.VllmConfig, "__post_init__", make)
 
 
 def _patch_runner() -> None:
@@ -190,23 +192,20 @@ def _patch_runner() -> None:
         from vllm.v1.worker import gpu_model_runner
     except Exception:  # CPU-only installs may lack the GPU runner's dependencies; nothing runs there.
         return
-    cls = gpu_model_runner.GPUModelRunner
-    original = cls._update_states
-    if getattr(original, "_kvarn", False):
-        return
 
-    @functools.wraps(original)
-    def update_states(self: Any, scheduler_output: Any) -> Any:
-        result = original(self, scheduler_output)
-        from .runtime import get_runtime
+    def make(original: Callable[..., Any]) -> Callable[..., Any]:
+        def update_states(self: Any, scheduler_output: Any) -> Any:
+            result = original(self, scheduler_output)
+            from .runtime import get_runtime
 
-        rt = get_runtime()
-        if rt is not None:
-            rt.update(self.input_batch, scheduler_output)
-        return result
+            rt = get_runtime()
+            if rt is not None:
+                rt.update(self.input_batch, scheduler_output)
+            return result
 
-    update_states._kvarn = True  # type: ignore[attr-defined]
-    cls._update_states = update_states
+        return update_states
+
+    wrap_once(gpu_model_runner.GPUModelRunner, "_update_states", make)
 
 
 def _from_034(name: str) -> Callable[[], None]:
