@@ -1,7 +1,7 @@
 """CUDA-graph decode for `KVarNCache` in fused mode: one replay per generated token instead of ~1000 launches.
 
 A decode step of a transformers model is a thousand small kernel launches, issued by Python: on a GPU the host,
-not the GPU, sets the pace (the H100 measurements of session 4: 33-81 ms of wall time per step for 2.4-20 ms of
+not the GPU, sets the pace (measured on an H100 before graphs: 33-81 ms of wall time per step for 2.4-20 ms of
 kernels). A KVarNCache is paged and preallocated, so a decode step can be captured once and replayed: every tensor
 it reads keeps its storage, and what changes from step to step (where each row's new token goes, the row lengths)
 lives in small device buffers (`cache.StaticDecode`) that are refilled before each replay.
