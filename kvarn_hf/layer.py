@@ -378,6 +378,7 @@ class KVarNLayer(CacheLayerMixin):
         held = (self.pool_k, self.pool_v, self.shadow_k, self.shadow_v, self.query_energy)
         dense = sum(t.numel() * t.element_size() for t in held if t is not None)
         per_block = self.tiles.shape[1] * self.tiles.shape[2]
-        return {"tiles_used": self.paging.next_block * per_block, "tiles_allocated": self.tiles.numel(),
+        used = self.paging.next_block - len(self.paging.free_blocks)
+        return {"tiles_used": used * per_block, "tiles_allocated": self.tiles.numel(),
                 "dense": dense}
 

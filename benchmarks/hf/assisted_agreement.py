@@ -1,7 +1,7 @@
 """Assisted decoding with KVarNCache against plain greedy decoding with the same cache preset, on a real model.
 
     python benchmarks/hf/assisted_agreement.py                       # SmolLM2-135M on CPU, prompt 300, 100 new tokens
-    python benchmarks/hf/assisted_agreement.py --device cuda --dtype bfloat16 --new-tokens 500 --out <dir>
+    python benchmarks/hf/assisted_agreement.py --device cuda --new-tokens 500 --out benchmarks/hf/results/assisted/h100
 
 The prompt is the first `--prompt-tokens` tokens of the Wikipedia text of `kvarn_eval.assets`. The assistant is the
 model itself over a 16-bit DynamicCache, drafting exactly `--drafts` tokens per round (constant schedule, no
@@ -12,7 +12,10 @@ draft at the tokens still to generate, so drafts longer than `--new-tokens - 1` 
 For each draft length it reports the greedy tokens that are identical to plain decoding's (from the start, and in
 all), the largest difference of the main model's logits over the identical prefix (float rounding, amplified where a
 key computed in a batch of tokens rounds one quantization code the other way), the number of verification forwards
-and the longest one. Writes assisted_agreement.json (with the command) to `--out`.
+and the longest one. It also runs the prompt and then all drafts in one verification forward, against one-token
+decoding of the same tokens, with and without `verify_from` (the largest logit difference before and after the first
+tile that completes inside that forward: after it, keys computed in a batch may round a code the other way).
+Writes assisted_agreement_<attn>_<dtype>.json (with the command) to `--out`.
 """
 
 from __future__ import annotations
@@ -40,7 +43,7 @@ def main() -> None:
     parser.add_argument("--drafts", type=int, nargs="+", default=[20, 200, 400], help="draft lengths to try")
     parser.add_argument("--device", default="cpu", help="cpu or cuda")
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
-    parser.add_argument("--out", default="benchmarks/hf/results/assisted", help="folder for assisted_agreement.json")
+    parser.add_argument("--out", default="benchmarks/hf/results/assisted/cpu", help="folder of the JSON result")
     args = parser.parse_args()
 
     import kvarn_hf
@@ -53,7 +56,7 @@ def main() -> None:
 
     def count_forwards(module, call_args, kwargs):  # the main model's forwards over its KVarNCache
         if isinstance(kwargs.get("past_key_values"), kvarn_hf.KVarNCache):
-            forwards.append(kwargs["input_ids"].shape[1])
+            forwards.append((kwargs["input_ids"] if "input_ids" in kwargs else call_args[0]).shape[1])
 
     model.register_forward_pre_hook(count_forwards, with_kwargs=True)
 
@@ -72,6 +75,35 @@ def main() -> None:
                                  **extra)
         return {"tokens": out.sequences[0, ids.shape[1]:].tolist(), "logits": [x[0].float().cpu() for x in out.logits],
                 "forwards": list(forwards)}, time.perf_counter() - start
+
+    def one_forward_check() -> dict:
+        """The prompt, then all drafts (the prompt's next new_tokens - 1 tokens) in one verification forward, against
+        one-token decoding of the same tokens: with verify_from (what assisted generate() does) and without (each
+        token of the forward sees its tiles in 16-bit). Split at the first tile completed inside the forward."""
+        text = tokenizer(fetch_text("wiki"), return_tensors="pt").input_ids[:, : ids.shape[1] + args.new_tokens - 1]
+        text = text.to(args.device)
+        prompt = ids.shape[1]
+
+        def logits(verify_from: int | None, one_by_one: bool) -> torch.Tensor:
+            cache = kvarn_hf.KVarNCache(args.preset)
+            cache.bind(model.config, None, verify_from=verify_from)
+            with torch.no_grad():
+                model(text[:, :prompt], past_key_values=cache)
+                if not one_by_one:
+                    return model(text[:, prompt:], past_key_values=cache).logits[0].float()
+                return torch.cat([model(text[:, p : p + 1], past_key_values=cache).logits[0].float()
+                                  for p in range(prompt, text.shape[1])])
+
+        group = kvarn_hf.KVarNCache(args.preset)._paging.group
+        first_end = max(2 * group - 1, -(-(prompt + 1) // group) * group - 1)  # first tile ending at or past prompt
+        split = first_end - prompt + 1  # queries from here on see a tile completed inside the forward
+        want = logits(None, True)
+        out = {"tokens_in_forward": text.shape[1] - prompt, "first_tile_completed_at": first_end}
+        for name, verify_from in (("verify_from", prompt), ("one_step", None)):
+            diff = (logits(verify_from, False) - want).abs().amax(-1).cpu()
+            out[name] = {"max_logit_diff_before_first_tile": float(diff[:split].max()),
+                         "max_logit_diff_after": float(diff[split:].max()) if split < diff.numel() else None}
+        return out
 
     runs = [None, *args.drafts]
     results = {}
@@ -95,6 +127,7 @@ def main() -> None:
         rows.append({
             "num_assistant_tokens": drafts, "identical_prefix": prefix, "tokens_compared": n,
             "match_fraction": sum(equal) / n, "max_logit_diff_over_prefix": max(diffs, default=0.0),
+            "logit_diff_per_token": [float(f"{d:.3g}") for d in diffs],
             "top2_margin_at_first_difference": margin, "verification_forwards": len(got["forwards"]),
             "longest_forward_after_prompt": max(verify, default=0), "first_forward": got["forwards"][0],
             "seconds": got["seconds"],
@@ -105,10 +138,12 @@ def main() -> None:
         "setup": {k: v for k, v in vars(args).items() if k != "out"},
         "group": kvarn_hf.KVarNCache(args.preset)._paging.group,
         "plain_seconds": plain["seconds"], "plain_forwards": len(plain["forwards"]), "rows": rows,
+        "one_forward_check": one_forward_check(),
     }
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    (out / "assisted_agreement.json").write_text(json.dumps(result, indent=1) + "\n")
+    path = out / f"assisted_agreement_{args.attn}_{args.dtype}.json"
+    path.write_text(json.dumps(result, indent=1) + "\n")
     print(f"{args.model} {args.preset} attn={args.attn} {args.dtype} on {args.device}: prompt {ids.shape[1]} tokens, "
           f"{args.new_tokens} new; plain greedy {plain['seconds']} s")
     print("| drafts | identical prefix | match | max logit diff (prefix) | top-2 gap at 1st diff | forwards "
@@ -119,7 +154,12 @@ def main() -> None:
         print(f"| {r['num_assistant_tokens']} | {r['identical_prefix']} / {r['tokens_compared']} | "
               f"{r['match_fraction']:.3f} | {r['max_logit_diff_over_prefix']:.2e} | {gap} | "
               f"{r['verification_forwards']} | {r['longest_forward_after_prompt']} |")
-    print(f"wrote {out / 'assisted_agreement.json'}")
+    check = result["one_forward_check"]
+    print(f"one verification forward of {check['tokens_in_forward']} tokens after the prompt vs one-token decoding, "
+          f"max logit difference before / after the tile completed at position {check['first_tile_completed_at']}: "
+          + "; ".join(f"{name} {check[name]['max_logit_diff_before_first_tile']:.2e} / "
+                      f"{check[name]['max_logit_diff_after'] or 0:.2e}" for name in ("verify_from", "one_step")))
+    print(f"wrote {path}")
 
 
 if __name__ == "__main__":

@@ -435,6 +435,8 @@ def test_crop_undoes_a_verification_forward_that_completed_several_tiles():
     assert cache._paging.next_block == 2 * 3
     cache.crop(-140)  # 134 tokens: sink, tile 0 and 6 tokens of the reopened tile 1
     assert_rows(cache, list(k[:, :, :134]), list(v[:, :, :134]))
+    record = KVarNFormat.from_preset(PRESET, DIM, torch.float32).record_bytes
+    assert cache.memory_bytes()["tiles_used"] == LAYERS * 2 * 1 * HEADS * record  # one tile per row still used
     feed(cache, k[:, :, 134:274], v[:, :, 134:274])
     assert_rows(cache, list(k[:, :, :274]), list(v[:, :, :274]))
     assert cache._paging.next_block == 2 * 3  # tiles 1 and 2 of each row reused the blocks the crop freed
@@ -461,7 +463,7 @@ def test_a_verification_forward_attends_like_one_token_decoding(fused):
     tiles complete at different positions (left padding 0 and 37), whether the prompt is a forward of its own or
     part of the same forward; the stored tiles are the same bit for bit. Fused: `attend` runs the forward in parts.
     Dense: `update` returns the extended keys that `verification_mask` selects from."""
-    pads, prompt, total = torch.tensor([0, 37]), 150, 330
+    pads, prompt, total = torch.tensor([0, 37]), 150, 280  # tiles end at 191 and 255 (row 0), 164 and 228 (row 1)
     k, v = kv(total, seed=12, batch=2)
     q = torch.randn(2, 4, total, DIM, generator=torch.Generator().manual_seed(3))
     mask = (torch.arange(total)[None, :] >= pads[:, None]).long()
