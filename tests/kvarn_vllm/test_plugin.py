@@ -3,7 +3,6 @@
 
 from __future__ import annotations
 
-import json
 from importlib.metadata import entry_points
 from types import SimpleNamespace
 
@@ -26,21 +25,7 @@ register()
 
 from vllm.engine.arg_utils import EngineArgs  # noqa: E402
 from vllm.utils.argparse_utils import FlexibleArgumentParser  # noqa: E402
-
-
-def _model_dir(tmp_path, **overrides) -> str:
-    config = {
-        "architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": 256, "intermediate_size": 512,
-        "num_attention_heads": 4, "num_key_value_heads": 2, "head_dim": 64, "num_hidden_layers": 2,
-        "vocab_size": 1000, "max_position_embeddings": 4096, "rms_norm_eps": 1e-5, "torch_dtype": "bfloat16",
-    }
-    config.update(overrides)
-    (tmp_path / "config.json").write_text(json.dumps(config))
-    return str(tmp_path)
-
-
-def _config(model: str, **kwargs):
-    return EngineArgs(model=model, skip_tokenizer_init=True, load_format="dummy", **kwargs).create_engine_config()
+from vllm_models import engine_config, model_dir  # noqa: E402
 
 
 def test_the_entry_point_names_register():
@@ -60,15 +45,15 @@ def test_the_cli_accepts_every_preset():
 
 @pytest.mark.parametrize("preset", list(PRESETS))
 def test_block_size_follows_the_preset(tmp_path, preset):
-    cfg = _config(_model_dir(tmp_path), kv_cache_dtype=preset)
+    cfg = engine_config(model_dir(tmp_path), kv_cache_dtype=preset)
     assert cfg.cache_config.cache_dtype == preset
     assert cfg.cache_config.block_size == PRESETS[preset][2]
 
 
 def test_a_conflicting_block_size_is_refused_with_what_to_pass(tmp_path):
     with pytest.raises(ValueError, match="pass --block-size 128"):
-        _config(_model_dir(tmp_path), kv_cache_dtype="kvarn_k4v2_g128", block_size=16)
-    assert _config(_model_dir(tmp_path), kv_cache_dtype="kvarn_k4v2_g64", block_size=64).cache_config.block_size == 64
+        engine_config(model_dir(tmp_path), kv_cache_dtype="kvarn_k4v2_g128", block_size=16)
+    assert engine_config(model_dir(tmp_path), kv_cache_dtype="kvarn_k4v2_g64", block_size=64).cache_config.block_size == 64
 
 
 @pytest.mark.parametrize(("overrides", "kwargs", "message"), [
@@ -78,11 +63,11 @@ def test_a_conflicting_block_size_is_refused_with_what_to_pass(tmp_path):
 ])
 def test_unsupported_models_are_refused_at_start_up(tmp_path, overrides, kwargs, message):
     with pytest.raises(ValueError, match=message):
-        _config(_model_dir(tmp_path, **overrides), kv_cache_dtype="kvarn_k4v2_g128", **kwargs)
+        engine_config(model_dir(tmp_path, **overrides), kv_cache_dtype="kvarn_k4v2_g128", **kwargs)
 
 
 def test_other_cache_dtypes_are_untouched(tmp_path):
-    cfg = _config(_model_dir(tmp_path), kv_cache_dtype="fp8", block_size=16)
+    cfg = engine_config(model_dir(tmp_path), kv_cache_dtype="fp8", block_size=16)
     assert cfg.cache_config.cache_dtype == "fp8" and cfg.cache_config.block_size == 16
 
 

@@ -4,7 +4,6 @@ own spec/planner/allocator path, backend routing, block sizes, errors."""
 
 from __future__ import annotations
 
-import json
 from importlib.metadata import entry_points
 from types import SimpleNamespace
 
@@ -33,23 +32,9 @@ from vllm.engine.arg_utils import EngineArgs  # noqa: E402
 from vllm.model_executor.layers.attention.attention import Attention  # noqa: E402
 from vllm.utils.argparse_utils import FlexibleArgumentParser  # noqa: E402
 from vllm.v1.worker.utils import customize_attention_spec  # noqa: E402
+from vllm_models import engine_config, model_dir  # noqa: E402
 
 from kvarn_vllm.compat_034 import KVarNAttentionBackend034  # noqa: E402
-
-
-def _model_dir(tmp_path, **overrides) -> str:
-    config = {
-        "architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": 256, "intermediate_size": 512,
-        "num_attention_heads": 4, "num_key_value_heads": 2, "head_dim": 64, "num_hidden_layers": 2,
-        "vocab_size": 1000, "max_position_embeddings": 4096, "rms_norm_eps": 1e-5, "torch_dtype": "bfloat16",
-    }
-    config.update(overrides)
-    (tmp_path / "config.json").write_text(json.dumps(config))
-    return str(tmp_path)
-
-
-def _config(model: str, **kwargs):
-    return EngineArgs(model=model, skip_tokenizer_init=True, load_format="dummy", **kwargs).create_engine_config()
 
 
 def _layers(cfg, num_layers: int = 2, head_dim: int = 64, num_kv_heads: int = 2) -> dict[str, Attention]:
@@ -104,20 +89,20 @@ def test_the_cli_accepts_every_preset_and_configs_refuse_unknown_names(tmp_path)
         assert parser.parse_args(["--kv-cache-dtype", preset]).kv_cache_dtype == preset
     # 0.34's parser takes any string; CacheConfig validates it against the registered names.
     with pytest.raises(ValueError, match="Invalid kv_cache_dtype: 'kvarn_k3v3_g128'"):
-        _config(_model_dir(tmp_path), kv_cache_dtype="kvarn_k3v3_g128")
+        engine_config(model_dir(tmp_path), kv_cache_dtype="kvarn_k3v3_g128")
 
 
 @pytest.mark.parametrize("preset", list(PRESETS))
 def test_block_size_follows_the_preset(tmp_path, preset):
-    cfg = _config(_model_dir(tmp_path), kv_cache_dtype=preset)
+    cfg = engine_config(model_dir(tmp_path), kv_cache_dtype=preset)
     assert cfg.cache_config.cache_dtype == preset
     assert cfg.cache_config.block_size == PRESETS[preset][2]
 
 
 def test_a_conflicting_block_size_is_refused_with_what_to_pass(tmp_path):
     with pytest.raises(ValueError, match="pass --block-size 128"):
-        _config(_model_dir(tmp_path), kv_cache_dtype="kvarn_k4v2_g128", block_size=16)
-    assert _config(_model_dir(tmp_path), kv_cache_dtype="kvarn_k4v2_g64", block_size=64).cache_config.block_size == 64
+        engine_config(model_dir(tmp_path), kv_cache_dtype="kvarn_k4v2_g128", block_size=16)
+    assert engine_config(model_dir(tmp_path), kv_cache_dtype="kvarn_k4v2_g64", block_size=64).cache_config.block_size == 64
 
 
 @pytest.mark.parametrize("preset", ["kvarn_k4v2_g128", "kvarn_k4v4_g64"])
@@ -126,7 +111,7 @@ def test_vllms_own_block_size_pass_picks_the_tile(tmp_path, preset):
     get_preferred_block_size) lands on the tile too."""
     from vllm.platforms.interface import Platform
 
-    cfg = _config(_model_dir(tmp_path), kv_cache_dtype=preset)
+    cfg = engine_config(model_dir(tmp_path), kv_cache_dtype=preset)
     _layers(cfg)
     cfg.cache_config.block_size = 64 if PRESETS[preset][2] != 64 else 16
     Platform.update_block_size_for_backend(cfg)
@@ -140,17 +125,17 @@ def test_vllms_own_block_size_pass_picks_the_tile(tmp_path, preset):
 ])
 def test_unsupported_models_are_refused_at_start_up(tmp_path, overrides, kwargs, message):
     with pytest.raises(ValueError, match=message):
-        _config(_model_dir(tmp_path, **overrides), kv_cache_dtype="kvarn_k4v2_g128", **kwargs)
+        engine_config(model_dir(tmp_path, **overrides), kv_cache_dtype="kvarn_k4v2_g128", **kwargs)
 
 
 def test_sliding_window_models_are_accepted_when_their_window_layers_stay_16_bit(tmp_path):
-    cfg = _config(_model_dir(tmp_path, sliding_window=512), kv_cache_dtype="kvarn_k4v2_g128",
+    cfg = engine_config(model_dir(tmp_path, sliding_window=512), kv_cache_dtype="kvarn_k4v2_g128",
                   kv_cache_dtype_skip_layers=["sliding_window"])
     assert cfg.cache_config.block_size == 128 and cfg.cache_config.kv_cache_dtype_skip_layers == ["sliding_window"]
 
 
 def test_other_cache_dtypes_are_untouched(tmp_path):
-    cfg = _config(_model_dir(tmp_path), kv_cache_dtype="fp8", block_size=16)
+    cfg = engine_config(model_dir(tmp_path), kv_cache_dtype="fp8", block_size=16)
     assert cfg.cache_config.cache_dtype == "fp8" and cfg.cache_config.block_size == 16
 
 
@@ -160,7 +145,7 @@ def test_the_page_is_one_record_per_kv_head(tmp_path, preset, head_dim):
     from vllm.v1.kv_cache_interface import FullAttentionSpec, get_kv_quant_mode
 
     fmt = KVarNFormat.from_preset(preset, head_dim)
-    cfg = _config(_model_dir(tmp_path), kv_cache_dtype=preset)
+    cfg = engine_config(model_dir(tmp_path), kv_cache_dtype=preset)
     layer = SimpleNamespace(kv_cache_dtype=preset, head_size=head_dim, head_size_v=head_dim, num_kv_heads=8,
                             sliding_window=None, attn_type="decoder", kv_cache_torch_dtype=torch.uint8)
     with set_current_vllm_config(cfg):
@@ -186,7 +171,7 @@ def test_vllms_planner_and_allocator_give_each_layer_its_tiles(tmp_path):
 
     preset = "kvarn_k4v2_g128"
     fmt = KVarNFormat.from_preset(preset, 64)
-    cfg = _config(_model_dir(tmp_path), kv_cache_dtype=preset)
+    cfg = engine_config(model_dir(tmp_path), kv_cache_dtype=preset)
     specs = _specs(cfg, _layers(cfg))
     layouts = [[layout.name for layout in KVarNAttentionBackend034.supported_kv_cache_layouts()]]
     layout = resolve_kv_cache_layout(cfg, layouts, list(specs.values()))
@@ -217,7 +202,7 @@ def test_skipped_layers_share_vllms_plan_with_kvarn_layers(tmp_path, skip):
 
     preset = "kvarn_k4v2_g128"
     fmt = KVarNFormat.from_preset(preset, 64)
-    cfg = _config(_model_dir(tmp_path), kv_cache_dtype=preset, kv_cache_dtype_skip_layers=[skip])
+    cfg = engine_config(model_dir(tmp_path), kv_cache_dtype=preset, kv_cache_dtype_skip_layers=[skip])
     layers = _layers(cfg)
     Platform.update_block_size_for_backend(cfg)
     block = cfg.cache_config.block_size
@@ -249,7 +234,7 @@ def test_kvarn_layers_get_the_kvarn_backend_and_skipped_layers_keep_vllms(tmp_pa
         return selector._cached_get_attn_backend(None, sel, _run_kv_cache_dtype="kvarn_k4v2_g128")
 
     assert pick("kvarn_k4v2_g128") is KVarNAttentionBackend034
-    cfg = _config(_model_dir(tmp_path), kv_cache_dtype="kvarn_k4v2_g128", kv_cache_dtype_skip_layers=["1"])
+    cfg = engine_config(model_dir(tmp_path), kv_cache_dtype="kvarn_k4v2_g128", kv_cache_dtype_skip_layers=["1"])
     with set_current_vllm_config(cfg):
         assert pick("auto") is not KVarNAttentionBackend034
     # Real layers: layer 1 is skipped, asks with "auto", keeps the platform's backend and a 16-bit page.
@@ -265,7 +250,7 @@ def test_kvarn_layers_get_the_kvarn_backend_and_skipped_layers_keep_vllms(tmp_pa
 
 
 def test_serving_on_034_is_refused_until_the_runner_hook_is_ported(tmp_path):
-    cfg = _config(_model_dir(tmp_path), kv_cache_dtype="kvarn_k4v2_g128")
+    cfg = engine_config(model_dir(tmp_path), kv_cache_dtype="kvarn_k4v2_g128")
     spec = next(iter(_specs(cfg, _layers(cfg, num_layers=1)).values()))
     with pytest.raises(RuntimeError, match="config level only.*Serve with vllm==0.22.0"):
         KVarNAttentionBackend034.get_builder_cls()(spec, ["model.layers.0.self_attn.attn"], cfg,
