@@ -53,7 +53,8 @@ def test_block_size_follows_the_preset(tmp_path, preset):
 def test_a_conflicting_block_size_is_refused_with_what_to_pass(tmp_path):
     with pytest.raises(ValueError, match="pass --block-size 128"):
         engine_config(model_dir(tmp_path), kv_cache_dtype="kvarn_k4v2_g128", block_size=16)
-    assert engine_config(model_dir(tmp_path), kv_cache_dtype="kvarn_k4v2_g64", block_size=64).cache_config.block_size == 64
+    cfg = engine_config(model_dir(tmp_path), kv_cache_dtype="kvarn_k4v2_g64", block_size=64)
+    assert cfg.cache_config.block_size == 64
 
 
 @pytest.mark.parametrize(("overrides", "kwargs", "message"), [
