@@ -166,12 +166,14 @@ def validate_config(vllm_config: Any) -> None:
                 "quantize: pass --kv-cache-dtype-skip-layers sliding_window to keep them 16-bit, or use fp8.")
     fmt = KVarNFormat.from_preset(preset, head, model.dtype)
     sched = vllm_config.scheduler_config
+    per_request = staging_request_bytes(preset, model, vllm_config.parallel_config,
+                                        _speculative_tokens(vllm_config.speculative_config)) or 0
     logger.warning(
         "KVarN %s: %d-bit keys, %d-bit values, %d-token tiles, %.0f bytes per token per KV head (%.2fx smaller "
         "than 16-bit); 16-bit: each sequence's first tile and its newest partial tile (staging slots for "
-        "max_num_seqs=%d requests, allocated before vLLM measures its KV budget)",
+        "max_num_seqs=%d requests, %.2f GB per GPU, allocated before vLLM measures its KV budget)",
         preset, fmt.k_bits, fmt.v_bits, group, fmt.bytes_per_token_per_head, fmt.compression_vs_16bit,
-        sched.max_num_seqs)
+        sched.max_num_seqs, (sched.max_num_seqs + 1) * per_request / 1e9)
 
 
 def _patch_config_validation() -> None:
@@ -185,6 +187,76 @@ def _patch_config_validation() -> None:
         return post_init
 
     wrap_once(vllm_mod.VllmConfig, "__post_init__", make)
+
+
+def staging_request_bytes(preset: str, model_config: Any, parallel_config: Any, num_speculative: int) -> int | None:
+    """One request's 16-bit staging (sink and tail slots, K and V, every attention layer of this rank), or None
+    where the model is one `validate_config` refuses."""
+    from .staging import StagingPool
+
+    try:
+        fmt = KVarNFormat.from_preset(preset, model_config.get_head_size())
+    except ValueError:
+        return None
+    layers = model_config.get_num_layers_by_block_type(parallel_config, "attention")
+    heads = model_config.get_num_kv_heads(parallel_config)
+    overflow = (num_speculative + 7) // 8 * 8
+    return layers * StagingPool.request_bytes(fmt, heads, overflow, model_config.dtype)
+
+
+def _speculative_tokens(spec: Any) -> int:
+    if spec is None:
+        return 0
+    value = spec.get("num_speculative_tokens") if isinstance(spec, dict) else getattr(spec, "num_speculative_tokens",
+                                                                                      0)
+    return int(value or 0)
+
+
+def adjust_max_num_seqs(engine_args: Any, model_config: Any, parallel_config: Any, vllm_default: int) -> None:
+    """Where the user gave no --max-num-seqs, cap vLLM's default so the staging pools (allocated for max_num_seqs
+    requests before vLLM sizes its KV cache) take at most `staging.STAGING_SHARE` of the usable GPU memory."""
+    from vllm.platforms import current_platform
+
+    from .staging import STAGING_SHARE, default_max_num_seqs
+
+    preset = engine_args.kv_cache_dtype
+    per_request = staging_request_bytes(preset, model_config, parallel_config,
+                                        _speculative_tokens(engine_args.speculative_config))
+    if per_request is None:
+        return
+    try:
+        total = int(current_platform.get_device_total_memory())
+    except Exception:  # no device to ask (config built off the GPU machine): keep vLLM's default
+        return
+    # 0.34 leaves it None until the engine resolves it (0.92, or 1.0 with its extensible KV cache): take 0.9.
+    usable = int((engine_args.gpu_memory_utilization or 0.9) * total)
+    chosen = default_max_num_seqs(per_request, usable, vllm_default)
+    if chosen < vllm_default:
+        engine_args.max_num_seqs = chosen
+        logger.warning(
+            "KVarN %s: max_num_seqs defaults to %d, not vLLM's %d: each running request keeps %.1f MB of 16-bit "
+            "staging (its first tile and its newest partial tile), allocated up front for max_num_seqs requests; "
+            "%d requests' staging is %.2f GB, %.0f%% of the %.1f GB vLLM may use. Pass --max-num-seqs to choose "
+            "(more concurrent requests, less KV cache).",
+            preset, chosen, vllm_default, per_request / 1e6, chosen, chosen * per_request / 1e9,
+            100 * STAGING_SHARE, usable / 1e9)
+
+
+def _patch_batch_defaults() -> None:
+    from vllm.engine.arg_utils import EngineArgs
+
+    def make(original: Callable[..., Any]) -> Callable[..., Any]:
+        def set_defaults(self: Any, usage_context: Any, model_config: Any, *args: Any, **kwargs: Any) -> Any:
+            user_set = self.max_num_seqs is not None
+            result = original(self, usage_context, model_config, *args, **kwargs)
+            if not user_set and self.kv_cache_dtype in PRESETS:
+                parallel_config = args[0] if args else kwargs["parallel_config"]
+                adjust_max_num_seqs(self, model_config, parallel_config, self.max_num_seqs)
+            return result
+
+        return set_defaults
+
+    wrap_once(EngineArgs, "_set_default_max_num_seqs_and_batched_tokens_args", make)
 
 
 def _patch_runner() -> None:
@@ -221,9 +293,10 @@ def _from_034(name: str) -> Callable[[], None]:
 
 
 HOOKS: dict[str, list[Callable[[], None]]] = {
-    "0.22": [_extend_cache_dtype, _patch_kv_cache_spec, _route_backend, _patch_config_validation, _patch_runner],
+    "0.22": [_extend_cache_dtype, _patch_kv_cache_spec, _route_backend, _patch_config_validation, _patch_batch_defaults,
+             _patch_runner],
     "0.34": [_from_034("register_dtypes"), _from_034("register_backend_name"), _from_034("route_backend"),
-             _patch_config_validation],
+             _patch_config_validation, _patch_batch_defaults],
 }
 
 

@@ -53,7 +53,8 @@ def child(args: argparse.Namespace, kv: str) -> None:
     start_s = time.time() - t0
     rng = np.random.default_rng(0)
     out = {"kv": kv, "start_s": start_s, "num_gpu_blocks": cc.num_gpu_blocks, "block_size": cc.block_size,
-           "capacity_tokens": cc.num_gpu_blocks * cc.block_size, "shapes": {}}
+           "capacity_tokens": cc.num_gpu_blocks * cc.block_size,
+           "max_num_seqs": llm.llm_engine.vllm_config.scheduler_config.max_num_seqs, "shapes": {}}
     for shape in args.shapes.split(","):
         n, rest = shape.split("x")
         p_len, o_len = (int(x) for x in rest.split("+"))
@@ -77,7 +78,8 @@ def main() -> None:
     ap.add_argument("--dtype", default="bfloat16")
     ap.add_argument("--gpu-mem", type=float, default=0.9)
     ap.add_argument("--max-model-len", type=int, default=16384)
-    ap.add_argument("--kvarn-max-num-seqs", type=int, default=0, help="max_num_seqs for KVarN runs (0: vLLM's)")
+    ap.add_argument("--kvarn-max-num-seqs", type=int, default=0,
+                    help="max_num_seqs for KVarN runs (0: the plugin's default, docs/vllm.md)")
     ap.add_argument("--timeout", type=int, default=560)
     ap.add_argument("--out", required=True)
     ap.add_argument("--child", default=None, help=argparse.SUPPRESS)

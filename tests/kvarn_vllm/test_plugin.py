@@ -25,7 +25,7 @@ register()
 
 from vllm.engine.arg_utils import EngineArgs  # noqa: E402
 from vllm.utils.argparse_utils import FlexibleArgumentParser  # noqa: E402
-from vllm_models import engine_config, model_dir  # noqa: E402
+from vllm_models import check_default_max_num_seqs, engine_config, model_dir  # noqa: E402
 
 
 def test_the_entry_point_names_register():
@@ -133,3 +133,28 @@ def test_register_is_idempotent():
     register()
     names = [n for n in cache.CacheDType.__args__ if n.startswith("kvarn_")]
     assert sorted(names) == sorted(PRESETS)
+
+
+
+def test_max_num_seqs_defaults_to_what_the_staging_share_allows(tmp_path, monkeypatch, caplog):
+    check_default_max_num_seqs(tmp_path, monkeypatch, caplog)
+
+def test_speculative_tokens_count_in_the_staging_bytes():
+    model = SimpleNamespace(get_head_size=lambda: 128, dtype=torch.bfloat16,
+                            get_num_layers_by_block_type=lambda parallel, kind: 32,
+                            get_num_kv_heads=lambda parallel: 8)
+    plain = compat.staging_request_bytes("kvarn_k4v2_g128", model, None, 0)
+    assert plain == 2 * 2 * 8 * 128 * 128 * 2 * 32
+    assert compat.staging_request_bytes("kvarn_k4v2_g128", model, None, 3) == plain * (128 + 8) // 128
+    model.get_head_size = lambda: 80
+    assert compat.staging_request_bytes("kvarn_k4v2_g128", model, None, 0) is None
+
+
+def test_default_max_num_seqs_bounds():
+    from kvarn_vllm.staging import default_max_num_seqs
+
+    assert default_max_num_seqs(10**6, 10**12, 1024) == 1024
+    assert default_max_num_seqs(10**9, 10**10, 1024) == 8  # never below 8
+    assert default_max_num_seqs(33_554_432, 77_000_000_000, 1024) == 112
+    with pytest.raises(ValueError, match="request_bytes=0"):
+        default_max_num_seqs(0, 10**10, 256)

@@ -32,7 +32,7 @@ from vllm.engine.arg_utils import EngineArgs  # noqa: E402
 from vllm.model_executor.layers.attention.attention import Attention  # noqa: E402
 from vllm.utils.argparse_utils import FlexibleArgumentParser  # noqa: E402
 from vllm.v1.worker.utils import customize_attention_spec  # noqa: E402
-from vllm_models import engine_config, model_dir  # noqa: E402
+from vllm_models import check_default_max_num_seqs, engine_config, model_dir  # noqa: E402
 
 from kvarn_vllm.compat_034 import KVarNAttentionBackend034  # noqa: E402
 
@@ -279,3 +279,7 @@ def test_register_is_idempotent():
     assert all(KV_CACHE_DTYPES.count(p) == 1 for p in PRESETS)
     assert AttentionBackendEnum._member_names_.count("KVARN") == 1
     assert selector._cached_get_attn_backend is route
+
+
+def test_max_num_seqs_defaults_to_what_the_staging_share_allows(tmp_path, monkeypatch, caplog):
+    check_default_max_num_seqs(tmp_path, monkeypatch, caplog)
