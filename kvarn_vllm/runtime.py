@@ -204,3 +204,14 @@ def init_runtime(**kwargs: Any) -> Runtime:
     if _RUNTIME is None:
         _RUNTIME = Runtime(**kwargs)
     return _RUNTIME
+
+
+def slot_state(_worker: Any = None) -> dict[str, int]:
+    """This worker's staging-slot counts, for `LLM.collective_rpc(slot_state)` (vLLM passes the worker; unused):
+    slots allocated, free, retained (a finished request's sink kept for prefix hits) and held by live requests.
+    Every slot is one of the last three; none is held once every request has finished or been aborted."""
+    rt = get_runtime()
+    if rt is None:
+        return {"num_slots": 0, "free": 0, "retained": 0, "live": 0}
+    s = rt.slots
+    return {"num_slots": s.num_slots, "free": len(s.free), "retained": len(s.retained), "live": len(s.req_slot)}

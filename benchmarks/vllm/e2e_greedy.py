@@ -53,6 +53,7 @@ def prompts(n_repeat: list[int]) -> list[str]:
 
 
 def run_engine(args: argparse.Namespace, kv: str, eager: bool, extra: dict, twice: bool = False) -> dict:
+    # ignore_eos: an instruct model without its chat template may stop at once; every prompt gets max_tokens tokens.
     code = f"""
 import json, os, time, sys
 os.environ.setdefault("VLLM_USE_FLASHINFER_SAMPLER", "0")
@@ -64,7 +65,7 @@ if {kv!r} != "auto":
 t0 = time.time()
 llm = LLM(**kw)
 t1 = time.time()
-sp = SamplingParams(temperature=0.0, max_tokens={args.max_tokens}, logprobs=5)
+sp = SamplingParams(temperature=0.0, max_tokens={args.max_tokens}, logprobs=5, ignore_eos=True)
 outs = llm.generate({prompts(args.repeats)!r}, sp)
 if {twice!r}:  # the same prompts again, after the first requests finished: prefix-cache hits
     outs = llm.generate({prompts(args.repeats)!r}, sp)
@@ -86,10 +87,45 @@ print("RESULT" + json.dumps(res))
     return res
 
 
+def run_hf(args: argparse.Namespace, kv: str) -> dict:
+    """The same prompts and greedy decoding through the transformers front-end (kvarn_hf, fused attention) with the
+    same preset, or transformers' own 16-bit cache for kv == "auto"."""
+    code = f"""
+import json, time, torch
+import kvarn_hf
+from kvarn_hf import KVarNCache
+from transformers import AutoModelForCausalLM, AutoTokenizer
+dev = "cuda" if torch.cuda.is_available() else "cpu"
+kv = {kv!r}
+tok = AutoTokenizer.from_pretrained({args.model!r})
+model = AutoModelForCausalLM.from_pretrained({args.model!r}, dtype=getattr(torch, {args.dtype!r}),
+                                             attn_implementation="sdpa" if kv == "auto" else "kvarn").to(dev)
+t0 = time.time()
+tokens = []
+for p in {prompts(args.repeats)!r}:
+    ids = tok(p, return_tensors="pt").input_ids.to(dev)
+    cache = None if kv == "auto" else KVarNCache(kv)
+    out = model.generate(ids, attention_mask=torch.ones_like(ids), past_key_values=cache, do_sample=False,
+                         max_new_tokens={args.max_tokens}, min_new_tokens={args.max_tokens})
+    tokens.append(out[0, ids.shape[1]:].tolist())
+print("RESULT" + json.dumps(dict(tokens=tokens, gen_s=time.time() - t0)))
+"""
+    t = time.time()
+    p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=args.timeout)
+    lines = [ln for ln in p.stdout.splitlines() if ln.startswith("RESULT")]
+    if p.returncode or not lines:
+        return {"error": f"rc={p.returncode}", "log_tail": (p.stdout + p.stderr)[-6000:], "wall_s": time.time() - t}
+    res = json.loads(lines[-1][6:])
+    res["wall_s"] = time.time() - t
+    return res
+
+
 def run_server(args: argparse.Namespace, kv: str) -> dict:
     """`vllm serve` as users start it; greedy chat-free completions through the openai client over HTTP."""
     port = 8011
-    cmd = ["vllm", "serve", args.model, "--port", str(port), "--dtype", args.dtype, "--max-model-len", "8192",
+    # The `vllm` of the interpreter running this script (a venv need not be on PATH).
+    cmd = [str(Path(sys.executable).with_name("vllm")), "serve", args.model, "--port", str(port), "--dtype", args.dtype,
+           "--max-model-len", "8192",
            "--gpu-memory-utilization", str(args.gpu_mem), "--kv-cache-dtype", kv, "--enforce-eager"]
     env = dict(os.environ, VLLM_USE_FLASHINFER_SAMPLER="0")
     log = open("/tmp/vllm_serve.log", "w")
@@ -113,7 +149,8 @@ def run_server(args: argparse.Namespace, kv: str) -> dict:
         client = OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="none")
         texts = []
         for pr in prompts(args.repeats):
-            r = client.completions.create(model=args.model, prompt=pr, max_tokens=args.max_tokens, temperature=0.0)
+            r = client.completions.create(model=args.model, prompt=pr, max_tokens=args.max_tokens, temperature=0.0,
+                                          extra_body={"ignore_eos": True})
             texts.append(r.choices[0].text)
         log_text = Path("/tmp/vllm_serve.log").read_text()
         lines = [ln for ln in log_text.splitlines() if "KV cache size" in ln or "KVarN" in ln]
@@ -159,7 +196,8 @@ def main() -> None:
     ap.add_argument("--max-tokens", type=int, default=64)
     ap.add_argument("--gpu-mem", type=float, default=0.3)
     ap.add_argument("--timeout", type=int, default=400)
-    ap.add_argument("--modes", default="eager,graphs,serve", help=f"any of {', '.join(MODES)}, serve")
+    ap.add_argument("--modes", default="eager,graphs,serve",
+                    help=f"any of {', '.join(MODES)}, serve (vllm serve + openai), hf (the transformers front-end)")
     ap.add_argument("--out", required=True)
     args = ap.parse_args()
     args.repeats = [int(x) for x in args.repeats.split(",")]
@@ -172,13 +210,21 @@ def main() -> None:
         for mode in modes:
             if mode == "serve":
                 r = run_server(args, preset)
+            elif mode == "hf":
+                r = run_hf(args, preset)
+                hf16 = results["runs"].setdefault("auto/hf", run_hf(args, "auto"))
+                if "tokens" in hf16 and "tokens" in base:
+                    hf16["vs_16bit"] = agreement(base["tokens"], hf16["tokens"])
+                if "tokens" in hf16 and "tokens" in r:
+                    r["vs_hf_16bit"] = agreement(hf16["tokens"], r["tokens"])
             else:
                 eager, extra, twice = MODES[mode]
                 r = run_engine(args, preset, eager, extra, twice)
             key = f"{preset}/{mode}"
             if "tokens" in r and "tokens" in base:
                 r["vs_16bit"] = agreement(base["tokens"], r["tokens"])
-                r["logprobs_close_to_16bit"] = logprobs_close(base, r)
+                if "top5" in r:
+                    r["logprobs_close_to_16bit"] = logprobs_close(base, r)
             if "text" in r and "text" in base:
                 r["same_text_as_16bit"] = sum(a == b for a, b in zip(base["text"], r["text"], strict=True))
             ref = results["runs"].get(f"{preset}/noprefix") or results["runs"].get(f"{preset}/eager")

@@ -56,6 +56,78 @@ def _setup(tmp_path, preset: str, head_dim: int, dtype: torch.dtype, device: str
     return cfg, fmt, spec
 
 
+class _Harness:
+    """One KVarN layer (builder + impl) over a shuffled paged cache, fed the true K/V of some requests step by step,
+    with the reference's output for the same history beside each step's output."""
+
+    def __init__(self, tmp_path, device, preset, head_dim, dtype, lengths, seed=0):
+        runtime._RUNTIME = None
+        cfg, self.fmt, spec = _setup(tmp_path, preset, head_dim, dtype, device)
+        self.device, self.dtype, self.head_dim, self.lengths = device, dtype, head_dim, lengths
+        self.gen = torch.Generator().manual_seed(seed)
+        with set_current_vllm_config(cfg):
+            self.builder = KVarNMetadataBuilder(spec, [_Layer.layer_name], cfg, torch.device(device))
+            self.impl = KVarNAttentionImpl(HQ, head_dim, head_dim**-0.5, HKV, kv_cache_dtype=preset)
+        self.rt = runtime.get_runtime()
+        width = 12
+        perm = torch.randperm(4 * width + 3, generator=self.gen)
+        self.kv_cache = self.fmt.allocate(4 * width + 3, HKV, device)
+        self.true_k = [torch.randn(n, HKV, head_dim, generator=self.gen).to(dtype) for n in lengths]
+        self.true_v = [torch.randn(n, HKV, head_dim, generator=self.gen).to(dtype) for n in lengths]
+        self.tables = [perm[i * width:(i + 1) * width].tolist() for i in range(len(lengths))]
+        self.done = [0] * len(lengths)
+        for i in range(len(lengths)):
+            self.rt.slots.assign(f"r{i}", 0, self.tables[i][0], set())
+        # Warm-up (vLLM's profiling call: no metadata) allocates the staging pool.
+        self.layer = _Layer()
+        q0 = torch.zeros(1, HQ * head_dim, dtype=dtype, device=device)
+        self.impl.forward(self.layer, q0, q0[:, : HKV * head_dim], q0[:, : HKV * head_dim], self.kv_cache, None)
+
+    def step(self, rows, qs, check=True):
+        """One step: rows[j] gets qs[j] new tokens. Returns (output, reference or None unless check,
+        query_start_loc)."""
+        done, dev, fmt = self.done, self.device, self.fmt
+        b = len(rows)
+        self.rt.slots.row_slot[:b] = torch.tensor([self.rt.slots.req_slot[f"r{i}"] for i in rows], dtype=torch.int32)
+        self.rt.slots.row_slot[b:] = self.rt.num_slots
+        qsl = torch.tensor([0] + list(torch.tensor(qs).cumsum(0).tolist()), dtype=torch.int32)
+        seq = torch.tensor([done[i] + q for i, q in zip(rows, qs, strict=True)], dtype=torch.int32)
+        table = torch.tensor([self.tables[i] for i in rows], dtype=torch.int32)
+        n_tok = int(qsl[-1])
+        cam = CommonAttentionMetadata(
+            query_start_loc=qsl.to(dev), query_start_loc_cpu=qsl, seq_lens=seq.to(dev), num_reqs=b,
+            num_actual_tokens=n_tok, max_query_len=max(qs), max_seq_len=int(seq.max()),
+            block_table_tensor=table.to(dev), slot_mapping=torch.zeros(n_tok, dtype=torch.int64, device=dev))
+        meta = self.builder.build(0, cam)
+        k = torch.cat([self.true_k[i][done[i]:done[i] + q] for i, q in zip(rows, qs, strict=True)]).to(dev)
+        v = torch.cat([self.true_v[i][done[i]:done[i] + q] for i, q in zip(rows, qs, strict=True)]).to(dev)
+        q = torch.randn(n_tok, HQ, self.head_dim, generator=self.gen).to(self.dtype).to(dev)
+        out = self.impl.forward(self.layer, q.view(n_tok, -1), k.view(n_tok, -1), v.view(n_tok, -1), self.kv_cache,
+                                meta)
+        out = out.view(n_tok, HQ, self.head_dim).float().cpu()
+        if not check:
+            for i, qn in zip(rows, qs, strict=True):
+                done[i] += qn
+            return out, None, qsl
+        # The reference: the same history quantized by the reference quantizer, attended by the reference.
+        commit_first = max(qs) == 1
+        hist = [done[i] + (q if commit_first else 0) for i, q in zip(rows, qs, strict=True)]
+        state = build_paged_kv([self.true_k[i][:h] for i, h in zip(rows, hist, strict=True)],
+                               [self.true_v[i][:h] for i, h in zip(rows, hist, strict=True)], fmt,
+                               reference.quantize_into_cache_ref, generator=torch.Generator().manual_seed(1)) \
+            if min(hist) > 0 else None
+        if commit_first:
+            expected = reference.paged_attention_ref(q.cpu(), state, qsl)
+        elif state is not None:
+            expected = reference.paged_attention_ref(q.cpu(), state, qsl, k.cpu(), v.cpu(), qsl)
+        else:
+            expected = _causal(q.cpu(), k.cpu(), v.cpu(), [done[i] for i in rows], qsl, self.true_k, self.true_v,
+                               rows, fmt)
+        for i, qn in zip(rows, qs, strict=True):
+            done[i] += qn
+        return out, expected.float(), qsl
+
+
 @pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)])
 @pytest.mark.parametrize(("preset", "head_dim", "dtype"), [
     ("kvarn_k4v2_g64", 64, torch.bfloat16),
@@ -64,73 +136,49 @@ def _setup(tmp_path, preset: str, head_dim: int, dtype: torch.dtype, device: str
 def test_backend_steps_attend_like_the_reference(tmp_path, device, preset, head_dim, dtype):
     if device == "cuda" and not torch.cuda.is_available():
         pytest.skip("needs a GPU")
-    runtime._RUNTIME = None
-    cfg, fmt, spec = _setup(tmp_path, preset, head_dim, dtype, device)
-    g = fmt.group
-    gen = torch.Generator().manual_seed(0)
+    g = KVarNFormat.from_preset(preset, head_dim).group
+    h = _Harness(tmp_path, device, preset, head_dim, dtype, [5 * g + 17, 3 * g + 1, 2 * g - 3])
     rnd = random.Random(0)
-    with set_current_vllm_config(cfg):
-        builder = KVarNMetadataBuilder(spec, [_Layer.layer_name], cfg, torch.device(device))
-        impl = KVarNAttentionImpl(HQ, head_dim, head_dim**-0.5, HKV, kv_cache_dtype=preset)
-    rt = runtime.get_runtime()
-    width = 12
-    num_blocks = 4 * width + 3
-    perm = torch.randperm(num_blocks, generator=gen)
-    kv_cache = fmt.allocate(num_blocks, HKV, device)
-    lengths = [5 * g + 17, 3 * g + 1, 2 * g - 3]
-    true_k = [torch.randn(n, HKV, head_dim, generator=gen).to(dtype) for n in lengths]
-    true_v = [torch.randn(n, HKV, head_dim, generator=gen).to(dtype) for n in lengths]
-    tables = [perm[i * width:(i + 1) * width].tolist() for i in range(len(lengths))]
-    done = [0, 0, 0]
-    for i in range(len(lengths)):
-        rt.slots.assign(f"r{i}", 0, tables[i][0], set())
-    # Warm-up (vLLM's profiling call: no metadata) allocates the staging pool.
-    layer = _Layer()
-    q0 = torch.zeros(1, HQ * head_dim, dtype=dtype, device=device)
-    impl.forward(layer, q0, q0[:, : HKV * head_dim], q0[:, : HKV * head_dim], kv_cache, None)
     steps = 0
-    while any(d < n for d, n in zip(done, lengths, strict=True)) and steps < 60:
+    while any(d < n for d, n in zip(h.done, h.lengths, strict=True)) and steps < 60:
         steps += 1
-        rows = [i for i in range(len(lengths)) if done[i] < lengths[i]]
+        rows = [i for i in range(len(h.lengths)) if h.done[i] < h.lengths[i]]
         qs = []
         for i in rows:
-            left = lengths[i] - done[i]
-            qs.append(1 if (done[i] > 0 and rnd.random() < 0.6) else min(left, rnd.choice([1, 40, g + 9, 3 * g])))
-        b = len(rows)
-        rt.slots.row_slot[:b] = torch.tensor([rt.slots.req_slot[f"r{i}"] for i in rows], dtype=torch.int32)
-        rt.slots.row_slot[b:] = rt.num_slots
-        qsl = torch.tensor([0] + list(torch.tensor(qs).cumsum(0).tolist()), dtype=torch.int32)
-        seq = torch.tensor([done[i] + q for i, q in zip(rows, qs, strict=True)], dtype=torch.int32)
-        table = torch.tensor([tables[i] for i in rows], dtype=torch.int32)
-        n_tok = int(qsl[-1])
-        cam = CommonAttentionMetadata(
-            query_start_loc=qsl.to(device), query_start_loc_cpu=qsl, seq_lens=seq.to(device), num_reqs=b,
-            num_actual_tokens=n_tok, max_query_len=max(qs), max_seq_len=int(seq.max()),
-            block_table_tensor=table.to(device), slot_mapping=torch.zeros(n_tok, dtype=torch.int64, device=device))
-        meta = builder.build(0, cam)
-        k = torch.cat([true_k[i][done[i]:done[i] + q] for i, q in zip(rows, qs, strict=True)]).to(device)
-        v = torch.cat([true_v[i][done[i]:done[i] + q] for i, q in zip(rows, qs, strict=True)]).to(device)
-        q = torch.randn(n_tok, HQ, head_dim, generator=gen).to(dtype).to(device)
-        out = impl.forward(layer, q.view(n_tok, -1), k.view(n_tok, -1), v.view(n_tok, -1), kv_cache, meta)
-        out = out.view(n_tok, HQ, head_dim).float().cpu()
-        # The reference: the same history quantized by the reference quantizer, attended by the reference.
-        commit_first = max(qs) == 1
-        hist = [done[i] + (q if commit_first else 0) for i, q in zip(rows, qs, strict=True)]
-        state = build_paged_kv([true_k[i][:h] for i, h in zip(rows, hist, strict=True)],
-                               [true_v[i][:h] for i, h in zip(rows, hist, strict=True)], fmt,
-                               reference.quantize_into_cache_ref, generator=torch.Generator().manual_seed(1)) \
-            if min(hist) > 0 else None
-        if commit_first:
-            expected = reference.paged_attention_ref(q.cpu(), state, qsl)
-        elif state is not None:
-            expected = reference.paged_attention_ref(q.cpu(), state, qsl, k.cpu(), v.cpu(), qsl)
-        else:
-            expected = _causal(q.cpu(), k.cpu(), v.cpu(), [done[i] for i in rows], qsl, true_k, true_v, rows, fmt)
+            left = h.lengths[i] - h.done[i]
+            qs.append(1 if (h.done[i] > 0 and rnd.random() < 0.6) else min(left, rnd.choice([1, 40, g + 9, 3 * g])))
+        out, expected, _ = h.step(rows, qs)
         tol = 2e-2 if device == "cuda" else 1e-3
-        torch.testing.assert_close(out, expected.float(), atol=tol, rtol=tol)
-        for i, qn in zip(rows, qs, strict=True):
-            done[i] += qn
-    assert all(d == n for d, n in zip(done, lengths, strict=True))
+        torch.testing.assert_close(out, expected, atol=tol, rtol=tol)
+    assert all(d == n for d, n in zip(h.done, h.lengths, strict=True))
+
+
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)])
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+def test_nan_or_inf_in_one_request_does_not_reach_another(tmp_path, device, bad):
+    """Request 0's keys and values hold a non-finite value in its sink, in a tile quantized inside a prefill chunk
+    and in a tile completed by decode steps; request 1, batched with it in every step (prefill chunks, decode), still
+    gets exactly the reference's output of its own history, and nothing raises."""
+    if device == "cuda" and not torch.cuda.is_available():
+        pytest.skip("needs a GPU")
+    preset, head_dim, dtype = "kvarn_k4v2_g64", 64, torch.bfloat16
+    g = 64
+    n = 3 * g + 4
+    h = _Harness(tmp_path, device, preset, head_dim, dtype, [n, n])
+    for t, head, d in ((5, 0, 3), (g + 7, 1, 10), (2 * g + 30, 0, 0)):
+        h.true_k[0][t, head, d] = bad
+        h.true_v[0][t + 1, head, d] = bad
+    tol = 2e-2 if device == "cuda" else 1e-3
+    # A prefill chunk that completes tiles 0 and 1, then decode steps that complete tile 2 and start tile 3; the
+    # reference (slow on a CPU) is checked every 8th step and at the end, finiteness at every step.
+    schedule = [([0, 1], [2 * g + 20, 2 * g + 20])] + [([0, 1], [1, 1])] * (n - 2 * g - 20)
+    for j, (rows, qs) in enumerate(schedule):
+        out, expected, qsl = h.step(rows, qs, check=j % 8 == 0 or j == len(schedule) - 1)
+        mine = slice(int(qsl[1]), int(qsl[2]))
+        assert torch.isfinite(out[mine]).all()
+        if expected is not None:
+            torch.testing.assert_close(out[mine], expected[mine], atol=tol, rtol=tol)
+    assert h.done == [n, n]
 
 
 def _causal(q, k, v, starts, qsl, true_k, true_v, rows, fmt):
