@@ -8,7 +8,9 @@ Tasks and what reaches the quantized cache (KVarN keeps the first tile of tokens
   prompt, and errors accumulate over the generated reasoning.
 - ``humaneval``, ``mbpp``: greedy completion, pass@1, the program run in :mod:`kvarn_eval.sandbox`. Their prompts are
   short (HumanEval ~150 tokens): only generated tokens past position 256 read quantized tiles, which the results
-  report as ``quantized_share`` (share of generated tokens that read at least one quantized tile).
+  report as ``quantized_share`` (share of generated tokens that read at least one quantized tile). HumanEval goes
+  through the model's chat template when its tokenizer has one (``--chat-template auto``, the default; see
+  `humaneval_prompts`), recorded as ``setup.chat_template`` in the results.
 - ``needle``: RULER-style single needle in essay text at 4K/8K/16K/32K tokens and several depths; greedy answer.
 - ``mmlu``, ``arc``, ``hellaswag``: log-likelihood of each choice. A single prefill forward never reads the cache,
   so the context (few-shot examples + question) is fed through the cache in chunks of ``--chunk`` tokens, and each
@@ -211,10 +213,11 @@ def _progress(total: int, desc: str) -> Any:
 
 def _generation_task(lm: LoadedModel, methods: list[Method], prompts: list[str], max_new: int,
                      stops: Sequence[str], score: Callable[[int, str], dict[str, Any]], desc: str,
-                     prefill_chunk: int | None = None) -> dict[str, Any]:
-    """Run every method on every prompt (method by method); score each completion."""
+                     prefill_chunk: int | None = None, special_tokens: bool = True) -> dict[str, Any]:
+    """Run every method on every prompt (method by method); score each completion. special_tokens: whether the
+    tokenizer adds its special tokens (False for prompts already in a chat template, which carries them)."""
     samples: dict[str, list[dict[str, Any]]] = {m.name: [] for m in methods}
-    encoded = [_ids(lm, p) for p in prompts]
+    encoded = [_ids(lm, p, special_tokens) for p in prompts]
     bar = _progress(len(methods) * len(prompts), desc)
     for method in methods:
         bar.set_postfix_str(method.name)
@@ -263,27 +266,64 @@ def run_gsm8k(lm: LoadedModel, methods: list[Method], limit: int | None, max_new
 
 
 def _code_task(lm: LoadedModel, methods: list[Method], prompts: list[str], programs: Callable[[int, str], str],
-               stops: Sequence[str], max_new: int, desc: str, timeout_s: float) -> dict[str, Any]:
+               stops: Sequence[str], max_new: int, desc: str, timeout_s: float,
+               special_tokens: bool = True) -> dict[str, Any]:
     from .sandbox import run_python
 
     def score(i: int, completion: str) -> dict[str, Any]:
         res = run_python(programs(i, completion), timeout_s=timeout_s, memory_mb=1024)
         return {"correct": res.passed, "status": res.status, "isolation": res.isolation}
 
-    out = _generation_task(lm, methods, prompts, max_new, stops, score, desc)
+    out = _generation_task(lm, methods, prompts, max_new, stops, score, desc, special_tokens=special_tokens)
     out["setup"] = {"max_new_tokens": max_new, "stops": list(stops), "metric": "pass@1 (greedy, one sample)",
                     "sandbox": {"timeout_s": timeout_s, "memory_mb": 1024}}
     return out
 
 
-def run_humaneval(lm: LoadedModel, methods: list[Method], limit: int | None, max_new: int = 384, **_: Any) -> dict:
+def has_chat_template(tokenizer: Any) -> bool:
+    """Whether the tokenizer carries a chat template (instruct models do)."""
+    return bool(getattr(tokenizer, "chat_template", None))
+
+
+def humaneval_prompts(
+    tokenizer: Any, prompts: Sequence[str], chat_template: bool | None = None
+) -> tuple[list[str], bool]:
+    """The HumanEval prompts to generate from, and whether they are in the model's chat template.
+
+    chat_template: None uses the template when the tokenizer has one; True requires one; False gives the plain
+    prompts (the function signature and docstring, completed as text). In the template the user asks for the
+    function (`scoring.HUMANEVAL_CHAT_REQUEST`) and the assistant's reply opens with the prompt in a Python code block,
+    so the model writes the function body: the completion is scored exactly like a plain one (prompt + completion),
+    and a closing code fence is a stop string.
+    """
+    available = has_chat_template(tokenizer)
+    if chat_template and not available:
+        raise ValueError("--chat-template on: this model's tokenizer has no chat template (use auto or off)")
+    use = available if chat_template is None else bool(chat_template)
+    if not use:
+        return list(prompts), False
+    out = []
+    for prompt in prompts:
+        messages = [{"role": "user", "content": scoring.HUMANEVAL_CHAT_REQUEST.format(prompt=prompt.strip())}]
+        head = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+        out.append(f"{head}```python\n{prompt}")
+    return out, True
+
+
+def run_humaneval(lm: LoadedModel, methods: list[Method], limit: int | None, max_new: int = 384,
+                  chat_template: bool | None = None, **_: Any) -> dict:
     from .assets import load_split
 
     docs = _limit(load_split("humaneval", "test"), limit)
-    return _code_task(lm, methods, [d["prompt"] for d in docs],
-                      lambda i, c: scoring.humaneval_program(docs[i]["prompt"], c, docs[i]["test"],
-                                                             docs[i]["entry_point"]),
-                      scoring.HUMANEVAL_STOPS, max_new, "humaneval", 10.0)
+    prompts, chat = humaneval_prompts(lm.tokenizer, [d["prompt"] for d in docs], chat_template)
+    out = _code_task(lm, methods, prompts,
+                     lambda i, c: scoring.humaneval_program(docs[i]["prompt"], c, docs[i]["test"],
+                                                            docs[i]["entry_point"]),
+                     scoring.HUMANEVAL_STOPS, max_new, "humaneval", 10.0, special_tokens=not chat)
+    out["setup"]["chat_template"] = chat
+    out["setup"]["prompt_format"] = ("chat template: request in the user turn, the reply opened with the prompt in a "
+                                     "code block" if chat else "plain: the prompt completed as text")
+    return out
 
 
 def run_mbpp(lm: LoadedModel, methods: list[Method], limit: int | None, max_new: int = 384, **_: Any) -> dict:
@@ -653,6 +693,9 @@ def _task_args(ap: Any) -> None:
                     "(as vLLM's chunked prefill) instead of one forward")
     ap.add_argument("--max-new-tokens", type=int, help="generation tasks: cap on generated tokens "
                     "(gsm8k 256, humaneval/mbpp 384)")
+    ap.add_argument("--chat-template", choices=["auto", "on", "off"], default="auto",
+                    help="humaneval: put the prompt in the model's chat template (auto: when the tokenizer has one; "
+                         "the results record which was used)")
     ap.add_argument("--device", choices=["cpu", "cuda"], help="default: cuda when available")
     ap.add_argument("--dtype", choices=["float32", "bfloat16", "float16"],
                     help="model dtype (default: float32 on CPU, bfloat16 on CUDA)")
@@ -681,6 +724,8 @@ def options_from(args: Any) -> dict[str, Any]:
         opts.update(lengths=tuple(args.lengths), depths=tuple(args.depths), prefill_chunk=args.prefill_chunk)
     if args.task in ("gsm8k", "humaneval", "mbpp") and args.max_new_tokens:
         opts["max_new"] = args.max_new_tokens
+    if args.task == "humaneval":
+        opts["chat_template"] = {"auto": None, "on": True, "off": False}[getattr(args, "chat_template", "auto")]
     return opts
 
 

@@ -129,3 +129,55 @@ def test_humaneval_end_to_end_and_written_results(lm: LoadedModel, monkeypatch: 
     rows = list(csv.reader(cpath.open()))
     assert rows[0][:3] == ["method", "score", "n"] and rows[1][:3] == ["16-bit", "0.5", "2"]
     assert rows[-1] == ["# command: kvarn eval humaneval --limit 2"]
+
+
+CHAT = ("{% for m in messages %}<s>{{ m['role'] }}\n{{ m['content'] }}</s>\n{% endfor %}"
+        "{% if add_generation_prompt %}<s>assistant\n{% endif %}")
+
+
+def test_humaneval_prompts_use_the_chat_template_when_there_is_one(lm: LoadedModel, monkeypatch: pytest.MonkeyPatch):
+    prompt = 'def add(a, b):\n    """Add."""\n'
+    assert evaluate.humaneval_prompts(lm.tokenizer, [prompt]) == ([prompt], False)  # no template: plain
+    with pytest.raises(ValueError, match="has no chat template"):
+        evaluate.humaneval_prompts(lm.tokenizer, [prompt], chat_template=True)
+    monkeypatch.setattr(lm.tokenizer, "chat_template", CHAT)
+    (chat,), used = evaluate.humaneval_prompts(lm.tokenizer, [prompt])
+    assert used and chat == ("<s>user\nComplete the following Python function.\n\n```python\n"
+                             'def add(a, b):\n    """Add."""\n```</s>\n<s>assistant\n```python\n' + prompt)
+    assert evaluate.humaneval_prompts(lm.tokenizer, [prompt], chat_template=False) == ([prompt], False)
+
+
+def test_humaneval_with_the_chat_template_end_to_end(lm: LoadedModel, monkeypatch: pytest.MonkeyPatch):
+    """The templated prompt reaches the model without a second BOS, is scored like a plain one (prompt + body), and
+    the results record the choice; --chat-template maps to the option."""
+    docs = [{"task_id": "HumanEval/0", "prompt": "def add(a, b):\n", "test": "def check(f):\n    assert f(1, 2) == 3\n",
+             "entry_point": "add"}]
+    monkeypatch.setattr("kvarn_eval.assets.load_split", lambda name, split: docs)
+    monkeypatch.setattr(lm.tokenizer, "chat_template", CHAT)
+    seen = []
+
+    def fake_greedy(lm_, ids, *args, **kwargs):
+        seen.append(list(ids))
+        return {"completion": "    return a + b\n", "raw": "", "new_tokens": 4, "prefill_s": 0.1, "decode_s": 0.4}
+
+    monkeypatch.setattr(evaluate, "greedy", fake_greedy)
+    from tokenizers.processors import TemplateProcessing
+
+    bos = lm.tokenizer.bos_token_id  # a tokenizer that adds BOS itself, as Gemma's does
+    monkeypatch.setattr(lm.tokenizer._tokenizer, "post_processor",
+                        TemplateProcessing(single="<s> $A", special_tokens=[("<s>", bos)]))
+    methods = resolve_methods([])
+    result = evaluate.run_task("humaneval", lm, methods, limit=1)
+    assert result["setup"]["chat_template"] is True and result["summary"]["16-bit"]["score"] == 1.0
+    assert seen[0][:2] == [bos, lm.tokenizer("user").input_ids[1]]  # the template's BOS only
+    assert lm.tokenizer.decode(seen[0]).endswith("```python\ndef add(a, b):\n")
+    off = evaluate.run_task("humaneval", lm, methods, limit=1, chat_template=False)
+    assert off["setup"]["chat_template"] is False and seen[-1] == lm.tokenizer("def add(a, b):\n").input_ids
+    import argparse
+
+    parser = argparse.ArgumentParser()
+    evaluate.add_arguments(parser)
+    for flag, value in (("auto", None), ("on", True), ("off", False)):
+        args = parser.parse_args(["humaneval", "--chat-template", flag])
+        assert evaluate.options_from(args) == {"chat_template": value}
+    assert evaluate.options_from(parser.parse_args(["humaneval"])) == {"chat_template": None}
