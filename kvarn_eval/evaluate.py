@@ -211,6 +211,37 @@ def _progress(total: int, desc: str) -> Any:
     return tqdm(total=total, desc=desc, unit="item", dynamic_ncols=True)
 
 
+def same_completions(rows: Sequence[dict[str, Any]], ref: Sequence[dict[str, Any]]) -> float:
+    """Share of samples whose completion (cut at the stop strings) equals the reference method's for the same item."""
+    return sum(r["completion"] == q["completion"] for r, q in zip(rows, ref, strict=True)) / len(rows)
+
+
+def refresh_agreement(path: Path | str, note: str | None = None) -> dict[str, Any]:
+    """Recompute ``same_completion_as_16bit`` of a stored generation result from its samples and rewrite its JSON and
+    CSV (same command, a ``refreshed`` record added, with `note` if given). For files written before commit ecd7ebd,
+    which compared outputs including the stop string; every other figure comes from the samples unchanged."""
+    path = Path(path)
+    result = json.loads(path.read_text())
+    samples = result["samples"]
+    ref = samples[next(iter(samples))]
+    before = {name: s["same_completion_as_16bit"] for name, s in result["summary"].items()}
+    for name, s in result["summary"].items():
+        s["same_completion_as_16bit"] = same_completions(samples[name], ref)
+    result.setdefault("refreshed", []).append({
+        "what": "same_completion_as_16bit recomputed from the stored samples (completions cut at the stop strings)",
+        "before": before, "git_commit": _git_commit(),
+        "date": _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+        "command": f"python -c 'from kvarn_eval.evaluate import refresh_agreement; refresh_agreement(\"{path}\")'",
+        **({"note": note} if note else {})})
+    stem = path.stem
+    tag = stem[len(result["task"]) + 1:] if stem != result["task"] else None
+    out_dir = path.parent.parent
+    if (out_dir / Path(result["model"]).name) != path.parent:
+        raise ValueError(f"{path} is not where write_results puts {result['model']}'s {result['task']} results")
+    write_results(result, out_dir, result["command"], tag)
+    return result
+
+
 def _generation_task(lm: LoadedModel, methods: list[Method], prompts: list[str], max_new: int,
                      stops: Sequence[str], score: Callable[[int, str], dict[str, Any]], desc: str,
                      prefill_chunk: int | None = None, special_tokens: bool = True) -> dict[str, Any]:
@@ -238,8 +269,7 @@ def _generation_task(lm: LoadedModel, methods: list[Method], prompts: list[str],
         summary[method.name] = {
             "score": sum(r["correct"] for r in rows) / max(len(rows), 1),
             "n": len(rows),
-            "same_completion_as_16bit": sum(r["completion"] == q["completion"] for r, q in zip(rows, ref, strict=True))
-            / len(rows),
+            "same_completion_as_16bit": same_completions(rows, ref),
             "mean_new_tokens": new / len(rows),
             "quantized_share": (sum(r["quantized_share"] * r["new_tokens"] for r in rows) / new) if new else 0.0,
             "decode_tokens_per_s": new / decode_s if decode_s > 0 else None,

@@ -126,9 +126,8 @@ def run_vllm_task(task: str, model_dir: str, methods: Sequence[str], limit: int 
         ref = samples[methods[0]]
         for m in methods:
             rows = samples[m]
-            same = sum(a["completion"] == b["completion"] for a, b in zip(rows, ref, strict=True))
             summary[m] = {"score": sum(r["correct"] for r in rows) / len(rows), "n": len(rows),
-                          "same_completion_as_16bit": same / len(rows),
+                          "same_completion_as_16bit": evaluate.same_completions(rows, ref),
                           "mean_new_tokens": sum(r["new_tokens"] for r in rows) / len(rows),
                           "kv_cache_dtype": dtypes[m]}
     elif task in LOGLIK_TASKS:

@@ -181,3 +181,26 @@ def test_humaneval_with_the_chat_template_end_to_end(lm: LoadedModel, monkeypatc
         args = parser.parse_args(["humaneval", "--chat-template", flag])
         assert evaluate.options_from(args) == {"chat_template": value}
     assert evaluate.options_from(parser.parse_args(["humaneval"])) == {"chat_template": None}
+
+
+def test_refresh_agreement_recomputes_the_stale_column_only(tmp_path: Path):
+    """A result stored when 'same output' compared raw text (stop string included) gets the cut-completion figure;
+    the rest of the file, the command included, stays as it was."""
+    rows16 = [{"completion": "A. So the answer is 1.", "raw": "A. So the answer is 1."},
+              {"completion": "B", "raw": "B\n\n"}]
+    rows_q = [{"completion": "A. So the answer is 1.", "raw": "A. So the answer is 1.\n\n"},
+              {"completion": "C", "raw": "C\n\n"}]
+    summary = {name: {"score": 0.0, "n": 2, "same_completion_as_16bit": value, "mean_new_tokens": 7.0}
+               for name, value in (("16-bit", 1.0), ("sim:kvarn_k4v2_g128", 0.0))}
+    result = {"task": "gsm8k", "model": "tiny", "model_source": "x" * 20, "limit": 2, "summary": summary,
+              "samples": {"16-bit": rows16, "sim:kvarn_k4v2_g128": rows_q},
+              "environment": {"device_name": "cpu", "torch": "t", "transformers": "t"}}
+    jpath, cpath = evaluate.write_results(result, tmp_path, "kvarn eval gsm8k --limit 2")
+    evaluate.refresh_agreement(jpath)
+    data = json.loads(jpath.read_text())
+    assert data["summary"]["sim:kvarn_k4v2_g128"]["same_completion_as_16bit"] == 0.5
+    assert data["summary"]["16-bit"]["same_completion_as_16bit"] == 1.0
+    assert data["refreshed"][0]["before"]["sim:kvarn_k4v2_g128"] == 0.0
+    assert data["command"] == "kvarn eval gsm8k --limit 2" and data["samples"]["sim:kvarn_k4v2_g128"] == rows_q
+    rows = list(csv.reader(cpath.open()))
+    assert rows[2][:4] == ["sim:kvarn_k4v2_g128", "0.0", "2", "0.5"]
