@@ -322,9 +322,10 @@ def humaneval_prompts(
 
     chat_template: None uses the template when the tokenizer has one; True requires one; False gives the plain
     prompts (the function signature and docstring, completed as text). In the template the user asks for the
-    function (`scoring.HUMANEVAL_CHAT_REQUEST`) and the assistant's reply opens with the prompt in a Python code block,
-    so the model writes the function body: the completion is scored exactly like a plain one (prompt + completion),
-    and a closing code fence is a stop string.
+    function (`scoring.HUMANEVAL_CHAT_REQUEST`) and the assistant's reply opens a Python code block, in which the
+    model writes the whole function (stops: `scoring.HUMANEVAL_CHAT_STOPS`, the closing fence). It is scored like a
+    plain completion, appended to the prompt: its definition replaces the prompt's docstring-only one. (Opening the
+    reply with the prompt itself made instruct models close the block at once.)
     """
     available = has_chat_template(tokenizer)
     if chat_template and not available:
@@ -336,7 +337,7 @@ def humaneval_prompts(
     for prompt in prompts:
         messages = [{"role": "user", "content": scoring.HUMANEVAL_CHAT_REQUEST.format(prompt=prompt.strip())}]
         head = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
-        out.append(f"{head}```python\n{prompt}")
+        out.append(f"{head}```python\n")
     return out, True
 
 
@@ -349,10 +350,12 @@ def run_humaneval(lm: LoadedModel, methods: list[Method], limit: int | None, max
     out = _code_task(lm, methods, prompts,
                      lambda i, c: scoring.humaneval_program(docs[i]["prompt"], c, docs[i]["test"],
                                                             docs[i]["entry_point"]),
-                     scoring.HUMANEVAL_STOPS, max_new, "humaneval", 10.0, special_tokens=not chat)
+                     scoring.HUMANEVAL_CHAT_STOPS if chat else scoring.HUMANEVAL_STOPS, max_new, "humaneval",
+                     10.0, special_tokens=not chat)
     out["setup"]["chat_template"] = chat
-    out["setup"]["prompt_format"] = ("chat template: request in the user turn, the reply opened with the prompt in a "
-                                     "code block" if chat else "plain: the prompt completed as text")
+    out["setup"]["prompt_format"] = ("chat template: request in the user turn, the reply opened as a Python code "
+                                     "block; the written function is appended to the prompt" if chat else
+                                     "plain: the prompt completed as text")
     return out
 
 

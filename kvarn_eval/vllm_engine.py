@@ -191,6 +191,7 @@ def _generation_setup(task: str, limit: int | None, options: dict[str, Any], loa
             options["chat_template_used"] = chat
             if chat:  # the template carries the special tokens: vLLM must not add a second BOS
                 prompts = [{"prompt_token_ids": tokenizer(p, add_special_tokens=False).input_ids} for p in prompts]
+                stops = scoring.HUMANEVAL_CHAT_STOPS
         return prompts, stops, options.get("max_new", 384), score
     from transformers import AutoTokenizer
 

@@ -12,6 +12,7 @@ from collections.abc import Sequence
 __all__ = [
     "GSM8K_STOPS",
     "HUMANEVAL_CHAT_REQUEST",
+    "HUMANEVAL_CHAT_STOPS",
     "HUMANEVAL_STOPS",
     "MBPP_STOPS",
     "extract_gsm8k_answer",
@@ -30,6 +31,8 @@ HUMANEVAL_STOPS = ("\nclass", "\ndef", "\n#", "\nif", "\nprint", "\n```")
 # The user turn of a HumanEval prompt in a chat template (evaluate.humaneval_prompts); {prompt} is the problem's
 # signature and docstring.
 HUMANEVAL_CHAT_REQUEST = "Complete the following Python function.\n\n```python\n{prompt}\n```"
+# In the chat template the model writes whole functions (helpers, imports): only the end of its code block stops it.
+HUMANEVAL_CHAT_STOPS = ("```",)
 MBPP_STOPS = ("\n```", "\nassert", "\nprint", "\nif __name__")
 
 _RE_STRICT = re.compile(r"answer is:?\s*\$?\s*(-?[\d,]*\.?\d+)", re.IGNORECASE)

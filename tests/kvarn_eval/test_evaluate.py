@@ -143,22 +143,26 @@ def test_humaneval_prompts_use_the_chat_template_when_there_is_one(lm: LoadedMod
     monkeypatch.setattr(lm.tokenizer, "chat_template", CHAT)
     (chat,), used = evaluate.humaneval_prompts(lm.tokenizer, [prompt])
     assert used and chat == ("<s>user\nComplete the following Python function.\n\n```python\n"
-                             'def add(a, b):\n    """Add."""\n```</s>\n<s>assistant\n```python\n' + prompt)
+                             'def add(a, b):\n    """Add."""\n```</s>\n<s>assistant\n```python\n')
     assert evaluate.humaneval_prompts(lm.tokenizer, [prompt], chat_template=False) == ([prompt], False)
 
 
 def test_humaneval_with_the_chat_template_end_to_end(lm: LoadedModel, monkeypatch: pytest.MonkeyPatch):
-    """The templated prompt reaches the model without a second BOS, is scored like a plain one (prompt + body), and
+    """The templated prompt reaches the model without a second BOS; the whole function the model writes is scored
+    appended to the prompt (it replaces the docstring-only definition), generation stops only at the closing fence;
     the results record the choice; --chat-template maps to the option."""
-    docs = [{"task_id": "HumanEval/0", "prompt": "def add(a, b):\n", "test": "def check(f):\n    assert f(1, 2) == 3\n",
+    prompt = 'def add(a, b):\n    """Add."""\n'  # as in HumanEval: a docstring-only function
+    docs = [{"task_id": "HumanEval/0", "prompt": prompt, "test": "def check(f):\n    assert f(1, 2) == 3\n",
              "entry_point": "add"}]
     monkeypatch.setattr("kvarn_eval.assets.load_split", lambda name, split: docs)
     monkeypatch.setattr(lm.tokenizer, "chat_template", CHAT)
     seen = []
 
-    def fake_greedy(lm_, ids, *args, **kwargs):
+    def fake_greedy(lm_, ids, cache, max_new, stops, *args, **kwargs):
         seen.append(list(ids))
-        return {"completion": "    return a + b\n", "raw": "", "new_tokens": 4, "prefill_s": 0.1, "decode_s": 0.4}
+        chat = stops == ("```",)
+        code = "import math\n\ndef add(a, b):\n    return a + b\n" if chat else "    return a + b\n"
+        return {"completion": code, "raw": "", "new_tokens": 4, "prefill_s": 0.1, "decode_s": 0.4}
 
     monkeypatch.setattr(evaluate, "greedy", fake_greedy)
     from tokenizers.processors import TemplateProcessing
@@ -170,9 +174,10 @@ def test_humaneval_with_the_chat_template_end_to_end(lm: LoadedModel, monkeypatc
     result = evaluate.run_task("humaneval", lm, methods, limit=1)
     assert result["setup"]["chat_template"] is True and result["summary"]["16-bit"]["score"] == 1.0
     assert seen[0][:2] == [bos, lm.tokenizer("user").input_ids[1]]  # the template's BOS only
-    assert lm.tokenizer.decode(seen[0]).endswith("```python\ndef add(a, b):\n")
+    assert lm.tokenizer.decode(seen[0]).endswith("<s>assistant\n```python\n")
     off = evaluate.run_task("humaneval", lm, methods, limit=1, chat_template=False)
-    assert off["setup"]["chat_template"] is False and seen[-1] == lm.tokenizer("def add(a, b):\n").input_ids
+    assert off["setup"]["chat_template"] is False and seen[-1] == lm.tokenizer(prompt).input_ids
+    assert off["summary"]["16-bit"]["score"] == 1.0  # the plain path got a body and the default stops
     import argparse
 
     parser = argparse.ArgumentParser()

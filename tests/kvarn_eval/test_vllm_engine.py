@@ -121,6 +121,6 @@ def test_humaneval_prompts_in_the_chat_template_as_token_ids(fake_vllm: list[dic
         out = vllm_engine.run_vllm_task("humaneval", str(tmp_path), ["16-bit"], limit=1)
         assert out["setup"]["chat_template"] is want_chat
     chat_prompt, plain_prompt = seen[0][0], seen[1][0]
-    text = "<user>Complete the following Python function.\n\n```python\ndef f():\n```<assistant>```python\ndef f():\n"
+    text = "<user>Complete the following Python function.\n\n```python\ndef f():\n```<assistant>```python\n"
     assert chat_prompt == {"prompt_token_ids": [ord(c) for c in text]}
     assert plain_prompt == "def f():\n"
