@@ -75,7 +75,7 @@ def selfcheck(preset: str, device: str, head_dim: int = 128, tokens: int = 1024,
     from kvarn_kernels.reference import synthetic_kv
     from kvarn_kernels.state import build_paged_kv
 
-    from .baselines import kivi_tiles
+    from .codecs import kivi_codec
 
     dtype = torch.bfloat16 if device == "cuda" else torch.float32
     fmt = KVarNFormat.from_preset(preset, head_dim, dtype)
@@ -88,7 +88,7 @@ def selfcheck(preset: str, device: str, head_dim: int = 128, tokens: int = 1024,
     tiles = slice(g, g * (1 + n))
     k_t = k[tiles].float().reshape(n, g, 8, head_dim).transpose(1, 2)
     v_t = v[tiles].float().reshape(n, g, 8, head_dim).transpose(1, 2)
-    k_kivi, v_kivi = kivi_tiles(k_t, v_t, fmt.k_bits, fmt.v_bits)
+    k_kivi, v_kivi = kivi_codec(fmt.k_bits, fmt.v_bits, scale_dtype=torch.float32)(k_t, v_t)
 
     gen = torch.Generator(device=device).manual_seed(seed)  # fixed queries: the same numbers on every run
     q = torch.randn(1, 32, head_dim, device=device, generator=gen).to(dtype) * 2

@@ -8,7 +8,9 @@ Tasks and what reaches the quantized cache (KVarN keeps the first tile of tokens
   prompt, and errors accumulate over the generated reasoning.
 - ``humaneval``, ``mbpp``: greedy completion, pass@1, the program run in :mod:`kvarn_eval.sandbox`. Their prompts are
   short (HumanEval ~150 tokens): only generated tokens past position 256 read quantized tiles, which the results
-  report as ``quantized_share`` (share of generated tokens that read at least one quantized tile).
+  report as ``quantized_share`` (share of generated tokens that read at least one quantized tile). HumanEval goes
+  through the model's chat template when its tokenizer has one (``--chat-template auto``, the default; see
+  `humaneval_prompts`), recorded as ``setup.chat_template`` in the results.
 - ``needle``: RULER-style single needle in essay text at 4K/8K/16K/32K tokens and several depths; greedy answer.
 - ``mmlu``, ``arc``, ``hellaswag``: log-likelihood of each choice. A single prefill forward never reads the cache,
   so the context (few-shot examples + question) is fed through the cache in chunks of ``--chunk`` tokens, and each
@@ -209,12 +211,44 @@ def _progress(total: int, desc: str) -> Any:
     return tqdm(total=total, desc=desc, unit="item", dynamic_ncols=True)
 
 
+def same_completions(rows: Sequence[dict[str, Any]], ref: Sequence[dict[str, Any]]) -> float:
+    """Share of samples whose completion (cut at the stop strings) equals the reference method's for the same item."""
+    return sum(r["completion"] == q["completion"] for r, q in zip(rows, ref, strict=True)) / len(rows)
+
+
+def refresh_agreement(path: Path | str, note: str | None = None) -> dict[str, Any]:
+    """Recompute ``same_completion_as_16bit`` of a stored generation result from its samples and rewrite its JSON and
+    CSV (same command, a ``refreshed`` record added, with `note` if given). For files written before commit ecd7ebd,
+    which compared outputs including the stop string; every other figure comes from the samples unchanged."""
+    path = Path(path)
+    result = json.loads(path.read_text())
+    samples = result["samples"]
+    ref = samples[next(iter(samples))]
+    before = {name: s["same_completion_as_16bit"] for name, s in result["summary"].items()}
+    for name, s in result["summary"].items():
+        s["same_completion_as_16bit"] = same_completions(samples[name], ref)
+    result.setdefault("refreshed", []).append({
+        "what": "same_completion_as_16bit recomputed from the stored samples (completions cut at the stop strings)",
+        "before": before, "git_commit": _git_commit(),
+        "date": _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+        "command": f"python -c 'from kvarn_eval.evaluate import refresh_agreement; refresh_agreement(\"{path}\")'",
+        **({"note": note} if note else {})})
+    stem = path.stem
+    tag = stem[len(result["task"]) + 1:] if stem != result["task"] else None
+    out_dir = path.parent.parent
+    if (out_dir / Path(result["model"]).name) != path.parent:
+        raise ValueError(f"{path} is not where write_results puts {result['model']}'s {result['task']} results")
+    write_results(result, out_dir, result["command"], tag)
+    return result
+
+
 def _generation_task(lm: LoadedModel, methods: list[Method], prompts: list[str], max_new: int,
                      stops: Sequence[str], score: Callable[[int, str], dict[str, Any]], desc: str,
-                     prefill_chunk: int | None = None) -> dict[str, Any]:
-    """Run every method on every prompt (method by method); score each completion."""
+                     prefill_chunk: int | None = None, special_tokens: bool = True) -> dict[str, Any]:
+    """Run every method on every prompt (method by method); score each completion. special_tokens: whether the
+    tokenizer adds its special tokens (False for prompts already in a chat template, which carries them)."""
     samples: dict[str, list[dict[str, Any]]] = {m.name: [] for m in methods}
-    encoded = [_ids(lm, p) for p in prompts]
+    encoded = [_ids(lm, p, special_tokens) for p in prompts]
     bar = _progress(len(methods) * len(prompts), desc)
     for method in methods:
         bar.set_postfix_str(method.name)
@@ -235,8 +269,7 @@ def _generation_task(lm: LoadedModel, methods: list[Method], prompts: list[str],
         summary[method.name] = {
             "score": sum(r["correct"] for r in rows) / max(len(rows), 1),
             "n": len(rows),
-            "same_completion_as_16bit": sum(r["completion"] == q["completion"] for r, q in zip(rows, ref, strict=True))
-            / len(rows),
+            "same_completion_as_16bit": same_completions(rows, ref),
             "mean_new_tokens": new / len(rows),
             "quantized_share": (sum(r["quantized_share"] * r["new_tokens"] for r in rows) / new) if new else 0.0,
             "decode_tokens_per_s": new / decode_s if decode_s > 0 else None,
@@ -263,27 +296,67 @@ def run_gsm8k(lm: LoadedModel, methods: list[Method], limit: int | None, max_new
 
 
 def _code_task(lm: LoadedModel, methods: list[Method], prompts: list[str], programs: Callable[[int, str], str],
-               stops: Sequence[str], max_new: int, desc: str, timeout_s: float) -> dict[str, Any]:
+               stops: Sequence[str], max_new: int, desc: str, timeout_s: float,
+               special_tokens: bool = True) -> dict[str, Any]:
     from .sandbox import run_python
 
     def score(i: int, completion: str) -> dict[str, Any]:
         res = run_python(programs(i, completion), timeout_s=timeout_s, memory_mb=1024)
         return {"correct": res.passed, "status": res.status, "isolation": res.isolation}
 
-    out = _generation_task(lm, methods, prompts, max_new, stops, score, desc)
+    out = _generation_task(lm, methods, prompts, max_new, stops, score, desc, special_tokens=special_tokens)
     out["setup"] = {"max_new_tokens": max_new, "stops": list(stops), "metric": "pass@1 (greedy, one sample)",
                     "sandbox": {"timeout_s": timeout_s, "memory_mb": 1024}}
     return out
 
 
-def run_humaneval(lm: LoadedModel, methods: list[Method], limit: int | None, max_new: int = 384, **_: Any) -> dict:
+def has_chat_template(tokenizer: Any) -> bool:
+    """Whether the tokenizer carries a chat template (instruct models do)."""
+    return bool(getattr(tokenizer, "chat_template", None))
+
+
+def humaneval_prompts(
+    tokenizer: Any, prompts: Sequence[str], chat_template: bool | None = None
+) -> tuple[list[str], bool]:
+    """The HumanEval prompts to generate from, and whether they are in the model's chat template.
+
+    chat_template: None uses the template when the tokenizer has one; True requires one; False gives the plain
+    prompts (the function signature and docstring, completed as text). In the template the user asks for the
+    function (`scoring.HUMANEVAL_CHAT_REQUEST`) and the assistant's reply opens a Python code block, in which the
+    model writes the whole function (stops: `scoring.HUMANEVAL_CHAT_STOPS`, the closing fence). It is scored like a
+    plain completion, appended to the prompt: its definition replaces the prompt's docstring-only one. (Opening the
+    reply with the prompt itself made instruct models close the block at once.)
+    """
+    available = has_chat_template(tokenizer)
+    if chat_template and not available:
+        raise ValueError("--chat-template on: this model's tokenizer has no chat template (use auto or off)")
+    use = available if chat_template is None else bool(chat_template)
+    if not use:
+        return list(prompts), False
+    out = []
+    for prompt in prompts:
+        messages = [{"role": "user", "content": scoring.HUMANEVAL_CHAT_REQUEST.format(prompt=prompt.strip())}]
+        head = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+        out.append(f"{head}```python\n")
+    return out, True
+
+
+def run_humaneval(lm: LoadedModel, methods: list[Method], limit: int | None, max_new: int = 384,
+                  chat_template: bool | None = None, **_: Any) -> dict:
     from .assets import load_split
 
     docs = _limit(load_split("humaneval", "test"), limit)
-    return _code_task(lm, methods, [d["prompt"] for d in docs],
-                      lambda i, c: scoring.humaneval_program(docs[i]["prompt"], c, docs[i]["test"],
-                                                             docs[i]["entry_point"]),
-                      scoring.HUMANEVAL_STOPS, max_new, "humaneval", 10.0)
+    prompts, chat = humaneval_prompts(lm.tokenizer, [d["prompt"] for d in docs], chat_template)
+    out = _code_task(lm, methods, prompts,
+                     lambda i, c: scoring.humaneval_program(docs[i]["prompt"], c, docs[i]["test"],
+                                                            docs[i]["entry_point"]),
+                     scoring.HUMANEVAL_CHAT_STOPS if chat else scoring.HUMANEVAL_STOPS, max_new, "humaneval",
+                     10.0, special_tokens=not chat)
+    out["setup"]["chat_template"] = chat
+    out["setup"]["prompt_format"] = ("chat template: request in the user turn, the reply opened as a Python code "
+                                     "block; the written function is appended to the prompt" if chat else
+                                     "plain: the prompt completed as text")
+    return out
 
 
 def run_mbpp(lm: LoadedModel, methods: list[Method], limit: int | None, max_new: int = 384, **_: Any) -> dict:
@@ -653,6 +726,9 @@ def _task_args(ap: Any) -> None:
                     "(as vLLM's chunked prefill) instead of one forward")
     ap.add_argument("--max-new-tokens", type=int, help="generation tasks: cap on generated tokens "
                     "(gsm8k 256, humaneval/mbpp 384)")
+    ap.add_argument("--chat-template", choices=["auto", "on", "off"], default="auto",
+                    help="humaneval: put the prompt in the model's chat template (auto: when the tokenizer has one; "
+                         "the results record which was used)")
     ap.add_argument("--device", choices=["cpu", "cuda"], help="default: cuda when available")
     ap.add_argument("--dtype", choices=["float32", "bfloat16", "float16"],
                     help="model dtype (default: float32 on CPU, bfloat16 on CUDA)")
@@ -681,6 +757,8 @@ def options_from(args: Any) -> dict[str, Any]:
         opts.update(lengths=tuple(args.lengths), depths=tuple(args.depths), prefill_chunk=args.prefill_chunk)
     if args.task in ("gsm8k", "humaneval", "mbpp") and args.max_new_tokens:
         opts["max_new"] = args.max_new_tokens
+    if args.task == "humaneval":
+        opts["chat_template"] = {"auto": None, "on": True, "off": False}[getattr(args, "chat_template", "auto")]
     return opts
 
 

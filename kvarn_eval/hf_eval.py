@@ -7,8 +7,8 @@ every token after the first two tiles attends to quantized history. Compared on 
 - KVarN presets through the real `KVarNCache` (fused "kvarn" attention, kernel-core reference on CPU);
 - "kivi-kXvY": a KIVI-style baseline, simulated: the same tiles, sink and tail as KVarN, but plain min-max
   round-to-nearest, per channel for K and per token for V, without rotation or normalization.
-`SimulatedTileCache` also re-implements KVarN tile by tile from the kernel-core reference functions (quantize then
-dequantize each tile as it fills); the tests use it as the oracle for KVarNCache.
+`SimulatedTileCache` also re-implements KVarN tile by tile from the kernel core's quantizer (`codecs.kvarn_codec`:
+quantize then dequantize each tile as it fills); the tests use it as the oracle for KVarNCache.
 
 Run `python -m kvarn_eval.hf_eval --name smollm2_wiki` to write reports/hf/smollm2_wiki.{json,md}; `--ablations`
 switches KVarN's parts (sink, normalization, rotation, scale dtype, group) one at a time.
@@ -30,79 +30,12 @@ import torch
 from transformers import DynamicCache
 from transformers.cache_utils import Cache, DynamicLayer, DynamicSlidingWindowLayer
 
-from kvarn_kernels import PRESETS, KVarNFormat, scale_dtype_for
-from kvarn_kernels.reference import (
-    NORMALIZE_ITERS,
-    RTN_MIN_SCALE,
-    choose_k_rotation,
-    dequantize_tiles,
-    quantize_matrices,
-    quantize_tile_records,
-)
-from kvarn_kernels.reference import rotate as reference_rotate
+from kvarn_kernels import PRESETS
 
-TileCodec = Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
+from .codecs import TileCodec, kivi_codec, kvarn_codec, kvarn_variant_codec
+
 KIVI_BASELINES = {"kivi-k4v2": (4, 2), "kivi-k4v4": (4, 4), "kivi-k2v2": (2, 2)}
 REPORT_PRESETS = ("kvarn_k4v2_g128", "kvarn_k4v4_g128", "kvarn_k2v2_g128", "kvarn_k4v2_g64")
-
-
-# --- tile codecs: k, v [N, H, G, D] -> their quantize-dequantize images (same dtype) ------------------------
-def kvarn_codec(preset: str) -> TileCodec:
-    """KVarN through the kernel-core reference: quantize_tile_records then dequantize_tiles."""
-
-    def codec(k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        fmt = KVarNFormat.from_preset(preset, k.shape[-1], k.dtype)
-        k_hat, v_hat = dequantize_tiles(quantize_tile_records(k, v, fmt), fmt)
-        return k_hat.to(k.dtype), v_hat.to(v.dtype)
-
-    return codec
-
-
-def kivi_codec(k_bits: int, v_bits: int) -> TileCodec:
-    """KIVI-style min-max RTN: K per channel over the tile's tokens, V per token over channels; 16-bit scales."""
-
-    def rtn(x: torch.Tensor, bits: int, dim: int) -> torch.Tensor:
-        sdt = scale_dtype_for(x.dtype)
-        lo = x.amin(dim, keepdim=True).to(sdt).float()
-        step = ((x.amax(dim, keepdim=True) - lo) / (2**bits - 1)).clamp_min(RTN_MIN_SCALE).to(sdt).float()
-        codes = torch.floor((x - lo) / step + 0.5).clamp(0, 2**bits - 1)
-        return codes * step + lo
-
-    def codec(k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        return rtn(k.float(), k_bits, 2).to(k.dtype), rtn(v.float(), v_bits, 3).to(v.dtype)
-
-    return codec
-
-
-def kvarn_variant_codec(
-    k_bits: int, v_bits: int, rotate: bool = True, iters: int = NORMALIZE_ITERS, scale_dtype: torch.dtype | None = None
-) -> TileCodec:
-    """KVarN with its parts switched on or off (for ablations), built from the kernel-core reference steps.
-
-    rotate: Hadamard rotation (V always, K where `choose_k_rotation` picks it, as format v2 does); iters:
-    normalization iterations (0 = plain per-row RTN); scale_dtype: how the absorbed scales are stored (None: the
-    format's choice for the model dtype; torch.float32: unrounded). With the defaults it reproduces `kvarn_codec`.
-    """
-
-    def matrix(x: torch.Tensor, bits: int, sdt: torch.dtype) -> torch.Tensor:
-        codes, row_scale, row_zero, col_scale = quantize_matrices(x, bits, iters)
-        row_scale, row_zero, col_scale = (t.to(sdt).float() for t in (row_scale, row_zero, col_scale))
-        return (codes.float() * row_scale[..., None] + row_zero[..., None]) * col_scale[:, None, :]
-
-    def codec(k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        n, h, g, d = k.shape
-        sdt = scale_dtype or scale_dtype_for(k.dtype)
-        turn = reference_rotate if rotate else (lambda x: x.float())
-        k_rot = turn(k)
-        k_turn = choose_k_rotation(k, k_rot)[..., None, None] if rotate else torch.zeros((), dtype=torch.bool)
-        k_mat = torch.where(k_turn, k_rot, k.float()).reshape(n * h, g, d).transpose(1, 2)  # rows = channels
-        v_mat = turn(v).reshape(n * h, g, d)  # rows = tokens
-        k_hat = matrix(k_mat, k_bits, sdt).transpose(1, 2).reshape(n, h, g, d)
-        k_hat = torch.where(k_turn, turn(k_hat), k_hat)
-        v_hat = turn(matrix(v_mat, v_bits, sdt)).reshape(n, h, g, d)
-        return k_hat.to(k.dtype), v_hat.to(v.dtype)
-
-    return codec
 
 
 class SimulatedTileLayer(DynamicLayer):

@@ -2,13 +2,13 @@
 
 Compared, per bit configuration (k4v2_g128, k4v4_g128, k2v2_g128, k4v2_g64):
 
-- ``kvarn``: the shipped algorithm through the kernel-core reference (``quantize_tile_records`` then
-  ``dequantize_tiles``), scales stored as 16-bit in the record (float16 by default);
-- ``kivi``: KIVI-style min-max RTN (``baselines.kivi_tiles``): keys per channel over the tile, values per token,
+- ``kvarn``: the shipped algorithm through the kernel core's quantizer (``codecs.kvarn_codec``:
+  ``quantize_tile_records`` then ``dequantize_tiles``), scales stored as 16-bit in the record (float16 by default);
+- ``kivi``: KIVI-style min-max RTN (``codecs.kivi_codec``): keys per channel over the tile, values per token,
   no rotation, no normalization, float32 scales;
-- ablations, each built from the same reference functions with float32 scales:
+- ablations (``codecs.kvarn_variant_codec``), each built from the same quantizer steps with float32 scales:
   ``abl-rot-only`` (Hadamard rotation, then the same per-row RTN, no normalization),
-  ``abl-norm-only`` (variance normalization and RTN on the unrotated tile: ``reference.quantize_matrices``) and
+  ``abl-norm-only`` (variance normalization and RTN on the unrotated tile: ``codec.quantize_matrices``) and
   ``abl-rot+norm-fp32`` (rotation + normalization + RTN with float32 scales: KVarN's math without the 16-bit
   scale storage, so the ablation ladder compares like with like; K's frame is chosen per tile as in KVarN);
 - ``kvarn-v1``: format version 1, K always rotated (``quantize_tile_records(..., rotate_k=True)``), to show what the
@@ -40,17 +40,17 @@ import platform
 import shlex
 import sys
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from kvarn_kernels import PRESETS, KVarNFormat, reference
+from kvarn_kernels import PRESETS
 from kvarn_kernels.reference import synthetic_kv
 
-from .baselines import TileCodec, kivi_tiles, rtn_rows
+from .codecs import TileCodec, kivi_codec, kvarn_codec, kvarn_variant_codec
 
 REPORT_VERSION = 1
 SINK = 128  # tokens kept in 16-bit at the start of every sequence, for every method
@@ -84,53 +84,25 @@ def config_bits(config: str) -> tuple[int, int, int]:
     return PRESETS[preset]
 
 
-def _dequant_matrices(x: torch.Tensor, bits: int) -> torch.Tensor:
-    """Normalize + per-row RTN of matrices x [M, R, C] with the reference, returned dequantized (float32 scales)."""
-    codes, row_scale, row_zero, col_scale = reference.quantize_matrices(x, bits)
-    return (codes.float() * row_scale[..., None] + row_zero[..., None]) * col_scale[:, None, :]
-
-
-def _per_row(fn: Callable[[torch.Tensor, int], torch.Tensor], k: torch.Tensor, v: torch.Tensor, kb: int, vb: int):
-    """Apply a row quantizer to K as [D, G] matrices (rows = channels) and to V as [G, D] (rows = tokens)."""
-    n, h, g, d = k.shape
-    k_hat = fn(k.reshape(n * h, g, d).transpose(1, 2), kb).transpose(1, 2).reshape(n, h, g, d)
-    v_hat = fn(v.reshape(n * h, g, d), vb).reshape(n, h, g, d)
-    return k_hat, v_hat
-
-
 def make_codec(method: str, config: str, scale_dtype: torch.dtype = torch.float16) -> TileCodec:
-    """The quantize-dequantize round trip of `method` at `config` (see the module docstring)."""
+    """The quantize-dequantize round trip of `method` at `config` (see the module docstring), float32 in and out.
+
+    scale_dtype: the activation dtype whose format the ``kvarn`` methods use (its 16-bit scale dtype)."""
     kb, vb, _ = config_bits(config)
-
-    def kvarn(k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        fmt = KVarNFormat.from_preset(f"kvarn_{config}", k.shape[-1], scale_dtype)
-        return reference.dequantize_tiles(reference.quantize_tile_records(k, v, fmt), fmt)
-
-    def kivi(k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        return kivi_tiles(k.float(), v.float(), kb, vb)
-
-    def rot_only(k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        k_hat, v_hat = _per_row(rtn_rows, reference.rotate(k), reference.rotate(v), kb, vb)
-        return reference.rotate(k_hat), reference.rotate(v_hat)
-
-    def norm_only(k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        return _per_row(_dequant_matrices, k.float(), v.float(), kb, vb)
-
-    def rot_norm(k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        k_rot = reference.rotate(k)
-        turn = reference.choose_k_rotation(k, k_rot)[..., None, None]  # KVarN's per-tile K frame
-        k_hat, v_hat = _per_row(_dequant_matrices, torch.where(turn, k_rot, k.float()), reference.rotate(v), kb, vb)
-        return torch.where(turn, reference.rotate(k_hat), k_hat), reference.rotate(v_hat)
-
-    def kvarn_v1(k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        fmt = KVarNFormat.from_preset(f"kvarn_{config}", k.shape[-1], scale_dtype)
-        return reference.dequantize_tiles(reference.quantize_tile_records(k, v, fmt, rotate_k=True), fmt)
-
-    codecs = {"kvarn": kvarn, "kivi": kivi, "abl-rot-only": rot_only, "abl-norm-only": norm_only,
-              "abl-rot+norm-fp32": rot_norm, "kvarn-v1": kvarn_v1}  # fmt: skip
+    preset = f"kvarn_{config}"
+    f32 = torch.float32
+    codecs: dict[str, TileCodec] = {
+        "kvarn": kvarn_codec(preset, scale_dtype),
+        "kivi": kivi_codec(kb, vb, scale_dtype=f32),
+        "abl-rot-only": kvarn_variant_codec(kb, vb, iters=0, scale_dtype=f32, rotate_k=True),
+        "abl-norm-only": kvarn_variant_codec(kb, vb, rotate=False, scale_dtype=f32),
+        "abl-rot+norm-fp32": kvarn_variant_codec(kb, vb, scale_dtype=f32),
+        "kvarn-v1": kvarn_codec(preset, scale_dtype, rotate_k=True),
+    }
     if method not in codecs:
         raise ValueError(f"method {method!r} is unknown: use one of {', '.join(codecs)}")
-    return codecs[method]
+    codec = codecs[method]
+    return lambda k, v: codec(k.float(), v.float())
 
 
 @dataclass(frozen=True)

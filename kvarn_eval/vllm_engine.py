@@ -58,7 +58,7 @@ def _free(llm: Any) -> None:
         pass
 
 
-def _generate(llm: Any, prompts: Sequence[str], max_new: int, stops: Sequence[str]) -> list[dict[str, Any]]:
+def _generate(llm: Any, prompts: Sequence[Any], max_new: int, stops: Sequence[str]) -> list[dict[str, Any]]:
     from vllm import SamplingParams
 
     params = SamplingParams(temperature=0.0, max_tokens=max_new, stop=list(stops) or None)
@@ -113,8 +113,8 @@ def run_vllm_task(task: str, model_dir: str, methods: Sequence[str], limit: int 
     summary: dict[str, Any] = {}
     samples: dict[str, Any] = {}
     if task in GENERATION_TASKS:
-        prompts, stops, max_new, score = _generation_setup(task, limit, {**options, "model_dir": model_dir},
-                                                           load_split, scoring, evaluate)
+        setup_options = {**options, "model_dir": model_dir}
+        prompts, stops, max_new, score = _generation_setup(task, limit, setup_options, load_split, scoring, evaluate)
         for m in methods:
             llm = _engine(model_dir, dtypes[m], options.get("prefill_chunk"), None)
             rows = _generate(llm, prompts, max_new, stops)
@@ -126,9 +126,8 @@ def run_vllm_task(task: str, model_dir: str, methods: Sequence[str], limit: int 
         ref = samples[methods[0]]
         for m in methods:
             rows = samples[m]
-            same = sum(a["completion"] == b["completion"] for a, b in zip(rows, ref, strict=True))
             summary[m] = {"score": sum(r["correct"] for r in rows) / len(rows), "n": len(rows),
-                          "same_completion_as_16bit": same / len(rows),
+                          "same_completion_as_16bit": evaluate.same_completions(rows, ref),
                           "mean_new_tokens": sum(r["new_tokens"] for r in rows) / len(rows),
                           "kv_cache_dtype": dtypes[m]}
     elif task in LOGLIK_TASKS:
@@ -148,13 +147,17 @@ def run_vllm_task(task: str, model_dir: str, methods: Sequence[str], limit: int 
                           / len(rows), "kv_cache_dtype": dtypes[m]}
     else:
         raise ValueError(f"task {task!r} has no vLLM path; use one of {', '.join(GENERATION_TASKS + LOGLIK_TASKS)}")
-    return {"summary": summary, "samples": samples,
-            "setup": {"engine": "vllm", "chunk": chunk if task in LOGLIK_TASKS else options.get("prefill_chunk"),
-                      "feeding": "vLLM chunked prefill" if task in LOGLIK_TASKS else "vLLM scheduler defaults"}}
+    setup = {"engine": "vllm", "chunk": chunk if task in LOGLIK_TASKS else options.get("prefill_chunk"),
+             "feeding": "vLLM chunked prefill" if task in LOGLIK_TASKS else "vLLM scheduler defaults"}
+    if task == "humaneval":
+        setup["chat_template"] = setup_options["chat_template_used"]
+    return {"summary": summary, "samples": samples, "setup": setup}
 
 
 def _generation_setup(task: str, limit: int | None, options: dict[str, Any], load_split: Any, scoring: Any,
-                      evaluate: Any) -> tuple[list[str], Sequence[str], int, Any]:
+                      evaluate: Any) -> tuple[list[Any], Sequence[str], int, Any]:
+    """Prompts (text, or token ids), stops, token cap and scorer of a generation task; for humaneval it records in
+    `options` whether the chat template was used."""
     if task == "gsm8k":
         shots = load_split("gsm8k", "fewshot")
         docs = evaluate._limit(load_split("gsm8k", "test"), limit)
@@ -179,7 +182,17 @@ def _generation_setup(task: str, limit: int | None, options: dict[str, Any], loa
             res = run_python(program(i, c), timeout_s=10.0, memory_mb=1024)
             return {"correct": res.passed, "status": res.status}
 
-        return [d["prompt"] for d in docs], stops, options.get("max_new", 384), score
+        prompts: list[Any] = [d["prompt"] for d in docs]
+        if task == "humaneval":
+            from transformers import AutoTokenizer
+
+            tokenizer = AutoTokenizer.from_pretrained(options["model_dir"])
+            prompts, chat = evaluate.humaneval_prompts(tokenizer, prompts, options.get("chat_template"))
+            options["chat_template_used"] = chat
+            if chat:  # the template carries the special tokens: vLLM must not add a second BOS
+                prompts = [{"prompt_token_ids": tokenizer(p, add_special_tokens=False).input_ids} for p in prompts]
+                stops = scoring.HUMANEVAL_CHAT_STOPS
+        return prompts, stops, options.get("max_new", 384), score
     from transformers import AutoTokenizer
 
     from .assets import fetch_text

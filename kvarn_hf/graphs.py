@@ -35,12 +35,15 @@ from .layer import KVarNLayer
 
 # Smallest history bucket, in tiles, of a captured decode graph.
 MIN_BUCKET_TILES = 16
-# Capture CUDA graphs on CUDA devices; False (or KVARN_NO_CAPTURE=1) runs the same static steps eagerly, which
-# is how the CPU tests exercise this module and how GPU tests compare a replay with its own eager run.
-CAPTURE = os.environ.get("KVARN_NO_CAPTURE") != "1"
 # Keyword arguments a graphed decode step can take (anything else runs eagerly).
 _STATIC_KWARGS = {"input_ids", "position_ids", "past_key_values", "use_cache", "return_dict", "logits_to_keep",
                   "attention_mask"}
+
+
+def capture_by_default() -> bool:
+    """Whether runners made with capture=None capture CUDA graphs: yes unless KVARN_NO_CAPTURE=1, read at each call
+    so that setting the variable after `import kvarn_hf` takes effect (docs/environment.md)."""
+    return os.environ.get("KVARN_NO_CAPTURE") != "1"
 
 
 def bucket_tiles(tiles: int, width: int) -> int:
@@ -57,11 +60,18 @@ class DecodeGraphs:
     """Decode steps of `model` over `cache` (a `KVarNCache`), replayed from CUDA graphs (see the module docstring).
 
     Call it like the model (`generate()` does); `stats` counts replays, captures and eager steps.
+
+    capture: capture CUDA graphs on CUDA devices (True), run the same static steps eagerly (False: how the CPU tests
+    exercise this class and how GPU tests compare a replay with its own eager run), or None (the default): capture
+    unless the environment sets KVARN_NO_CAPTURE=1 (`capture_by_default`).
     """
 
-    def __init__(self, model: torch.nn.Module, cache: Any) -> None:
+    def __init__(self, model: torch.nn.Module, cache: Any, capture: bool | None = None) -> None:
+        if capture is not None and not isinstance(capture, bool):
+            raise ValueError(f"capture must be None (from KVARN_NO_CAPTURE), True or False, got {capture!r}")
         self._model = weakref.ref(model)
         self.cache = cache
+        self._capture = capture
         self._graphs: dict[tuple, tuple[Any, torch.Tensor, torch.Tensor, torch.Tensor]] = {}
         self._warm: set[tuple] = set()
         self._pool: Any = None
@@ -70,10 +80,11 @@ class DecodeGraphs:
 
     @property
     def capture(self) -> bool:
-        """Whether static steps are captured and replayed (CUDA, CAPTURE) or run eagerly. Decided per call: the
-        runner is made before the prefill, when the cache does not know its device yet."""
+        """Whether static steps are captured and replayed (on CUDA, unless capture=False or KVARN_NO_CAPTURE=1) or run
+        eagerly. Decided per call: the runner is made before the prefill, when the cache does not know its device."""
+        wanted = capture_by_default() if self._capture is None else self._capture
         device = self.cache._paging.device
-        return CAPTURE and device is not None and device.type == "cuda"
+        return wanted and device is not None and device.type == "cuda"
 
     @property
     def model(self) -> torch.nn.Module:

@@ -44,7 +44,7 @@ from typing import Any
 import torch
 
 from kvarn_eval import quality as Q
-from kvarn_eval.baselines import TileCodec
+from kvarn_eval.codecs import TileCodec
 from kvarn_kernels import KVarNFormat, reference
 
 REPORT_VERSION = 1

@@ -11,6 +11,8 @@ from collections.abc import Sequence
 
 __all__ = [
     "GSM8K_STOPS",
+    "HUMANEVAL_CHAT_REQUEST",
+    "HUMANEVAL_CHAT_STOPS",
     "HUMANEVAL_STOPS",
     "MBPP_STOPS",
     "extract_gsm8k_answer",
@@ -26,6 +28,11 @@ __all__ = [
 GSM8K_STOPS = ("Question:", "\n\n")
 # Codex's stops: a new top-level statement ends the function body.
 HUMANEVAL_STOPS = ("\nclass", "\ndef", "\n#", "\nif", "\nprint", "\n```")
+# The user turn of a HumanEval prompt in a chat template (evaluate.humaneval_prompts); {prompt} is the problem's
+# signature and docstring.
+HUMANEVAL_CHAT_REQUEST = "Complete the following Python function.\n\n```python\n{prompt}\n```"
+# In the chat template the model writes whole functions (helpers, imports): only the end of its code block stops it.
+HUMANEVAL_CHAT_STOPS = ("```",)
 MBPP_STOPS = ("\n```", "\nassert", "\nprint", "\nif __name__")
 
 _RE_STRICT = re.compile(r"answer is:?\s*\$?\s*(-?[\d,]*\.?\d+)", re.IGNORECASE)

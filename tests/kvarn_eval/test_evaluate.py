@@ -129,3 +129,83 @@ def test_humaneval_end_to_end_and_written_results(lm: LoadedModel, monkeypatch: 
     rows = list(csv.reader(cpath.open()))
     assert rows[0][:3] == ["method", "score", "n"] and rows[1][:3] == ["16-bit", "0.5", "2"]
     assert rows[-1] == ["# command: kvarn eval humaneval --limit 2"]
+
+
+CHAT = ("{% for m in messages %}<s>{{ m['role'] }}\n{{ m['content'] }}</s>\n{% endfor %}"
+        "{% if add_generation_prompt %}<s>assistant\n{% endif %}")
+
+
+def test_humaneval_prompts_use_the_chat_template_when_there_is_one(lm: LoadedModel, monkeypatch: pytest.MonkeyPatch):
+    prompt = 'def add(a, b):\n    """Add."""\n'
+    assert evaluate.humaneval_prompts(lm.tokenizer, [prompt]) == ([prompt], False)  # no template: plain
+    with pytest.raises(ValueError, match="has no chat template"):
+        evaluate.humaneval_prompts(lm.tokenizer, [prompt], chat_template=True)
+    monkeypatch.setattr(lm.tokenizer, "chat_template", CHAT)
+    (chat,), used = evaluate.humaneval_prompts(lm.tokenizer, [prompt])
+    assert used and chat == ("<s>user\nComplete the following Python function.\n\n```python\n"
+                             'def add(a, b):\n    """Add."""\n```</s>\n<s>assistant\n```python\n')
+    assert evaluate.humaneval_prompts(lm.tokenizer, [prompt], chat_template=False) == ([prompt], False)
+
+
+def test_humaneval_with_the_chat_template_end_to_end(lm: LoadedModel, monkeypatch: pytest.MonkeyPatch):
+    """The templated prompt reaches the model without a second BOS; the whole function the model writes is scored
+    appended to the prompt (it replaces the docstring-only definition), generation stops only at the closing fence;
+    the results record the choice; --chat-template maps to the option."""
+    prompt = 'def add(a, b):\n    """Add."""\n'  # as in HumanEval: a docstring-only function
+    docs = [{"task_id": "HumanEval/0", "prompt": prompt, "test": "def check(f):\n    assert f(1, 2) == 3\n",
+             "entry_point": "add"}]
+    monkeypatch.setattr("kvarn_eval.assets.load_split", lambda name, split: docs)
+    monkeypatch.setattr(lm.tokenizer, "chat_template", CHAT)
+    seen = []
+
+    def fake_greedy(lm_, ids, cache, max_new, stops, *args, **kwargs):
+        seen.append(list(ids))
+        chat = stops == ("```",)
+        code = "import math\n\ndef add(a, b):\n    return a + b\n" if chat else "    return a + b\n"
+        return {"completion": code, "raw": "", "new_tokens": 4, "prefill_s": 0.1, "decode_s": 0.4}
+
+    monkeypatch.setattr(evaluate, "greedy", fake_greedy)
+    from tokenizers.processors import TemplateProcessing
+
+    bos = lm.tokenizer.bos_token_id  # a tokenizer that adds BOS itself, as Gemma's does
+    monkeypatch.setattr(lm.tokenizer._tokenizer, "post_processor",
+                        TemplateProcessing(single="<s> $A", special_tokens=[("<s>", bos)]))
+    methods = resolve_methods([])
+    result = evaluate.run_task("humaneval", lm, methods, limit=1)
+    assert result["setup"]["chat_template"] is True and result["summary"]["16-bit"]["score"] == 1.0
+    assert seen[0][:2] == [bos, lm.tokenizer("user").input_ids[1]]  # the template's BOS only
+    assert lm.tokenizer.decode(seen[0]).endswith("<s>assistant\n```python\n")
+    off = evaluate.run_task("humaneval", lm, methods, limit=1, chat_template=False)
+    assert off["setup"]["chat_template"] is False and seen[-1] == lm.tokenizer(prompt).input_ids
+    assert off["summary"]["16-bit"]["score"] == 1.0  # the plain path got a body and the default stops
+    import argparse
+
+    parser = argparse.ArgumentParser()
+    evaluate.add_arguments(parser)
+    for flag, value in (("auto", None), ("on", True), ("off", False)):
+        args = parser.parse_args(["humaneval", "--chat-template", flag])
+        assert evaluate.options_from(args) == {"chat_template": value}
+    assert evaluate.options_from(parser.parse_args(["humaneval"])) == {"chat_template": None}
+
+
+def test_refresh_agreement_recomputes_the_stale_column_only(tmp_path: Path):
+    """A result stored when 'same output' compared raw text (stop string included) gets the cut-completion figure;
+    the rest of the file, the command included, stays as it was."""
+    rows16 = [{"completion": "A. So the answer is 1.", "raw": "A. So the answer is 1."},
+              {"completion": "B", "raw": "B\n\n"}]
+    rows_q = [{"completion": "A. So the answer is 1.", "raw": "A. So the answer is 1.\n\n"},
+              {"completion": "C", "raw": "C\n\n"}]
+    summary = {name: {"score": 0.0, "n": 2, "same_completion_as_16bit": value, "mean_new_tokens": 7.0}
+               for name, value in (("16-bit", 1.0), ("sim:kvarn_k4v2_g128", 0.0))}
+    result = {"task": "gsm8k", "model": "tiny", "model_source": "x" * 20, "limit": 2, "summary": summary,
+              "samples": {"16-bit": rows16, "sim:kvarn_k4v2_g128": rows_q},
+              "environment": {"device_name": "cpu", "torch": "t", "transformers": "t"}}
+    jpath, cpath = evaluate.write_results(result, tmp_path, "kvarn eval gsm8k --limit 2")
+    evaluate.refresh_agreement(jpath)
+    data = json.loads(jpath.read_text())
+    assert data["summary"]["sim:kvarn_k4v2_g128"]["same_completion_as_16bit"] == 0.5
+    assert data["summary"]["16-bit"]["same_completion_as_16bit"] == 1.0
+    assert data["refreshed"][0]["before"]["sim:kvarn_k4v2_g128"] == 0.0
+    assert data["command"] == "kvarn eval gsm8k --limit 2" and data["samples"]["sim:kvarn_k4v2_g128"] == rows_q
+    rows = list(csv.reader(cpath.open()))
+    assert rows[2][:4] == ["sim:kvarn_k4v2_g128", "0.0", "2", "0.5"]

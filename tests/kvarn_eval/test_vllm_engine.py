@@ -94,3 +94,33 @@ def test_needs_a_folder_and_a_known_task(fake_vllm: list[dict], tmp_path: Path):
     with pytest.raises(ValueError, match="task 'perplexity' has no vLLM path"):
         vllm_engine.run_vllm_task("perplexity", str(tmp_path), ["16-bit"], limit=1)
     assert fake_vllm == []
+
+
+def test_humaneval_prompts_in_the_chat_template_as_token_ids(fake_vllm: list[dict], monkeypatch: pytest.MonkeyPatch,
+                                                             tmp_path: Path):
+    """With a chat template, the engine gets token ids encoded without added special tokens (the template has
+    them); without one, the plain prompt text. The results record which."""
+    docs = [{"task_id": "HumanEval/0", "prompt": "def f():\n", "test": "def check(g):\n    pass\n", "entry_point": "f"}]
+    monkeypatch.setattr("kvarn_eval.assets.load_split", lambda name, split: docs)
+    seen: list[list] = []
+
+    class ChatTokenizer(FakeTokenizer):
+        chat_template = "{{ messages[0]['content'] }}"
+
+        def __call__(self, text: str, add_special_tokens: bool = True) -> types.SimpleNamespace:
+            return types.SimpleNamespace(input_ids=[1] * add_special_tokens + [ord(c) for c in text])
+
+        def apply_chat_template(self, messages: list, tokenize: bool, add_generation_prompt: bool) -> str:
+            return "<user>" + messages[0]["content"] + "<assistant>"
+
+    for tokenizer, want_chat in ((ChatTokenizer(), True), (FakeTokenizer(), False)):
+        monkeypatch.setattr("transformers.AutoTokenizer.from_pretrained", lambda folder, t=tokenizer: t)
+        llm_cls = sys.modules["vllm"].LLM
+        monkeypatch.setattr(llm_cls, "generate", lambda self, prompts, params: seen.append(prompts) or
+                            [FakeOut("    return 1\n", [0] * 3) for _ in prompts])
+        out = vllm_engine.run_vllm_task("humaneval", str(tmp_path), ["16-bit"], limit=1)
+        assert out["setup"]["chat_template"] is want_chat
+    chat_prompt, plain_prompt = seen[0][0], seen[1][0]
+    text = "<user>Complete the following Python function.\n\n```python\ndef f():\n```<assistant>```python\n"
+    assert chat_prompt == {"prompt_token_ids": [ord(c) for c in text]}
+    assert plain_prompt == "def f():\n"

@@ -121,3 +121,22 @@ def test_decode_graphs_option_is_checked():
     with pytest.raises(ValueError, match="decode_graphs must be None"):
         KVarNCache(PRESET, decode_graphs="yes")
     assert GROUP == 64
+
+
+def test_capture_setting_is_read_when_used(monkeypatch):
+    """KVARN_NO_CAPTURE is read at each decision (not at import), an explicit capture= overrides it, and nothing is
+    captured off CUDA. The paging is told a CUDA device without any tensor on it (the property reads only that)."""
+    model = make_model("llama", "kvarn")
+    cache = KVarNCache(PRESET, config=model.config, decode_graphs=True)
+    runners = {flag: DecodeGraphs(model, cache, capture=flag) for flag in (None, True, False)}
+    monkeypatch.setattr(cache._paging, "device", torch.device("cuda"))
+    monkeypatch.delenv("KVARN_NO_CAPTURE", raising=False)
+    assert [runners[f].capture for f in (None, True, False)] == [True, True, False]
+    monkeypatch.setenv("KVARN_NO_CAPTURE", "1")
+    assert [runners[f].capture for f in (None, True, False)] == [False, True, False]
+    monkeypatch.setenv("KVARN_NO_CAPTURE", "0")
+    assert runners[None].capture
+    monkeypatch.setattr(cache._paging, "device", torch.device("cpu"))
+    assert not any(r.capture for r in runners.values())
+    with pytest.raises(ValueError, match="capture must be None"):
+        DecodeGraphs(model, cache, capture="no")

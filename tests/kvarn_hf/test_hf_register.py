@@ -2,12 +2,22 @@
 
 from __future__ import annotations
 
+import re
+
 import pytest
 import torch
 import transformers
 from hf_models import PRESET, make_model, tokens
 from packaging.version import Version
-from transformers import AttentionInterface, Gemma2Config, LlamaConfig, MistralConfig
+from transformers import (
+    AttentionInterface,
+    Gemma2Config,
+    GenerationMixin,
+    LlamaConfig,
+    MistralConfig,
+    PreTrainedModel,
+    masking_utils,
+)
 from transformers.generation import configuration_utils
 from transformers.masking_utils import AttentionMaskInterface
 
@@ -21,6 +31,35 @@ def test_import_registers_kvarn_with_transformers():
     assert "kvarn" in configuration_utils.ALL_CACHE_IMPLEMENTATIONS
     kvarn_hf.register()  # idempotent
     assert configuration_utils.ALL_CACHE_IMPLEMENTATIONS.count("kvarn") == 1
+
+
+# The private transformers functions that kvarn_hf wraps (register.py; docs/transformers.md says why).
+PRIVATE_HOOKS = [(GenerationMixin, "_prepare_cache_for_generation"), (masking_utils, "_preprocess_mask_arguments"),
+                 (GenerationMixin, "_valid_auto_compile_criteria"), (PreTrainedModel, "get_compiled_call")]
+
+
+@pytest.mark.parametrize("owner, name", PRIVATE_HOOKS)
+def test_each_private_hook_is_wrapped_once(owner, name):
+    hook = getattr(owner, name)
+    assert hook._kvarn and not getattr(hook.__wrapped__, "_kvarn", False)
+    kvarn_hf.register()
+    assert getattr(owner, name) is hook
+
+
+@pytest.mark.parametrize("owner, name", PRIVATE_HOOKS)
+def test_a_changed_or_missing_private_function_is_refused_naming_the_version(owner, name, monkeypatch):
+    version = re.escape(transformers.__version__)
+
+    def changed(renamed, *args):
+        raise AssertionError("kvarn_hf must not call a function whose parameters it does not know")
+
+    monkeypatch.setattr(owner, name, changed)
+    with pytest.raises(RuntimeError, match=rf"{name} of transformers {version} takes \['renamed', 'args'\], not"):
+        kvarn_hf.register()
+    assert getattr(owner, name) is changed
+    monkeypatch.delattr(owner, name)
+    with pytest.raises(RuntimeError, match=rf"transformers {version} has no .*{name}, which kvarn_hf hooks"):
+        kvarn_hf.register()
 
 
 def test_installed_transformers_is_in_the_tested_range():
