@@ -243,9 +243,11 @@ class KVarNAttentionImpl(AttentionImpl[KVarNMetadata]):
                                       max_history=attn_metadata.max_history)
         else:
             pool.pre(plan, kv_cache)
+            pool.commit(plan, k, v, kv_cache)
+            rt.copy_step_sinks(pool)
             out = ops.paged_attention(q, state, qsl, attn_metadata.max_query_len, k, v, qsl, sm_scale=self.scale,
                                       max_history=attn_metadata.max_history)
-            pool.post(plan, k, v, kv_cache)
+            pool.finish(plan, k, v)
         rows = out.shape[0]
         output[:rows].view(rows, self.num_heads, self.head_size).copy_(out)
         if n < output.shape[0] and not torch.cuda.is_current_stream_capturing():

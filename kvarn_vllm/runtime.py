@@ -40,6 +40,11 @@ class SlotManager:
         self.warned_rebuild = False
         self.sink_copies: list[tuple[int, int]] = []  # (from slot, to slot), applied by the runtime
         self.sink_rebuilds: list[tuple[int, int]] = []  # (slot, block)
+        # Sinks this step writes (a first tile completed by the step): a prefix hit on such a block in the same step
+        # copies the sink in each layer once the step's tokens are in their slots (`step_copies`, applied by the
+        # backend before attention), not when the step starts.
+        self.pending: set[int] = set()
+        self.step_copies: list[tuple[int, int]] = []
 
     def _take(self, batch_ids: set[str]) -> int:
         if self.free:
@@ -63,22 +68,37 @@ class SlotManager:
             del self.block_sink[block]
 
     def assign(self, req_id: str, computed: int, first_block: int, batch_ids: set[str]) -> tuple[int, int]:
-        """A slot for a request entering the batch with `computed` tokens already cached (a prefix hit)."""
+        """A slot for a request entering the batch with `computed` tokens already cached (a prefix hit), its sink
+        resolved at once (`take` + `resolve_sink`)."""
+        slot = self.take(req_id, batch_ids)
+        if computed >= self.group:
+            self.resolve_sink(slot, first_block)
+        return slot, computed
+
+    def take(self, req_id: str, batch_ids: set[str]) -> int:
         old = self.req_slot.pop(req_id, None)
         if old is not None:
             self.free.append(old)
             self._forget_sink(old)
         slot = self._take(batch_ids)
         self.req_slot[req_id] = slot
-        if computed >= self.group:
-            source = self.block_sink.get(first_block)
-            if source is not None:
-                self.sink_copies.append((source, slot))
-            else:
-                self.sink_rebuilds.append((slot, first_block))
-            self.sink_block[slot] = first_block
-            self.block_sink[first_block] = slot
-        return slot, computed
+        return slot
+
+    def resolve_sink(self, slot: int, first_block: int) -> None:
+        """The 16-bit sink of a request whose prefix hit covers its first tile (cached in `first_block`): copied
+        from the slot that holds it (at once, or in this step's layers where this step writes it), else rebuilt
+        from the block's quantized copy."""
+        source = self.block_sink.get(first_block)
+        if source is not None and source in self.pending:
+            self.step_copies.append((source, slot))
+            self.sink_block[slot] = first_block  # the writer stays the block's owner: its copy is not there yet
+            return
+        if source is not None:
+            self.sink_copies.append((source, slot))
+        else:
+            self.sink_rebuilds.append((slot, first_block))
+        self.sink_block[slot] = first_block
+        self.block_sink[first_block] = slot
 
     def release(self, req_id: str) -> None:
         slot = self.req_slot.pop(req_id, None)
@@ -89,9 +109,12 @@ class SlotManager:
         else:
             self.free.append(slot)
 
-    def note_progress(self, slot: int, computed: int, first_block: int) -> None:
-        """Once a request's first tile is computed, its sink slot answers for that block."""
+    def note_progress(self, slot: int, computed: int, first_block: int, pending: bool = False) -> None:
+        """Once a request's first tile is computed, its sink slot answers for that block (pending: computed by
+        the step about to run)."""
         if computed >= self.group and self.sink_block.get(slot) != first_block:
+            if pending:
+                self.pending.add(slot)
             self._forget_sink(slot)
             stale = self.block_sink.get(first_block)
             if stale is not None and stale != slot:
@@ -123,37 +146,64 @@ class Runtime:
         return pool
 
     def update(self, input_batch: Any, scheduler_output: Any) -> None:
-        """After vLLM updated its persistent batch: assign/release slots, publish row → slot for this step."""
+        """After vLLM updated its persistent batch: assign/release slots, publish row → slot for this step.
+
+        Order matters for prefix hits: rows that computed their first tile in earlier steps answer for its block
+        first; then entering requests get slots; then rows whose first tile this step completes answer for it
+        (pending); only then do entering requests with a hit look for their sink — vLLM offers a block to a hit as
+        soon as the step that computes it is scheduled, so writer and hitter may share a step."""
         s = self.slots
+        s.pending.clear()
+        s.step_copies.clear()
         for rid in scheduler_output.finished_req_ids:
             s.release(rid)
         req_ids = [r for r in input_batch.req_ids if r is not None]
+        index = {r: i for i, r in enumerate(req_ids)}
         batch_ids = set(req_ids)
-        resets: list[tuple[int, int]] = []
+        computed = input_batch.num_computed_tokens_cpu
+        table = input_batch.block_table[0].get_cpu_tensor()
+        scheduled = getattr(scheduler_output, "num_scheduled_tokens", None) or {}
+        for rid, slot in list(s.req_slot.items()):
+            if rid in index:
+                s.note_progress(slot, int(computed[index[rid]]), int(table[index[rid], 0]))
+        entering: list[tuple[int, int, int]] = []  # (slot, computed, first block)
         for new in scheduler_output.scheduled_new_reqs:
-            resets.append(s.assign(new.req_id, new.num_computed_tokens, _first_block(new.block_ids), batch_ids))
+            slot = s.take(new.req_id, batch_ids)
+            entering.append((slot, new.num_computed_tokens, _first_block(new.block_ids)))
         cached = scheduler_output.scheduled_cached_reqs
         resumed = getattr(cached, "resumed_req_ids", set()) or set()
         for i, rid in enumerate(cached.req_ids):
             if rid in resumed or rid not in s.req_slot:
                 block_ids = cached.new_block_ids[i] if cached.new_block_ids else None
                 first = _first_block(block_ids) if block_ids else -1
-                resets.append(s.assign(rid, cached.num_computed_tokens[i], first, batch_ids))
+                entering.append((s.take(rid, batch_ids), cached.num_computed_tokens[i], first))
+        for rid, n in scheduled.items():
+            slot = s.req_slot.get(rid)
+            if slot is not None and rid in index:
+                c = int(computed[index[rid]])
+                if c < s.group <= c + n:
+                    s.note_progress(slot, c + n, int(table[index[rid], 0]), pending=True)
+        for slot, c, first in entering:
+            if c >= s.group:
+                s.resolve_sink(slot, first)
         rows = [s.req_slot.get(r, s.num_slots) for r in req_ids]
-        computed = input_batch.num_computed_tokens_cpu[: len(req_ids)]
-        table = input_batch.block_table[0].get_cpu_tensor()
-        for i, slot in enumerate(rows):
-            if slot < s.num_slots:
-                s.note_progress(slot, int(computed[i]), int(table[i, 0]))
         host = torch.full((s.row_slot.shape[0],), s.num_slots, dtype=torch.int32)
         host[: len(rows)] = torch.tensor(rows, dtype=torch.int32)
         s.row_slot.copy_(host)
-        if resets:
-            slot_ids = torch.tensor([r[0] for r in resets], dtype=torch.long)
+        if entering:
+            slot_ids = torch.tensor([e[0] for e in entering], dtype=torch.long)
             # A new request's frontier is its first uncached token (prefix hits are whole tiles).
-            starts = torch.tensor([r[1] - r[1] % s.group for r in resets], dtype=torch.int32)
+            starts = torch.tensor([e[1] - e[1] % s.group for e in entering], dtype=torch.int32)
             s.frontier[slot_ids.to(s.device)] = starts.to(s.device)
         self._restore_sinks()
+
+    def copy_step_sinks(self, pool: StagingPool) -> None:
+        """This step's same-step prefix hits, for one layer: called once the step's tokens are in their slots and
+        before attention."""
+        g = self.slots.group
+        for src, dst in self.slots.step_copies:
+            pool.k[dst, :, :g] = pool.k[src, :, :g]
+            pool.v[dst, :, :g] = pool.v[src, :, :g]
 
     def _restore_sinks(self) -> None:
         s = self.slots

@@ -12,8 +12,9 @@ speculated ones) is. So a rejected draft token never reaches a quantized tile, a
 is exactly what `kvarn_kernels.PagedKV` describes: sink, quantized tiles 1 .. n, tail (< G tokens).
 
 Per step the plan below is computed once (device tensors, fixed shapes, no host sync) and every layer applies
-it: `pre` (quantize a tile that became certain since the last step, move the overflow down), attention,
-`post` (write new tokens to slots, quantize tiles completed by this step). A pure decode step (one token per row,
+it: `pre` (quantize a tile that became certain since the last step, move the overflow down), `commit` (write new
+tokens to slots, quantize tiles completed by this step: nothing a row's attention reads in this step), attention,
+`finish` (restart the tail slots of rows whose frontier moved). A pure decode step (one token per row,
 no speculation) commits before attention, so the decode kernel reads the new token from the tail.
 """
 
@@ -90,6 +91,13 @@ class StagingPool:
             self.v[rows, :, :x] = self.v[rows, :, g:g + x]
 
     def post(self, plan: StepPlan, key: torch.Tensor, value: torch.Tensor, cache: torch.Tensor) -> None:
+        self.commit(plan, key, value, cache)
+        self.finish(plan, key, value)
+
+    def commit(self, plan: StepPlan, key: torch.Tensor, value: torch.Tensor, cache: torch.Tensor) -> None:
+        """The writes no row's attention in this step can see: new tokens at slot rows past every row's history,
+        tiles quantized into blocks past it. Done before attention, so that a prefix hit scheduled in the same step
+        as the request that computes its blocks reads them (vLLM offers such hits)."""
         t = plan.write1_slot.shape[0]
         key, value = key[:t], value[:t]
         self.k[plan.write1_slot, :, plan.write1_off] = key
@@ -98,9 +106,14 @@ class StagingPool:
         ops.quantize_into_cache(ks, vs, plan.comp_starts, plan.comp_blocks, cache, self.fmt)
         if plan.has_chunks:
             ops.quantize_into_cache(key, value, plan.chunk_starts, plan.chunk_blocks, cache, self.fmt)
+
+    def finish(self, plan: StepPlan, key: torch.Tensor, value: torch.Tensor) -> None:
+        """Where the step moved a frontier, the tail slot restarts: this rewrites rows the step's attention reads,
+        so it runs after attention."""
         if plan.has_write2:
-            self.k[plan.write2_slot, :, plan.write2_off] = key
-            self.v[plan.write2_slot, :, plan.write2_off] = value
+            t = plan.write2_slot.shape[0]
+            self.k[plan.write2_slot, :, plan.write2_off] = key[:t]
+            self.v[plan.write2_slot, :, plan.write2_off] = value[:t]
 
 
 def plan_step(

@@ -30,8 +30,8 @@ class _Batch:
         self.block_table = [SimpleNamespace(get_cpu_tensor=lambda: self.table)]
 
 
-def _step(rt, batch, new=(), finished=(), cached=(), resumed=()):
-    """new: (req_id, computed, first_block); cached: (req_id, computed)."""
+def _step(rt, batch, new=(), finished=(), cached=(), resumed=(), scheduled=None):
+    """new: (req_id, computed, first_block); cached: (req_id, computed); scheduled: req_id -> new tokens."""
     new_reqs = [SimpleNamespace(req_id=r, num_computed_tokens=c, block_ids=([blk, blk + 1],)) for r, c, blk in new]
     for r, _, blk in new:
         if r not in batch.req_ids:
@@ -45,7 +45,7 @@ def _step(rt, batch, new=(), finished=(), cached=(), resumed=()):
     for r, c in list(cached) + [(r, c) for r, c, _ in new]:
         batch.num_computed_tokens_cpu[batch.req_ids.index(r)] = c
     out = SimpleNamespace(
-        finished_req_ids=set(finished), scheduled_new_reqs=new_reqs,
+        finished_req_ids=set(finished), scheduled_new_reqs=new_reqs, num_scheduled_tokens=scheduled or {},
         scheduled_cached_reqs=SimpleNamespace(req_ids=[r for r, _ in cached], resumed_req_ids=set(resumed),
                                               new_block_ids=[None] * len(cached),
                                               num_computed_tokens=[c for _, c in cached]))
@@ -74,6 +74,38 @@ def test_a_prefix_hit_reuses_the_finished_requests_exact_sink():
     _step(rt, batch, new=[("c", G, 7)])  # c hits a's cached first block
     sc = int(rt.slots.row_slot[batch.req_ids.index("c")])
     assert torch.equal(pool.k[sc, :, :G], sink)
+
+
+def test_a_hit_in_the_step_that_computes_the_block_copies_the_sink_once_the_step_wrote_it():
+    """vLLM offers a prefix hit on a block as soon as the step computing it is scheduled: writer and hitter share a
+    step. The hitter's sink comes from the writer's slot after the step's tokens are in it, in every layer."""
+    rt, batch = _runtime(), _Batch()
+    pool = rt.pools["layer0"]
+    _step(rt, batch, new=[("w", 0, 7), ("h", G, 7)], scheduled={"w": G + 40, "h": 30})
+    sw, sh = (rt.slots.req_slot[r] for r in ("w", "h"))
+    assert rt.slots.step_copies == [(sw, sh)] and not rt.slots.sink_rebuilds
+    sink = torch.randn(H, G, D)
+    pool.k[sw, :, :G] = sink  # the layer's commit wrote the writer's first tile
+    rt.copy_step_sinks(pool)
+    assert torch.equal(pool.k[sh, :, :G], sink)
+    # The next step: nothing pending, and a later hit copies from the writer at once.
+    _step(rt, batch, cached=[("w", G + 40), ("h", G + 30)], scheduled={"w": 1, "h": 1})
+    assert not rt.slots.step_copies and not rt.slots.pending
+    _step(rt, batch, new=[("x", G, 7)], cached=[("w", G + 41), ("h", G + 31)], scheduled={"x": 5})
+    sx = rt.slots.req_slot["x"]
+    assert torch.equal(pool.k[sx, :, :G], sink) and not rt.slots.sink_rebuilds
+
+
+def test_a_hit_on_a_block_an_earlier_step_computed_copies_the_writers_sink():
+    """The writer's first tile was computed in an earlier step (chunked prefill): its slot answers before the
+    entering request looks, so the sink is the exact 16-bit one, not a rebuild."""
+    rt, batch = _runtime(), _Batch()
+    pool = rt.pools["layer0"]
+    _step(rt, batch, new=[("w", 0, 5)], scheduled={"w": G})
+    sink = torch.randn(H, G, D)
+    pool.k[rt.slots.req_slot["w"], :, :G] = sink
+    _step(rt, batch, new=[("h", G, 5)], cached=[("w", G)], scheduled={"w": 20, "h": 10})
+    assert torch.equal(pool.k[rt.slots.req_slot["h"], :, :G], sink) and not rt.slots.warned_rebuild
 
 
 def test_a_lost_sink_is_rebuilt_from_the_quantized_first_tile():
