@@ -18,6 +18,8 @@ import pytest
 
 vllm = pytest.importorskip("vllm")
 os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")  # GiB per engine: 46K tokens of SmolLM2 at 16 bits
+# collective_rpc(slot_state) sends a function to the worker, which vLLM's serializer allows only by pickle.
+os.environ.setdefault("VLLM_ALLOW_INSECURE_SERIALIZATION", "1")
 
 
 def _engine_runs_here() -> bool:
@@ -68,8 +70,8 @@ def _close(llm: LLM) -> None:
     gc.collect()
 
 
-def _greedy(llm: LLM, prompts: list[str]) -> list:
-    sp = SamplingParams(temperature=0.0, max_tokens=MAX_TOKENS, logprobs=5, ignore_eos=True)
+def _greedy(llm: LLM, prompts: list[str], max_tokens: int = MAX_TOKENS) -> list:
+    sp = SamplingParams(temperature=0.0, max_tokens=max_tokens, logprobs=5, ignore_eos=True)
     return [o.outputs[0] for o in llm.generate(prompts, sp, use_tqdm=False)]
 
 
@@ -91,20 +93,22 @@ def kvarn(model_dir, sixteen_bit):  # after the 16-bit engine is gone: one engin
         _close(llm)
 
 
-def test_greedy_outputs_are_logprob_close_to_16_bit(kvarn, sixteen_bit):
-    """vLLM's check_logprobs_close rule (tests/models/quantization/test_fp8.py): equal up to the first difference,
-    where each run's token is among the other's top 5."""
-    outs = _greedy(kvarn, PROMPTS)
-    identical = 0
-    for base, other in zip(sixteen_bit, outs, strict=True):
-        a, b = list(base.token_ids), list(other.token_ids)
-        assert len(a) == len(b) == MAX_TOKENS
-        n = next((i for i, (x, y) in enumerate(zip(a, b, strict=True)) if x != y), None)
-        if n is None:
-            identical += 1
-            continue
+def _first_difference(base, other) -> int | None:
+    """vLLM's check_logprobs_close rule (tests/models/quantization/test_fp8.py): None where the greedy tokens are
+    equal; else the first differing position, where each run's token must be among the other's top 5."""
+    a, b = list(base.token_ids), list(other.token_ids)
+    assert len(a) == len(b)
+    n = next((i for i, (x, y) in enumerate(zip(a, b, strict=True)) if x != y), None)
+    if n is not None:
         assert a[n] in other.logprobs[n] and b[n] in base.logprobs[n], f"diverged at token {n} outside the top 5"
-    assert identical >= len(PROMPTS) // 2, f"only {identical} of {len(PROMPTS)} outputs identical to 16-bit"
+    return n
+
+
+def test_greedy_outputs_are_logprob_close_to_16_bit(kvarn, sixteen_bit):
+    outs = _greedy(kvarn, PROMPTS)
+    diffs = [_first_difference(base, other) for base, other in zip(sixteen_bit, outs, strict=True)]
+    identical = sum(d is None for d in diffs)
+    assert identical >= len(PROMPTS) // 2, f"only {identical} of {len(PROMPTS)} outputs identical to 16-bit: {diffs}"
 
 
 def test_a_prefix_cache_hit_gives_the_output_of_the_first_pass(kvarn):
@@ -119,29 +123,29 @@ def test_a_prefix_cache_hit_gives_the_output_of_the_first_pass(kvarn):
 
 
 def test_aborts_mid_prefill_and_mid_decode_and_many_requests_leak_no_slot(kvarn):
-    """300 requests through the engine's own loop, a third of them aborted at random steps (some before their
+    """120 requests through the engine's own loop, a third or more of them aborted at random steps (some before their
     prefill finished); afterwards no slot is held and every slot is free or retained for a prefix hit."""
     engine = kvarn.llm_engine
     rng = random.Random(0)
-    sp = SamplingParams(temperature=0.0, max_tokens=12, ignore_eos=True)
-    pending = [f"r{i}" for i in range(300)]
+    sp = SamplingParams(temperature=0.0, max_tokens=6, ignore_eos=True)
+    pending = [f"r{i}" for i in range(120)]
     live: set[str] = set()
     aborted = finished = 0
     while pending or engine.has_unfinished_requests():
         while pending and len(live) < 12:
             rid = pending.pop()
-            engine.add_request(rid, TEXT * rng.randint(1, 8) + f" Request {rid}.", sp)
+            engine.add_request(rid, TEXT * rng.randint(1, 4) + f" Request {rid}.", sp)
             live.add(rid)
         for out in engine.step():
             if out.finished:
                 live.discard(out.request_id)
                 finished += 1
-        if live and rng.random() < 0.35:
+        if live and rng.random() < 0.5:
             rid = rng.choice(sorted(live))
             engine.abort_request([rid])
             live.discard(rid)
             aborted += 1
-    assert aborted > 50 and finished + aborted == 300
+    assert aborted >= 20 and finished + aborted == 120
     from kvarn_vllm.runtime import slot_state
 
     (state,) = kvarn.collective_rpc(slot_state)
@@ -149,13 +153,22 @@ def test_aborts_mid_prefill_and_mid_decode_and_many_requests_leak_no_slot(kvarn)
     assert state["free"] + state["retained"] == state["num_slots"] == 8
 
 
-def test_forced_preemption_gives_the_same_outputs(model_dir, kvarn):
-    """So few pages that requests are preempted and recomputed: the same greedy tokens as without preemption."""
-    expected = [list(o.token_ids) for o in _greedy(kvarn, PROMPTS)]
-    tight = _llm(model_dir, PRESET, num_gpu_blocks_override=40, max_num_seqs=4)
+def test_forced_preemption_keeps_other_requests_exact_and_the_recomputed_one_close(model_dir, kvarn):
+    """So few pages that a request is preempted and recomputed. The others' greedy tokens do not change. The
+    recomputed one re-prefills its prompt and the tokens it had generated in one pass, whose queries attend the
+    16-bit keys of tiles that decode attended quantized (as with chunked prefill, docs/vllm.md), so it may part from
+    the uninterrupted run where a logit margin is small: logprob-close by vLLM's rule."""
+    prompts = [TEXT * 3 + f"\n\nQuestion {i}: what did the keepers do?" for i in range(4)]
+    expected = _greedy(kvarn, prompts, 180)
+    # 14 pages of 64 tokens: the 4 prompts (~150 tokens, 3 pages each) are admitted together, then their decodes
+    # need 5-6 pages each, so the scheduler preempts and recomputes.
+    tight = _llm(model_dir, PRESET, num_gpu_blocks_override=14, max_model_len=896, max_num_seqs=4,
+                 disable_log_stats=False)
     try:
-        got = [list(o.token_ids) for o in _greedy(tight, PROMPTS)]
+        got = _greedy(tight, prompts, 180)
+        preemptions = sum(m.value for m in tight.get_metrics() if m.name == "vllm:num_preemptions")
     finally:
         _close(tight)
-    assert got == expected
-
+    assert preemptions > 0
+    diffs = [_first_difference(e, g) for e, g in zip(expected, got, strict=True)]
+    assert sum(d is None for d in diffs) >= len(prompts) - preemptions, diffs
