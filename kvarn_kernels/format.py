@@ -30,6 +30,9 @@ when it is set, this record's K was quantized unrotated (original frame) and col
 The quantizer leaves K unrotated unless rotating lowers the tile's per-channel range cost Σ_d range_d²
 (`reference.choose_k_rotation`): loud, bounded key channels (e.g. RoPE'd key biases) keep their own ranges.
 V is always rotated. Version 1 records (no flag) read as rotated.
+
+head_dim 96 (Phi-3-mini) needs no padding in the record: every section above is sized with D = 96 (96 code rows of
+K and of V, 96-word D scale sections), and the rotation is the order-96 Hadamard matrix H12 ⊗ H8 (`hadamard`).
 """
 
 from __future__ import annotations
@@ -41,7 +44,8 @@ import triton
 import triton.language as tl
 
 FORMAT_VERSION = 2
-SUPPORTED_HEAD_DIMS = (64, 128, 256)
+# 96 (Phi-3/3.5-mini): records hold 96 channels; kernels run 128 wide in registers (`hadamard.padded_dim`).
+SUPPORTED_HEAD_DIMS = (64, 96, 128, 256)
 SUPPORTED_BITS = (2, 4)
 SUPPORTED_ACTIVATION_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
