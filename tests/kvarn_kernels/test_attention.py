@@ -183,6 +183,20 @@ def test_row_groups_attend_every_tile_once(n_rep, groups, head_dim, device):
     torch.testing.assert_close(grouped[1].float(), one_at_a_time.float(), atol=2e-3, rtol=2**-10)
 
 
+def test_records_in_rows_wider_than_a_record_attend_alike(device):
+    """vLLM's page rows at head_dim 96 with 128-token tiles hold a 10560-byte record in 10624 bytes
+    (`KVarNFormat.page_row_bytes`): the kernel and the CPU backend read the records through the row stride."""
+    state = _state([3 * 128 + 5, 130], 1, 96, torch.float16, device, "kvarn_k4v2_g128")
+    fmt = state.fmt
+    rows = torch.full((*state.cache.shape[:2], fmt.page_row_bytes), 0xFF, dtype=torch.uint8, device=device)
+    rows[..., : fmt.record_bytes] = state.cache
+    wide = dataclasses.replace(state, cache=rows[..., : fmt.record_bytes])
+    q = torch.randn(2, 4, 96, generator=torch.Generator().manual_seed(8)).to(device, torch.float16)
+    cu = _cu([1, 1], device)
+    assert torch.equal(decode_attention(q, wide, num_splits=2), decode_attention(q, state, num_splits=2))
+    assert torch.equal(ref.paged_attention_ref(q, wide, cu), ref.paged_attention_ref(q, state, cu))
+
+
 def test_decode_splits_fill_one_wave_of_resident_programs():
     assert choose_num_splits(1, 8, 130, 132, per_sm=2) == 32  # 264 slots / 8 programs per split = 33 -> 32
     assert choose_num_splits(32, 8, 130, 132, per_sm=2) == 1  # 256 programs already fill the 264 slots

@@ -45,6 +45,31 @@ def test_head_dim_96_record_pays_no_padding():
     assert fmt.record_bytes < 0.77 * padded.record_bytes  # 96 of 128 channels' codes, 2/3 of their D scales
 
 
+@pytest.mark.parametrize("preset", list(PRESETS))
+@pytest.mark.parametrize("head_dim", [64, 96, 128, 256])
+def test_page_rows_count_whole_bytes_per_token(preset, head_dim):
+    """vLLM sizes pages in whole bytes per token: record_bytes / G rounded up, exact except at head_dim 96 with
+    128-token tiles (k4v2: 82.5 -> 83 bytes, a 10624-byte row for a 10560-byte record)."""
+    fmt = KVarNFormat.from_preset(preset, head_dim)
+    assert fmt.slot_bytes == -(-fmt.record_bytes // fmt.group) and fmt.page_row_bytes % 16 == 0
+    exact = not (head_dim == 96 and fmt.group == 128)
+    assert (fmt.page_row_bytes == fmt.record_bytes) == exact
+    assert fmt.page_row_bytes - fmt.record_bytes == (0 if exact else 64)
+
+
+def test_caches_with_wide_rows_are_accepted_and_bad_strides_refused():
+    fmt = KVarNFormat.from_preset("kvarn_k4v2_g128", 96)
+    fmt.check_cache(torch.zeros(2, 3, fmt.page_row_bytes, dtype=torch.uint8)[..., : fmt.record_bytes])
+    fmt.check_cache(torch.zeros(2, 3, 2 * fmt.record_bytes, dtype=torch.uint8)[..., : fmt.record_bytes])
+    misaligned = torch.zeros(2, 3, fmt.record_bytes + 8, dtype=torch.uint8)[..., : fmt.record_bytes]
+    with pytest.raises(ValueError, match="one record per row"):
+        fmt.check_cache(misaligned)
+    overlapping = torch.zeros(2 * 3 * fmt.record_bytes, dtype=torch.uint8).as_strided(
+        (2, 3, fmt.record_bytes), (3 * fmt.record_bytes, fmt.record_bytes // 2, 1))
+    with pytest.raises(ValueError, match="one record per row"):
+        fmt.check_cache(overlapping)
+
+
 def test_unsupported_head_dim_names_value_and_allowed():
     with pytest.raises(ValueError, match=r"head_dim 80 is not supported: use one of \(64, 96, 128, 256\)"):
         KVarNFormat.from_preset("kvarn_k4v2_g128", 80)

@@ -157,6 +157,23 @@ def test_out_of_range_block_ids_write_nothing(device):
     assert int(buffer[3:].count_nonzero()) == 0
 
 
+def test_records_in_rows_wider_than_a_record(device):
+    """vLLM pages count whole bytes per token: at head_dim 96 with 128-token tiles a (block, head) row is 10624 bytes
+    for a 10560-byte record (`KVarNFormat.page_row_bytes`). The kernel writes the same records into such rows and
+    leaves the rest of each row alone."""
+    fmt = KVarNFormat.from_preset("kvarn_k4v2_g128", 96, torch.float16)
+    assert (fmt.record_bytes, fmt.page_row_bytes) == (10560, 10624)
+    k, v = synthetic_kv(2 * 128, 2, 96, torch.float16, seed=4, device=device)
+    starts = torch.tensor([0, 128], dtype=torch.int32, device=device)
+    blocks = torch.tensor([2, 0], dtype=torch.int32, device=device)
+    rows = torch.full((3, 2, fmt.page_row_bytes), 0xAB, dtype=torch.uint8, device=device)
+    plain = fmt.allocate(3, 2, device)
+    quantize_into_cache(k, v, starts, blocks, rows[..., : fmt.record_bytes], fmt)
+    quantize_into_cache(k, v, starts, blocks, plain, fmt)
+    assert torch.equal(rows[[0, 2], :, : fmt.record_bytes], plain[[0, 2]])
+    assert bool((rows[..., fmt.record_bytes :] == 0xAB).all()) and bool((rows[1] == 0xAB).all())
+
+
 def test_empty_tile_list_is_a_no_op(device):
     fmt = KVarNFormat.from_preset("kvarn_k4v2_g64", 64)
     cache = fmt.allocate(2, 1, device)
