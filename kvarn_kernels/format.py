@@ -247,6 +247,7 @@ class KVarNFormat:
             "k_bits_per_element": k_bits_total / elems,
             "v_bits_per_element": v_bits_total / elems,
             "compression_vs_16bit": self.compression_vs_16bit,
+            "page_row_bytes": self.page_row_bytes,
         }
 
     # --- storage ---------------------------------------------------------------------------------
