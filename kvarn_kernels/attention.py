@@ -16,7 +16,8 @@ oracle is `reference.paged_attention_ref`.
 
 head_dim 96 runs 128 wide (`hadamard.padded_dim`: tl.arange needs a power of two): padded channels load as zeros
 (queries, codes, scales, 16-bit tokens), the zero-padded ±1 operand keeps them zero through q·H and the un-rotation, and
-they are never stored. Power-of-two head dims compile as before (every mask sits in a constexpr branch).
+they are never stored. Power-of-two head dims skip every mask (constexpr branches): their sm_90 builds have the
+instructions they had before (a few ordered differently).
 """
 
 from __future__ import annotations
@@ -190,7 +191,7 @@ def _softmax_step(s, visible, m_i, l_i):
 @triton.jit
 def _load_channels(ptrs, ch, D: tl.constexpr):
     """tl.load(ptrs) where ch (channel indices, broadcast to ptrs' shape) runs over padded_dim(D): padded channels
-    read 0 (masked). Power-of-two D: an unmasked load, the build before padding."""
+    read 0 (masked). Power-of-two D: an unmasked load, as before padding."""
     if padded_dim(D) != D:
         x = tl.load(ptrs, mask=ch < D, other=0.0)
     else:

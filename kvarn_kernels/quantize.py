@@ -24,7 +24,8 @@ How the kernel keeps the reference's semantics at a fraction of its work:
   by each row's step through its correctly rounded reciprocal (`_row_quotient`: the division's result, 3 operations).
 - head_dim 96 runs 128 wide (`padded_dim`): the padded channels load as zeros, rotate to zeros (the ±1 operand is
   zero-padded), are left out of every statistic over channels (means, stds, their max/min ratios, RTN ranges, the
-  guard's column sums) and are never stored. Power-of-two head dims compile exactly as before (constexpr branches).
+  guard's column sums) and are never stored. Power-of-two head dims skip every mask (constexpr branches): their sm_90
+  builds have the instructions they had before (a few ordered differently).
 """
 
 from __future__ import annotations
