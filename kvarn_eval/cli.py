@@ -25,6 +25,7 @@ from pathlib import Path
 import torch
 
 from kvarn_kernels import DEFAULT_PRESET, PRESETS, KVarNFormat
+from kvarn_kernels.format import SUPPORTED_HEAD_DIMS
 
 
 def _dtype(name: str) -> torch.dtype:
@@ -53,6 +54,11 @@ def cmd_info(args: argparse.Namespace) -> int:
     print(f"  bits per element: {info['bits_per_element']:.3f} (K {info['k_bits_per_element']:.3f}, "
           f"V {info['v_bits_per_element']:.3f})")
     print(f"  compression vs 16-bit: {info['compression_vs_16bit']:.2f}x")
+    if info["page_row_bytes"] != info["record_bytes"]:
+        # vLLM sizes pages in whole bytes per token: such a record sits in a slightly wider page row.
+        row = info["page_row_bytes"]
+        print(f"  vLLM page row per (tile, KV head): {row} B ({row // info['group']} B per token, "
+              f"{4 * info['head_dim'] * info['group'] / row:.2f}x)")
     return 0
 
 
@@ -247,7 +253,8 @@ def build_parser() -> argparse.ArgumentParser:
     info = sub.add_parser("info", help="byte layout, bits per element and compression of a preset",
                           description="Byte layout, bits per element and compression of a KVarN preset.")
     info.add_argument("--preset", default=DEFAULT_PRESET, choices=list(PRESETS), help=f"default {DEFAULT_PRESET}")
-    info.add_argument("--head-dim", type=int, default=128, help="attention head size (default 128)")
+    info.add_argument("--head-dim", type=int, default=128,
+                      help=f"attention head size: {', '.join(map(str, SUPPORTED_HEAD_DIMS))} (default 128)")
     info.add_argument("--dtype", type=_dtype, default=torch.float16,
                       help="activation dtype: float16, bfloat16 or float32 (sets the scale dtype; default float16)")
     info.add_argument("--json", action="store_true", help="print the description as JSON")
@@ -258,7 +265,7 @@ def build_parser() -> argparse.ArgumentParser:
                                        "report relative errors of KVarN, KIVI-style RTN at the same bits, and the "
                                        "bf16 floor, with an explanation of what the numbers mean.")
     check.add_argument("--preset", default=DEFAULT_PRESET, choices=list(PRESETS), help=f"default {DEFAULT_PRESET}")
-    check.add_argument("--head-dim", type=int, default=128, choices=[64, 128, 256], help="default 128")
+    check.add_argument("--head-dim", type=int, default=128, choices=list(SUPPORTED_HEAD_DIMS), help="default 128")
     check.add_argument("--device", choices=["cpu", "cuda"],
                        help="cpu (PyTorch reference) or cuda (Triton kernels); default: cuda when available")
     check.add_argument("--json", action="store_true", help="print the measurements as JSON")

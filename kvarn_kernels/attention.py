@@ -13,6 +13,11 @@ int→float conversion). The attention kernel rotates its queries (q·H, a dot w
 un-rotates its quantized part (·H) and either stores the output in the query's dtype (one split) or writes a split
 partial; with several splits a second launch merges them (log-sum-exp, one program per (query, head) row). The
 oracle is `reference.paged_attention_ref`.
+
+head_dim 96 runs 128 wide (`hadamard.padded_dim`: tl.arange needs a power of two): padded channels load as zeros
+(queries, codes, scales, 16-bit tokens), the zero-padded ±1 operand keeps them zero through q·H and the un-rotation, and
+they are never stored. Power-of-two head dims skip every mask (constexpr branches): their sm_90 builds have the
+instructions they had before (a few ordered differently).
 """
 
 from __future__ import annotations
@@ -28,7 +33,7 @@ import triton.language as tl
 from .dense_history import buffer_rows, dense_history
 from .env import check_tables, interpreted
 from .format import KVarNFormat, k_frame_flag_offset, k_frame_is_rotated, scale_offset
-from .hadamard import hadamard_signs, unrotate
+from .hadamard import hadamard_signs, padded_dim, unrotate
 from .state import PagedKV
 
 MIN_TILES_PER_SPLIT = 1
@@ -60,7 +65,7 @@ class Tuning:
     dense_units: int = 3
     # (query, head) rows of a chunk program, by head_dim (others: chunk_rows_default): at head_dim 128, 64 rows
     # spilled heavily in the tile loop and 32 rows ran faster at every chunk size measured.
-    chunk_rows: dict = field(default_factory=lambda: {128: 32})
+    chunk_rows: dict = field(default_factory=lambda: {128: 32, 96: 32})  # 96 runs 128 wide (not measured apart)
     chunk_rows_default: int = 64
     # Chunks of at least this many queries per sequence (on a GPU, 16-bit models) dequantize the history once into a
     # transient 16-bit buffer and run torch's varlen flash attention over it (`dense_history.py`): from there that is
@@ -79,7 +84,7 @@ class Tuning:
     # (2 x 4 warps), 256 needs 147 KB of shared memory (1 x 8 warps; compile_stats.py prints both). Decode splits fill
     # one such wave: more programs than an SM holds wait for a second wave, and every split adds partials to merge;
     # fewer leave SMs idle.
-    decode_programs_per_sm: dict = field(default_factory=lambda: {64: 2, 128: 2, 256: 1})
+    decode_programs_per_sm: dict = field(default_factory=lambda: {64: 2, 96: 2, 128: 2, 256: 1})
     # ... and of the one-tile-at-a-time split build (tile_groups 1, splits > 1), by (head_dim, model dtype, GQA group
     # size), where it holds 3 x 4 warps per SM (at most 168 registers, with the caps of one_tile_maxnreg where ptxas
     # would take more). These decodes take any split count of one_tile_splits that fits such a wave, not only powers
@@ -166,8 +171,10 @@ def merge_unrotates(splits: int, groups: int, head_dim: int, block_m: int, has_n
     Their splits are short (a few tiles), so the un-rotation (two [16, D] x [D, D] dots per split) was a large share of
     each. Splits holding 16-bit tokens still un-rotate their tiles' share themselves (the two frames meet in the split's
     output), and row-group builds are left alone: without the un-rotation ptxas allocated their registers differently
-    and long contexts ran slower."""
-    return splits > 1 and groups == 1 and block_m == 1 and not has_new and head_dim <= 128
+    and long contexts ran slower. Powers of two only (the merge's Sylvester factoring): head_dim 96 un-rotates in the
+    attention kernel."""
+    return (splits > 1 and groups == 1 and block_m == 1 and not has_new and head_dim <= 128
+            and head_dim == padded_dim(head_dim))
 
 
 @triton.jit
@@ -182,19 +189,39 @@ def _softmax_step(s, visible, m_i, l_i):
 
 
 @triton.jit
+def _load_channels(ptrs, ch, D: tl.constexpr):
+    """tl.load(ptrs) where ch (channel indices, broadcast to ptrs' shape) runs over padded_dim(D): padded channels
+    read 0 (masked). Power-of-two D: an unmasked load, as before padding."""
+    if padded_dim(D) != D:
+        x = tl.load(ptrs, mask=ch < D, other=0.0)
+    else:
+        x = tl.load(ptrs)
+    return x
+
+
+@triton.jit
+def _channel_mask(mask, ch, D: tl.constexpr):
+    """mask & (ch < D) where D is padded (head_dim 96), else mask itself."""
+    if padded_dim(D) != D:
+        mask = mask & (ch < D)
+    return mask
+
+
+@triton.jit
 def _attend_dense(q, k_ptr, v_ptr, stride_tok, n_valid, key_pos0, q_pos, row_ok, m_i, l_i, acc,
                   sm_scale, BLOCK_N: tl.constexpr, D: tl.constexpr, DOT: tl.constexpr, PRECISION: tl.constexpr):
     """Attend to n_valid 16-bit tokens at k_ptr/v_ptr (token stride stride_tok), BLOCK_N at a time."""
     t = tl.arange(0, BLOCK_N)
-    d = tl.arange(0, D)
+    d = tl.arange(0, padded_dim(D))
     for start in range(0, n_valid, BLOCK_N):
         tok_ok = start + t < n_valid
+        ld_ok = _channel_mask(tok_ok[:, None], d[None, :], D)
         offs = (start + t)[:, None] * stride_tok + d[None, :]
-        k = tl.load(k_ptr + offs, mask=tok_ok[:, None], other=0.0).to(DOT)
+        k = tl.load(k_ptr + offs, mask=ld_ok, other=0.0).to(DOT)
         s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * sm_scale
         visible = row_ok[:, None] & tok_ok[None, :] & ((key_pos0 + start + t)[None, :] <= q_pos[:, None])
         p, alpha, m_i, l_i = _softmax_step(s, visible, m_i, l_i)
-        v = tl.load(v_ptr + offs, mask=tok_ok[:, None], other=0.0).to(DOT)
+        v = tl.load(v_ptr + offs, mask=ld_ok, other=0.0).to(DOT)
         acc = acc * alpha[:, None] + tl.dot(p.to(DOT), v, input_precision=PRECISION)
     return m_i, l_i, acc
 
@@ -333,11 +360,11 @@ def _tile_extras(scales_ptr, G: tl.constexpr, D: tl.constexpr):
     """The scales of a tile that feed no dot (K row zeros, V column scales, V row zeros per plane). Triton's
     pipeliner leaves such loads in place, so the tile loop loads them one tile ahead itself."""
     W: tl.constexpr = G // 4
-    d = tl.arange(0, D)
+    d = tl.arange(0, padded_dim(D))
     t = tl.arange(0, W)
     vz = scales_ptr + scale_offset("v_row_zero", D, G) + t
-    return (tl.load(scales_ptr + scale_offset("k_row_zero", D, G) + d),
-            tl.load(scales_ptr + scale_offset("v_col_scale", D, G) + d),
+    return (_load_channels(scales_ptr + scale_offset("k_row_zero", D, G) + d, d, D),
+            _load_channels(scales_ptr + scale_offset("v_col_scale", D, G) + d, d, D),
             tl.load(vz), tl.load(vz + W), tl.load(vz + 2 * W), tl.load(vz + 3 * W))
 
 
@@ -352,7 +379,7 @@ def _attend_tile(q_rot, q_plain, kw_ptr, vw_ptr, scales_ptr, k_row_zero, v_col_s
     so the tile is four [D, W] operands, never a [D, G] unpacked copy (register pressure limits this kernel).
     """
     W: tl.constexpr = G // 4
-    d = tl.arange(0, D)
+    d = tl.arange(0, padded_dim(D))
     w_offs = d[:, None] * W + tl.arange(0, W)[None, :]
     # Scales that feed a dot are loaded broadcast over the ROWS rows: at 16 bytes per thread (not 2) Triton's
     # pipeliner turns them into asynchronous copies issued a tile ahead (1-D [D] loads stalled every tile).
@@ -362,9 +389,10 @@ def _attend_tile(q_rot, q_plain, kw_ptr, vw_ptr, scales_ptr, k_row_zero, v_col_s
     k_rotated = k_frame_is_rotated(tl.split(flag)[0])
     qk = tl.where(k_rotated[:, None], q_rot, q_plain.to(tl.float32))
     t = tl.arange(0, W)
-    qs = (qk * tl.load(scales_ptr + scale_offset("k_row_scale", D, G) + rows0 + d[None, :]).to(tl.float32)).to(DOT)
+    qs = (qk * _load_channels(scales_ptr + scale_offset("k_row_scale", D, G) + rows0 + d[None, :], d[None, :],
+                              D).to(tl.float32)).to(DOT)
     zero_term = tl.sum(qk * k_row_zero.to(tl.float32)[None, :] - OFFSET * qs.to(tl.float32), axis=1)
-    kw = tl.load(kw_ptr + w_offs)
+    kw = _load_channels(kw_ptr + w_offs, d[:, None], D)
     s0, c0 = _tile_scores(qs, kw, scales_ptr, 0, W, D, KBITS, DOT, MAGIC, PRECISION)
     s1, c1 = _tile_scores(qs, kw, scales_ptr, 1, W, D, KBITS, DOT, MAGIC, PRECISION)
     s2, c2 = _tile_scores(qs, kw, scales_ptr, 2, W, D, KBITS, DOT, MAGIC, PRECISION)
@@ -384,7 +412,7 @@ def _attend_tile(q_rot, q_plain, kw_ptr, vw_ptr, scales_ptr, k_row_zero, v_col_s
         s2 = tl.where(row_ok[:, None] & ((key_pos0 + 2 * W + t)[None, :] <= q_pos[:, None]), s2, float("-inf"))
         s3 = tl.where(row_ok[:, None] & ((key_pos0 + 3 * W + t)[None, :] <= q_pos[:, None]), s3, float("-inf"))
     p0, p1, p2, p3, alpha, m_new, l_i = _softmax_planes(s0, s1, s2, s3, m_i, l_i)
-    vw = tl.load(vw_ptr + w_offs)
+    vw = _load_channels(vw_ptr + w_offs, d[:, None], D)
     pv = tl.zeros_like(acc)
     pv, z0 = _tile_values(pv, p0, vw, vz0, scales_ptr, 0, W, G, D, VBITS, DOT, MAGIC, OFFSET, PRECISION)
     pv, z1 = _tile_values(pv, p1, vw, vz1, scales_ptr, 1, W, G, D, VBITS, DOT, MAGIC, OFFSET, PRECISION)
@@ -420,7 +448,7 @@ def _attend_tile_group(q_rot, q_plain, bt, i, last_tile, grp, k_base, v_base, he
     Tiles past last_tile (the split's last group) read the last tile again and are masked out.
     """
     W: tl.constexpr = G // 4
-    d = tl.arange(0, D)
+    d = tl.arange(0, padded_dim(D))
     t = tl.arange(0, W)
     w_offs = d[:, None] * W + t[None, :]
     tile = i + grp
@@ -429,14 +457,16 @@ def _attend_tile_group(q_rot, q_plain, bt, i, last_tile, grp, k_base, v_base, he
     flag = tl.load(sc + k_frame_flag_offset(D, G) + tl.arange(0, 2)[None, :])
     k_rotated = k_frame_is_rotated(tl.split(flag)[0])
     qk = tl.where(k_rotated[:, None], q_rot, q_plain.to(tl.float32))
-    qs = (qk * tl.load(sc + scale_offset("k_row_scale", D, G) + d[None, :]).to(tl.float32)).to(DOT)
+    qs = (qk * _load_channels(sc + scale_offset("k_row_scale", D, G) + d[None, :], d[None, :], D).to(tl.float32)).to(
+        DOT)
     zero_term = tl.sum(qk * k_row_zero.to(tl.float32) - OFFSET * qs.to(tl.float32), axis=1)
     s0 = tl.zeros([ROWS, W], tl.float32)
     s1 = s0
     s2 = s0
     s3 = s0
     for g in tl.static_range(TG):
-        kw = tl.load(k_base + tl.load(bt + tl.minimum(i + g, last_tile - 1)).to(tl.int64) * kw_sb + w_offs)
+        kw = _load_channels(k_base + tl.load(bt + tl.minimum(i + g, last_tile - 1)).to(tl.int64) * kw_sb + w_offs,
+                            d[:, None], D)
         sel = (grp == g)[:, None]
         s0 = tl.where(sel, tl.dot(qs, _plane(kw, 0, KBITS, DOT, MAGIC, False), input_precision=PRECISION), s0)
         s1 = tl.where(sel, tl.dot(qs, _plane(kw, 1, KBITS, DOT, MAGIC, False), input_precision=PRECISION), s1)
@@ -465,7 +495,8 @@ def _attend_tile_group(q_rot, q_plain, bt, i, last_tile, grp, k_base, v_base, he
            + (p3 * vz3.to(tl.float32) - OFFSET * pr3.to(tl.float32)))
     pv = tl.zeros_like(acc)
     for g in tl.static_range(TG):
-        vw = tl.load(v_base + tl.load(bt + tl.minimum(i + g, last_tile - 1)).to(tl.int64) * vw_sb + w_offs)
+        vw = _load_channels(v_base + tl.load(bt + tl.minimum(i + g, last_tile - 1)).to(tl.int64) * vw_sb + w_offs,
+                            d[:, None], D)
         pg = tl.dot(pr0, tl.trans(_plane(vw, 0, VBITS, DOT, MAGIC, True)), input_precision=PRECISION)
         pg = tl.dot(pr1, tl.trans(_plane(vw, 1, VBITS, DOT, MAGIC, True)), pg, input_precision=PRECISION)
         pg = tl.dot(pr2, tl.trans(_plane(vw, 2, VBITS, DOT, MAGIC, True)), pg, input_precision=PRECISION)
@@ -481,14 +512,15 @@ def _merge_groups(m, l, acc, TG: tl.constexpr, ROWS: tl.constexpr, D: tl.constex
     """Log-sum-exp merge of the TG row groups' states (m in log2 units, acc [ROWS, D]) into each group's rows: every
     row ends up holding its head's state over all the groups' tiles."""
     GS: tl.constexpr = ROWS // TG
+    DP: tl.constexpr = padded_dim(D)
     m3 = tl.reshape(m, [TG, GS])
     m_all = tl.max(m3, axis=0)
     w = tl.exp2(m3 - tl.where(m_all == float("-inf"), 0.0, m_all)[None, :])  # 0 where a group saw no tile
     l_all = tl.sum(tl.reshape(l, [TG, GS]) * w, axis=0)
-    acc_all = tl.sum(tl.reshape(acc, [TG, GS, D]) * w[:, :, None], axis=0)
+    acc_all = tl.sum(tl.reshape(acc, [TG, GS, DP]) * w[:, :, None], axis=0)
     m = tl.reshape(tl.broadcast_to(m_all[None, :], [TG, GS]), [ROWS])
     l = tl.reshape(tl.broadcast_to(l_all[None, :], [TG, GS]), [ROWS])
-    acc = tl.reshape(tl.broadcast_to(acc_all[None, :, :], [TG, GS, D]), [ROWS, D])
+    acc = tl.reshape(tl.broadcast_to(acc_all[None, :, :], [TG, GS, DP]), [ROWS, DP])
     return m, l, acc
 
 
@@ -548,16 +580,17 @@ def _paged_attention_kernel(
         row_ok = (r // N_REP < BLOCK_M) & (m_idx < q_len)
         q_ok = row_ok
     q_pos = hist + n_new - q_len + m_idx  # bottom-right causal over [history, new tokens]
-    d = tl.arange(0, D)
+    DP: tl.constexpr = padded_dim(D)  # head_dim 96 runs 128 wide, its padded channels masked
+    d = tl.arange(0, DP)
     q_offs = (q_start + m_idx).to(tl.int64)[:, None] * stride_qt + head[:, None] * stride_qh + d[None, :]
 
     # Two online-softmax states, merged at the end: quantized tiles (rotated frame) and 16-bit tokens.
     m_q = tl.full([ROWS], float("-inf"), tl.float32)
     l_q = tl.zeros([ROWS], tl.float32)
-    acc_q = tl.zeros([ROWS, D], tl.float32)
+    acc_q = tl.zeros([ROWS, DP], tl.float32)
     m_d = tl.full([ROWS], float("-inf"), tl.float32)
     l_d = tl.zeros([ROWS], tl.float32)
-    acc_plain = tl.zeros([ROWS, D], tl.float32)
+    acc_plain = tl.zeros([ROWS, DP], tl.float32)
 
     rest = tl.maximum(hist - G, 0)
     n_tiles = rest // G
@@ -581,10 +614,10 @@ def _paged_attention_kernel(
     # the rotated frame; the merge un-rotates the sum of such splits' outputs once (see `merge_unrotates`).
     plain_frame = (u0 == 0) | ((u0 <= DU + n_tiles) & (DU + n_tiles < u1))
     # Loaded once: the offsets tensor is dead before the tile loop (registers are what limit this kernel).
-    qp = tl.load(q + q_offs, mask=q_ok[:, None], other=0.0).to(DOT)
+    qp = tl.load(q + q_offs, mask=_channel_mask(q_ok[:, None], d[None, :], D), other=0.0).to(DOT)
     if first_tile < last_tile:
         # q·H in-kernel: ±1 entries make the 16-bit products exact; 1/sqrt(D) is applied in float32.
-        h_offs = d[:, None] * D + d[None, :]
+        h_offs = d[:, None] * DP + d[None, :]
         qr = tl.dot(qp, tl.load(hadamard_ptr + h_offs),
                     input_precision=PRECISION) * (1.0 / tl.sqrt(D * 1.0))
         bt = block_table + b.to(tl.int64) * stride_bt
@@ -657,10 +690,11 @@ def _paged_attention_kernel(
     acc = acc_plain * w_d[:, None] + acc_q * w_q[:, None]
     t_idx = (q_start + m_idx).to(tl.int64)
     out_offs = t_idx[:, None] * stride_pt + head[:, None] * stride_ph + d[None, :]
+    out_ok = _channel_mask(row_ok[:, None], d[None, :], D)
     if NUM_SPLITS == 1:
         # Nothing to merge: the output straight from here (out has part's [T, Hq, D] strides).
         tl.store(out + out_offs, (acc * tl.where(l_i > 0, 1.0 / l_i, 0.0)[:, None]).to(out.dtype.element_ty),
-                 mask=row_ok[:, None])
+                 mask=out_ok)
     else:
         # The split's normalized output and its log-sum-exp (−inf: it saw no key). Storing acc, m and l instead, ptxas
         # left spill reloads in the split row-group builds' tile loop (head_dim 128), which made long decodes slower.
@@ -672,7 +706,7 @@ def _paged_attention_kernel(
             tl.store(part_lse + NUM_SPLITS * (stride_ps // D) + lse_offs, tl.where(plain_frame, 0.0, 1.0) + l_i * 0.0,
                      mask=row_ok)
         tl.store(part + split * stride_ps + out_offs, acc * tl.where(l_i > 0, 1.0 / l_i, 0.0)[:, None],
-                 mask=row_ok[:, None])
+                 mask=out_ok)
         if PDL:
             # This program is done: once every program is, the merge launch may start (it waits for this launch's
             # writes itself), so its launch overlaps this launch's last programs instead of following them.
@@ -719,12 +753,13 @@ def _merge_splits_kernel(part, part_lse, out, n_rows, NUM_SPLITS: tl.constexpr, 
     row = tl.program_id(0).to(tl.int64)
     s = tl.arange(0, SPLITS_P2)
     s_ok = s < NUM_SPLITS
-    d = tl.arange(0, D)
+    d = tl.arange(0, padded_dim(D))  # head_dim 96: 128 wide, padded channels masked
     if PDL:
         tl.extra.cuda.gdc_wait()
     # All loads issued before any use: one memory round trip, not several.
     lse = tl.load(part_lse + s * n_rows + row, mask=s_ok, other=float("-inf"))
-    o = tl.load(part + (s[:, None] * n_rows + row) * D + d[None, :], mask=s_ok[:, None], other=0.0)
+    o = tl.load(part + (s[:, None] * n_rows + row) * D + d[None, :], mask=_channel_mask(s_ok[:, None], d[None, :], D),
+                other=0.0)
     if UNROTATE:
         rotated = tl.load(part_lse + (NUM_SPLITS + s) * n_rows + row, mask=s_ok, other=0.0)
     m = tl.max(lse, axis=0)
@@ -735,7 +770,11 @@ def _merge_splits_kernel(part, part_lse, out, n_rows, NUM_SPLITS: tl.constexpr, 
         res = tl.sum(o * (w - w_rot)[:, None], axis=0) + _unrotate_vector(tl.sum(o * w_rot[:, None], axis=0), D)
     else:
         res = tl.sum(o * w[:, None], axis=0)
-    tl.store(out + row * D + d, (res * tl.where(w_tot > 0, 1.0 / w_tot, 0.0)).to(out.dtype.element_ty))
+    res = (res * tl.where(w_tot > 0, 1.0 / w_tot, 0.0)).to(out.dtype.element_ty)
+    if padded_dim(D) != D:
+        tl.store(out + row * D + d, res, mask=d < D)
+    else:
+        tl.store(out + row * D + d, res)
 
 
 def choose_num_splits(batch: int, num_kv_heads: int, max_tiles: int, num_sms: int = 132, q_blocks: int = 1,

@@ -9,7 +9,8 @@ attention over it. Decode never takes this route: it reads the packed tiles dire
 One launch, grid (batch, kv_heads, units): unit i < max_tiles dequantizes tile i of the sequence (K in its stored
 frame, un-rotated with the exact bf16 hi+lo dots when its K-frame flag says rotated; V always un-rotated), the next
 two copy the 16-bit sink and tail, the rest copy the new tokens G at a time. The oracle is
-`reference.gather_history` plus the new tokens.
+`reference.gather_history` plus the new tokens. head_dim 96 runs 128 wide (`padded_dim`): padded channels are masked
+out of every load and store, and the zero-padded ±1 operand keeps them out of the un-rotation.
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ import triton.language as tl
 
 from .env import interpreted
 from .format import k_frame_flag_offset, k_frame_is_rotated, scale_offset
-from .hadamard import hadamard_signs, unrotate
+from .hadamard import hadamard_signs, padded_dim, unrotate
 from .state import PagedKV
 
 # Launch option (aot.py compiles with it too): 8 warps hold a [D, G] tile pass at 255 registers with a small spill.
@@ -28,10 +29,22 @@ NUM_WARPS = 8
 
 
 @triton.jit
+def _load_channels(ptrs, d, D: tl.constexpr):
+    """tl.load(ptrs) of one value per channel d (padded_dim(D) of them): padded channels read 0 (masked)."""
+    if padded_dim(D) != D:
+        x = tl.load(ptrs, mask=d < D, other=0.0)
+    else:
+        x = tl.load(ptrs)
+    return x
+
+
+@triton.jit
 def _copy_rows(src, src_stride, dst, dst_stride, n, D: tl.constexpr, BLOCK: tl.constexpr):
     t = tl.arange(0, BLOCK)
-    d = tl.arange(0, D)
+    d = tl.arange(0, padded_dim(D))
     ok = (t < n)[:, None]
+    if padded_dim(D) != D:
+        ok = ok & (d < D)[None, :]
     x = tl.load(src + t[:, None] * src_stride + d[None, :], mask=ok, other=0.0)
     tl.store(dst + t[:, None] * dst_stride + d[None, :], x.to(dst.dtype.element_ty), mask=ok)
 
@@ -40,9 +53,12 @@ def _copy_rows(src, src_stride, dst, dst_stride, n, D: tl.constexpr, BLOCK: tl.c
 def _codes(words_ptr, BITS: tl.constexpr, G: tl.constexpr, D: tl.constexpr):
     """Codes [D, G] of a record's planar words (word j of a channel holds tokens j, j+W, j+2W, j+3W; W = G/4)."""
     W: tl.constexpr = G // 4
-    d = tl.arange(0, D)
+    d = tl.arange(0, padded_dim(D))
     t = tl.arange(0, G)
-    w = tl.load(words_ptr + d[:, None] * W + (t % W)[None, :]).to(tl.int32)
+    if padded_dim(D) != D:
+        w = tl.load(words_ptr + d[:, None] * W + (t % W)[None, :], mask=(d < D)[:, None], other=0).to(tl.int32)
+    else:
+        w = tl.load(words_ptr + d[:, None] * W + (t % W)[None, :]).to(tl.int32)
     return ((w >> ((t // W) * BITS)[None, :]) & (2**BITS - 1)).to(tl.float32)
 
 
@@ -65,27 +81,32 @@ def _dense_history_kernel(
     out_k = k_out + row0 * stride_ot + h * stride_oh
     out_v = v_out + row0 * stride_ot + h * stride_oh
     t = tl.arange(0, G)
-    d = tl.arange(0, D)
+    d = tl.arange(0, padded_dim(D))  # head_dim 96: 128 wide, padded channels masked
     if u < n_tiles:
         block = tl.load(block_table + b.to(tl.int64) * stride_bt + u).to(tl.int64)
         sc = scales + block * sc_sb + h * sc_sh
         # K [D, G]: (code · row_scale[d] + row_zero[d]) · |col_scale[t]|; col_scale[0]'s sign is the K-frame flag.
         kcs = tl.load(sc + scale_offset("k_col_scale", D, G) + t).to(tl.float32)
         k_mat = (_codes(k_words + block * kw_sb + h * kw_sh, KBITS, G, D)
-                 * tl.load(sc + scale_offset("k_row_scale", D, G) + d).to(tl.float32)[:, None]
-                 + tl.load(sc + scale_offset("k_row_zero", D, G) + d).to(tl.float32)[:, None]) * tl.abs(kcs)[None, :]
+                 * _load_channels(sc + scale_offset("k_row_scale", D, G) + d, d, D).to(tl.float32)[:, None]
+                 + _load_channels(sc + scale_offset("k_row_zero", D, G) + d, d, D).to(tl.float32)[:, None]
+                 ) * tl.abs(kcs)[None, :]
         rotated = k_frame_is_rotated(tl.load(sc + k_frame_flag_offset(D, G) + t * 0))  # broadcast over the tokens
         k_tok = tl.trans(k_mat)
         k_tok = tl.where(rotated[:, None], unrotate(k_tok, hadamard_ptr, D, UNROTATE_F32), k_tok)
         # V [D, G] in the rotated frame: (code · row_scale[t] + row_zero[t]) · col_scale[d], then un-rotated.
         v_mat = (_codes(v_words + block * vw_sb + h * vw_sh, VBITS, G, D)
                  * tl.load(sc + scale_offset("v_row_scale", D, G) + t).to(tl.float32)[None, :]
-                 + tl.load(sc + scale_offset("v_row_zero", D, G) + t).to(tl.float32)[None, :]) * tl.load(
-            sc + scale_offset("v_col_scale", D, G) + d).to(tl.float32)[:, None]
+                 + tl.load(sc + scale_offset("v_row_zero", D, G) + t).to(tl.float32)[None, :]) * _load_channels(
+            sc + scale_offset("v_col_scale", D, G) + d, d, D).to(tl.float32)[:, None]
         v_tok = unrotate(tl.trans(v_mat), hadamard_ptr, D, UNROTATE_F32)
         offs = (G * (1 + u) + t).to(tl.int64)[:, None] * stride_ot + d[None, :]
-        tl.store(out_k + offs, k_tok.to(k_out.dtype.element_ty))
-        tl.store(out_v + offs, v_tok.to(v_out.dtype.element_ty))
+        if padded_dim(D) != D:
+            tl.store(out_k + offs, k_tok.to(k_out.dtype.element_ty), mask=(d < D)[None, :])
+            tl.store(out_v + offs, v_tok.to(v_out.dtype.element_ty), mask=(d < D)[None, :])
+        else:
+            tl.store(out_k + offs, k_tok.to(k_out.dtype.element_ty))
+            tl.store(out_v + offs, v_tok.to(v_out.dtype.element_ty))
     elif u == max_tiles:
         base = tl.load(dense_table + 2 * b).to(tl.int64) * stride_db + h * stride_dh
         n = tl.minimum(hist, G)

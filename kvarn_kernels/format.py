@@ -30,6 +30,9 @@ when it is set, this record's K was quantized unrotated (original frame) and col
 The quantizer leaves K unrotated unless rotating lowers the tile's per-channel range cost Σ_d range_d²
 (`reference.choose_k_rotation`): loud, bounded key channels (e.g. RoPE'd key biases) keep their own ranges.
 V is always rotated. Version 1 records (no flag) read as rotated.
+
+head_dim 96 (Phi-3-mini) needs no padding in the record: every section above is sized with D = 96 (96 code rows of
+K and of V, 96-word D scale sections), and the rotation is the order-96 Hadamard matrix H12 ⊗ H8 (`hadamard`).
 """
 
 from __future__ import annotations
@@ -41,7 +44,8 @@ import triton
 import triton.language as tl
 
 FORMAT_VERSION = 2
-SUPPORTED_HEAD_DIMS = (64, 128, 256)
+# 96 (Phi-3/3.5-mini): records hold 96 channels; kernels run 128 wide in registers (`hadamard.padded_dim`).
+SUPPORTED_HEAD_DIMS = (64, 96, 128, 256)
 SUPPORTED_BITS = (2, 4)
 SUPPORTED_ACTIVATION_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
@@ -182,6 +186,18 @@ class KVarNFormat:
         return self.record_bytes / self.group
 
     @property
+    def slot_bytes(self) -> int:
+        """Whole bytes per token per KV head, for page arithmetic that counts whole bytes per token (vLLM's):
+        record_bytes / group rounded up. Exact for every preset and head_dim except 96 with 128-token tiles (k4v2:
+        82.5 B/token, so a page row of 128 x 83 = 10624 bytes holds the 10560-byte record: 0.6 % unused)."""
+        return -(-self.record_bytes // self.group)
+
+    @property
+    def page_row_bytes(self) -> int:
+        """Bytes of one (block, KV head) row of such a page: group x slot_bytes (>= record_bytes, a multiple of 16)."""
+        return self.group * self.slot_bytes
+
+    @property
     def bits_per_element(self) -> float:
         return 8 * self.record_bytes / (2 * self.group * self.head_dim)
 
@@ -231,6 +247,7 @@ class KVarNFormat:
             "k_bits_per_element": k_bits_total / elems,
             "v_bits_per_element": v_bits_total / elems,
             "compression_vs_16bit": self.compression_vs_16bit,
+            "page_row_bytes": self.page_row_bytes,
         }
 
     # --- storage ---------------------------------------------------------------------------------
@@ -260,8 +277,12 @@ class KVarNFormat:
                 f"cache of dtype {cache.dtype} and shape {tuple(cache.shape)} does not hold {self.preset} "
                 f"records: expected uint8 [num_blocks, num_kv_heads, {self.record_bytes}]"
             )
-        if cache.stride(-1) != 1 or cache.stride(1) != self.record_bytes:
-            raise ValueError("cache must be contiguous in its last two dimensions (one record per row)")
+        # One record per row; rows may be wider than a record (`page_row_bytes`: vLLM pages at head_dim 96).
+        row = cache.stride(1)
+        if cache.stride(-1) != 1 or row < self.record_bytes or row % 16:
+            raise ValueError(f"cache must hold one record per row: unit stride in its last dimension and a row stride "
+                             f"that is a multiple of 16 of at least {self.record_bytes} bytes, got strides "
+                             f"{tuple(cache.stride())}")
 
 
 def word_dtype(bits: int) -> torch.dtype:

@@ -22,6 +22,10 @@ How the kernel keeps the reference's semantics at a fraction of its work:
 - Vector logs use the hardware lg2 (tl.log2 is a polynomial); the guard's spreads, the round-to-nearest ranges,
   the row energies and the NaN poison come from one more pass; the tile is quantized in one last pass, which divides
   by each row's step through its correctly rounded reciprocal (`_row_quotient`: the division's result, 3 operations).
+- head_dim 96 runs 128 wide (`padded_dim`): the padded channels load as zeros, rotate to zeros (the ±1 operand is
+  zero-padded), are left out of every statistic over channels (means, stds, their max/min ratios, RTN ranges, the
+  guard's column sums) and are never stored. Power-of-two head dims skip every mask (constexpr branches): their sm_90
+  builds have the instructions they had before (a few ordered differently).
 """
 
 from __future__ import annotations
@@ -35,7 +39,7 @@ import triton.language as tl
 from . import constants
 from .codec import check_k_weights
 from .format import KVarNFormat, scale_offset
-from .hadamard import hadamard_signs
+from .hadamard import hadamard_signs, padded_dim
 
 # The quantizer's constants, as constexprs so that jitted code may read them.
 STD_MIN = tl.constexpr(constants.STD_MIN)
@@ -128,10 +132,31 @@ def _log_std(s1, s2, N: tl.constexpr, COMPILED: tl.constexpr):
 
 
 @triton.jit
-def _log_ratio(log_std, COMPILED: tl.constexpr):
-    """max(std)/min(std) from log stds."""
-    lo, hi = _min_max_of(log_std, log_std, 0, COMPILED)
+def _log_ratio(log_std, COMPILED: tl.constexpr, ok, PADDED: tl.constexpr):
+    """max(std)/min(std) from log stds; PADDED: only the entries where ok count (padded channels do not)."""
+    if not PADDED:
+        lo, hi = _min_max_of(log_std, log_std, 0, COMPILED)
+    else:
+        lo, hi = _min_max_of(tl.where(ok, log_std, float("inf")), tl.where(ok, log_std, float("-inf")), 0, COMPILED)
     return tl.exp(hi - lo)
+
+
+@triton.jit
+def _pad_zero(x, row_ok, col_ok, PAD_R: tl.constexpr, PAD_C: tl.constexpr):
+    """x [RP, CP] with its padded rows (PAD_R) and columns (PAD_C) set to 0 (a no-op without padding)."""
+    if PAD_R:
+        x = tl.where(row_ok[:, None], x, 0.0)
+    if PAD_C:
+        x = tl.where(col_ok[None, :], x, 0.0)
+    return x
+
+
+@triton.jit
+def _pad_fill(x, col_ok, fill, PAD_C: tl.constexpr):
+    """x [RP, CP] with its padded columns set to fill (±inf: left out of a min or a max over columns)."""
+    if PAD_C:
+        x = tl.where(col_ok[None, :], x, fill)
+    return x
 
 
 # --- normalize, round, pack, store ------------------------------------------------------------------
@@ -160,41 +185,51 @@ def _quantize_store(x, words_ptr, scales_ptr, col0_sign, R: tl.constexpr, C: tl.
     """Normalize and round matrix x [R, C] (float32); write planar code words and row/col scales (at word offsets
     ROW_SCALE, ROW_ZERO, COL_SCALE from the record's scales_ptr).
 
+    x is held [padded_dim(R), padded_dim(C)] (head_dim 96 runs 128 wide) with zeros in the padding: every sum over
+    rows or columns divides by the real R or C, padded rows/columns are masked out of deviations, std ratios and
+    ranges, and only the R x C codes and their scales are stored.
+
     col0_sign (±1.0) multiplies col_scale[0]: −1.0 sets the K-frame flag of an unrotated K (see format.py).
 
     Stds are kept as clamped logs (ls_*): the balancing works in the log domain, and max/min ratios of
     stds are exp(max − min) of their logs.
     """
+    RP: tl.constexpr = padded_dim(R)
+    CP: tl.constexpr = padded_dim(C)
+    PAD_R: tl.constexpr = RP != R
+    PAD_C: tl.constexpr = CP != C
+    row_ok = tl.arange(0, RP) < R
+    col_ok = tl.arange(0, CP) < C
     # The untouched state, with exact two-pass moments.
     sum_r = tl.sum(x, axis=1)
     mean_r = sum_r * (1.0 / C)
     mean_c = tl.sum(x, axis=0) * (1.0 / R)
-    dev_r = x - mean_r[:, None]
-    dev_c = x - mean_c[None, :]
+    dev_r = _pad_zero(x - mean_r[:, None], row_ok, col_ok, False, PAD_C)
+    dev_c = _pad_zero(x - mean_c[None, :], row_ok, col_ok, PAD_R, False)
     ls_r = _clamp_log_std(_log_std(0.0, tl.sum(dev_r * dev_r, axis=1), C, COMPILED))
     ls_c = _clamp_log_std(_log_std(0.0, tl.sum(dev_c * dev_c, axis=0), R, COMPILED))
-    best = _log_ratio(ls_c, COMPILED) + _log_ratio(ls_r, COMPILED)
+    best = _log_ratio(ls_c, COMPILED, col_ok, PAD_C) + _log_ratio(ls_r, COMPILED, row_ok, PAD_R)
 
-    log_r = tl.zeros([R], dtype=tl.float32)
+    log_r = tl.zeros([RP], dtype=tl.float32)
     best_r = log_r
-    best_c = tl.zeros([C], dtype=tl.float32)
+    best_c = tl.zeros([CP], dtype=tl.float32)
     # Each iteration first moves log_c by the log std of the current state's columns; that update is done at
     # the end of the previous iteration, so the column stds need not stay live across iterations.
     log_c = _clamp_log(ls_c)
     for _ in range(ITERS):
         # Rows of the state (log_r, log_c): log std = log std_c(x · b) − log_r.
-        d = x * tl.exp(-log_c)[None, :] - mean_r[:, None]
+        d = _pad_zero(x * tl.exp(-log_c)[None, :] - mean_r[:, None], row_ok, col_ok, False, PAD_C)
         s1, s2 = _sums(d, d * d, 1, COMPILED)
         mean_r = mean_r + s1 * (1.0 / C)
         lt = _log_std(s1, s2, C, COMPILED)
         log_r = _clamp_log(log_r + _clamp_log_std(lt - log_r))
         # The new state: its row stds by rescaling, its column stds std_r(x · a) · b from one pass.
         ls_r = _clamp_log_std(lt - log_r)
-        d = x * tl.exp(-log_r)[:, None] - mean_c[None, :]
+        d = _pad_zero(x * tl.exp(-log_r)[:, None] - mean_c[None, :], row_ok, col_ok, PAD_R, False)
         s1, s2 = _sums(d, d * d, 0, COMPILED)
         mean_c = mean_c + s1 * (1.0 / R)
         ls_c = _clamp_log_std(_log_std(s1, s2, R, COMPILED) - log_c)
-        imb = _log_ratio(ls_c, COMPILED) + _log_ratio(ls_r, COMPILED)
+        imb = _log_ratio(ls_c, COMPILED, col_ok, PAD_C) + _log_ratio(ls_r, COMPILED, row_ok, PAD_R)
         better = imb <= best
         best_r = tl.where(better, log_r, best_r)
         best_c = tl.where(better, log_c, best_c)
@@ -206,18 +241,24 @@ def _quantize_store(x, words_ptr, scales_ptr, col0_sign, R: tl.constexpr, C: tl.
     a = tl.exp(-best_r)
     b = tl.exp(-best_c)
     bal = x * a[:, None] * b[None, :]
+    # Padded columns: +inf for the minima, -inf for the maxima (padded rows are all zeros and weigh 0 below).
+    x_min, x_max = _pad_fill(x, col_ok, float("inf"), PAD_C), _pad_fill(x, col_ok, float("-inf"), PAD_C)
+    bal_min, bal_max = _pad_fill(bal, col_ok, float("inf"), PAD_C), _pad_fill(bal, col_ok, float("-inf"), PAD_C)
     if COMPILED:
-        energy, x_lo, x_hi, bal_lo, bal_hi = tl.reduce((x * x, x, x, bal, bal), 1, _guard_pass)
+        energy, x_lo, x_hi, bal_lo, bal_hi = tl.reduce((x * x, x_min, x_max, bal_min, bal_max), 1, _guard_pass)
     else:
         energy = tl.sum(x * x, axis=1)
-        x_lo, x_hi = _min_max_of(x, x, 1, False)
-        bal_lo, bal_hi = _min_max_of(bal, bal, 1, False)
+        x_lo, x_hi = _min_max_of(x_min, x_max, 1, False)
+        bal_lo, bal_hi = _min_max_of(bal_min, bal_max, 1, False)
     # The NaN poison of a row: NaN when it holds a NaN (its energy is NaN; compiled max/min would silently drop it) or
     # an Inf (its range reaches one), else 0. A finite row whose energy overflows is not poisoned.
     poison_r = tl.where((energy != energy) | (x_hi == float("inf")) | (x_lo == float("-inf")), float("nan"), 0.0)
     inv_energy = 1.0 / (energy + 1e-30)
     spread = (bal_hi - bal_lo) * tl.exp(best_r)
-    err_best = tl.sum(spread * spread * inv_energy, axis=0) * tl.sum(tl.exp(2 * best_c), axis=0)
+    col_energy = tl.exp(2 * best_c)
+    if PAD_C:
+        col_energy = tl.where(col_ok, col_energy, 0.0)
+    err_best = tl.sum(spread * spread * inv_energy, axis=0) * tl.sum(col_energy, axis=0)
     err_zero = tl.sum((x_hi - x_lo) * (x_hi - x_lo) * inv_energy, axis=0) * C
     worse = err_best > GUARD_FACTOR * err_zero
     best_r = tl.where(worse, 0.0, best_r)
@@ -239,14 +280,22 @@ def _quantize_store(x, words_ptr, scales_ptr, col0_sign, R: tl.constexpr, C: tl.
     else:
         _store_words(q, words_ptr, R, C, BITS)
 
-    r = tl.arange(0, R)
+    r = tl.arange(0, RP)
     s_row = tl.exp(best_r) + tl.sum(poison_r, axis=0)
     ty: tl.constexpr = scales_ptr.dtype.element_ty
-    tl.store(scales_ptr + ROW_SCALE + r, _round_to(s_row * step, ty))
-    tl.store(scales_ptr + ROW_ZERO + r, _round_to(s_row * lo, ty))
-    c = tl.arange(0, C)
+    _store_vector(scales_ptr + ROW_SCALE + r, _round_to(s_row * step, ty), row_ok, PAD_R)
+    _store_vector(scales_ptr + ROW_ZERO + r, _round_to(s_row * lo, ty), row_ok, PAD_R)
+    c = tl.arange(0, CP)
     col = tl.exp(best_c) * tl.where(c == 0, col0_sign, 1.0)
-    tl.store(scales_ptr + COL_SCALE + c, _round_to(col, ty))
+    _store_vector(scales_ptr + COL_SCALE + c, _round_to(col, ty), col_ok, PAD_C)
+
+
+@triton.jit
+def _store_vector(ptr, x, ok, PADDED: tl.constexpr):
+    if PADDED:
+        tl.store(ptr, x, mask=ok)
+    else:
+        tl.store(ptr, x)
 
 
 @triton.jit
@@ -284,12 +333,18 @@ def _round_to(x, ty: tl.constexpr):
 
 @triton.jit
 def _store_words(q, words_ptr, ROWS: tl.constexpr, N: tl.constexpr, BITS: tl.constexpr):
-    """Pack codes q [ROWS, N] planar: word j of a row holds columns j, j+N/4, j+N/2, j+3N/4."""
-    planes = tl.reshape(q, [ROWS, 4, N // 4]).to(tl.int32)
+    """Pack codes q [padded_dim(ROWS), N] planar: word j of a row holds columns j, j+N/4, j+N/2, j+3N/4. Rows past
+    ROWS (padding) are not stored."""
+    RP: tl.constexpr = padded_dim(ROWS)
+    planes = tl.reshape(q, [RP, 4, N // 4]).to(tl.int32)
     shifts = (tl.arange(0, 4) * BITS)[None, :, None]
     words = tl.sum(planes << shifts, axis=1)
-    offs = tl.arange(0, ROWS)[:, None] * (N // 4) + tl.arange(0, N // 4)[None, :]
-    tl.store(words_ptr + offs, words.to(words_ptr.dtype.element_ty))
+    rows = tl.arange(0, RP)[:, None]
+    offs = rows * (N // 4) + tl.arange(0, N // 4)[None, :]
+    if RP != ROWS:
+        tl.store(words_ptr + offs, words.to(words_ptr.dtype.element_ty), mask=rows < ROWS)
+    else:
+        tl.store(words_ptr + offs, words.to(words_ptr.dtype.element_ty))
 
 
 # --- rotation --------------------------------------------------------------------------------------
@@ -302,6 +357,9 @@ def _rotate(src_ptr, stride_t, signs_ptr, G: tl.constexpr, D: tl.constexpr, SCAL
     loads anyway (NaN when the tile holds a NaN or an Inf), its channels weighted by w_ptr[:D] if given (TRANSPOSED
     only: `reference.choose_k_rotation`'s channel weights); 0.0 otherwise.
 
+    head_dim 96: the tile is held 128 wide (`padded_dim`); padded channels load as 0 (range 0: no cost) and the
+    zero-padded ±1 operand (hadamard_signs) leaves them 0 after the rotation.
+
     The ±1 matrix (bfloat16) and 16-bit inputs multiply exactly on tensor cores, with float32 sums: the float32
     reference up to summation order. A float32 input is split exactly into three bfloat16 parts (8 significant
     bits each) that accumulate into the same sums. INTERPRETED: the interpreter's bfloat16 dot is wrong, so the
@@ -309,20 +367,30 @@ def _rotate(src_ptr, stride_t, signs_ptr, G: tl.constexpr, D: tl.constexpr, SCAL
     """
     # Sums over the D input channels in chunks of KC: shared memory holds one chunk of x and H at a time.
     KC: tl.constexpr = 64
-    rot = tl.zeros([D, G] if TRANSPOSED else [G, D], dtype=tl.float32)
+    DP: tl.constexpr = padded_dim(D)
+    rot = tl.zeros([DP, G] if TRANSPOSED else [G, DP], dtype=tl.float32)
     raw_cost = 0.0
-    for k0 in tl.range(0, D, KC):
+    for k0 in tl.range(0, DP, KC):
         kc = k0 + tl.arange(0, KC)
         if TRANSPOSED:
-            signs = tl.load(signs_ptr + tl.arange(0, D)[:, None] * D + kc[None, :])  # H[:, kc]
-            x = tl.load(src_ptr + kc[:, None] + tl.arange(0, G)[None, :] * stride_t)  # xᵀ[kc, :]
+            signs = tl.load(signs_ptr + tl.arange(0, DP)[:, None] * DP + kc[None, :])  # H[:, kc]
+            x_ptrs = src_ptr + kc[:, None] + tl.arange(0, G)[None, :] * stride_t  # xᵀ[kc, :]
+            kc_ok = kc[:, None] < D
         else:
-            signs = tl.load(signs_ptr + kc[:, None] * D + tl.arange(0, D)[None, :])  # H[kc, :]
-            x = tl.load(src_ptr + tl.arange(0, G)[:, None] * stride_t + kc[None, :])  # x[:, kc]
+            signs = tl.load(signs_ptr + kc[:, None] * DP + tl.arange(0, DP)[None, :])  # H[kc, :]
+            x_ptrs = src_ptr + tl.arange(0, G)[:, None] * stride_t + kc[None, :]  # x[:, kc]
+            kc_ok = kc[None, :] < D
+        if DP != D:
+            x = tl.load(x_ptrs, mask=kc_ok, other=0.0)
+        else:
+            x = tl.load(x_ptrs)
         if RANGE_COST:
             # The chunk's channels run along axis 0 of xᵀ[kc, :] (TRANSPOSED) or axis 1 of x[:, kc].
             if w_ptr is None:
                 raw_cost += _range_cost(x.to(tl.float32), 1 if TRANSPOSED else 0, not INTERPRETED)
+            elif DP != D:
+                raw_cost += _range_cost(x.to(tl.float32), 1 if TRANSPOSED else 0, not INTERPRETED,
+                                        tl.load(w_ptr + kc, mask=kc < D, other=0.0))
             else:
                 raw_cost += _range_cost(x.to(tl.float32), 1 if TRANSPOSED else 0, not INTERPRETED,
                                         tl.load(w_ptr + kc))
@@ -340,7 +408,7 @@ def _rotate(src_ptr, stride_t, signs_ptr, G: tl.constexpr, D: tl.constexpr, SCAL
     # The dot leaves the tile in the tensor cores' layout, where each thread holds 2 rows x 16-32 columns:
     # every column vector of the normalization would then cost 16-32 registers and instructions per thread.
     # An identity gather is the one way to move it to a blocked layout (4-8 rows x 4-8 columns per thread).
-    n: tl.constexpr = G if TRANSPOSED else D
+    n: tl.constexpr = G if TRANSPOSED else DP
     rot = tl.gather(rot, tl.broadcast_to(tl.arange(0, n)[None, :], rot.shape), axis=1)
     return rot * SCALE, raw_cost
 
@@ -366,6 +434,7 @@ def _quantize_tiles_kernel(
 ):
     n = tl.program_id(0)
     h = tl.program_id(1)
+    DP: tl.constexpr = padded_dim(D)  # head_dim 96 runs 128 wide (see `_quantize_store`)
     block = tl.load(block_ids + n).to(tl.int64)
     if (block < 0) | (block >= num_blocks):
         return  # an out-of-range block id (device data, not checked on the host) writes nothing, never out of bounds
@@ -381,7 +450,9 @@ def _quantize_tiles_kernel(
         if HAS_WEIGHTS:
             w_ptr = k_weights + (n * tl.num_programs(1) + h) * D
             k_rot, raw_cost = _rotate(k_src + offset, stride_t, signs, G, D, SCALE, True, INTERPRETED, True, w_ptr)
-            w_mean = tl.sum(tl.load(w_ptr + tl.arange(0, D)), axis=0) / D
+            dw = tl.arange(0, DP)
+            w_mean = tl.sum(tl.load(w_ptr + dw, mask=dw < D, other=0.0) if DP != D else tl.load(w_ptr + dw),
+                            axis=0) / D
             rotated = w_mean * _range_cost(k_rot, 1, not INTERPRETED) < raw_cost
         else:
             k_rot, raw_cost = _rotate(k_src + offset, stride_t, signs, G, D, SCALE, True, INTERPRETED, True)
@@ -389,9 +460,10 @@ def _quantize_tiles_kernel(
         unrotated = rotated == 0
         # The unrotated frame reloads the tile in the rotated tile's layout (no load when rotated): a second
         # copy of the tile is live only here, before the normalization's working set.
-        ch = tl.arange(0, D)[:, None]
+        ch = tl.arange(0, DP)[:, None]
         tok = tl.arange(0, G)[None, :]
-        raw = tl.load(k_src + offset + ch + tok * stride_t, mask=unrotated & (ch >= 0), other=0.0)
+        raw = tl.load(k_src + offset + ch + tok * stride_t, mask=unrotated & ((ch < D) if DP != D else (ch >= 0)),
+                      other=0.0)
         k_tile = tl.where(rotated, k_rot, raw.to(tl.float32))
         _quantize_store(k_tile, k_words + block * kw_stride_b + h * kw_stride_h, scales_base,
                         tl.where(rotated, 1.0, -1.0), D, G, KBITS, ITERS, False, not INTERPRETED,
@@ -404,13 +476,13 @@ def _quantize_tiles_kernel(
         # layout (32 rows x 4 columns), the normalization loop needed twice the shuffles and spilled. The load is
         # [G, 2, D/2], so that its layout puts 4 lanes along the rows and 8 along the columns: a row reduction then
         # crosses 8 lanes, not 16. K keeps its layout: the same change there spilled more and lengthened its loop.
-        HALF: tl.constexpr = D // 2
+        HALF: tl.constexpr = DP // 2
         v_tok = tl.arange(0, G)[:, None, None]
         v_half = tl.arange(0, 2)[None, :, None]
         v_ch = tl.arange(0, HALF)[None, None, :]
         anchor = tl.load(v_src + offset + v_tok * stride_t + v_half * HALF + v_ch, mask=(n < 0) & (v_ch >= 0),
                          other=0.0)
-        v_rot = tl.where(n < 0, tl.reshape(anchor, (G, D)).to(tl.float32), v_rot)
+        v_rot = tl.where(n < 0, tl.reshape(anchor, (G, DP)).to(tl.float32), v_rot)
         _quantize_store(v_rot, v_words + block * vw_stride_b + h * vw_stride_h, scales_base,
                         1.0, G, D, VBITS, ITERS, True, not INTERPRETED, scale_offset("v_row_scale", D, G),
                         scale_offset("v_row_zero", D, G), scale_offset("v_col_scale", D, G))

@@ -65,7 +65,9 @@ class KVarNAttentionBackend(AttentionBackend):
         if block_size != fmt.group:
             raise ValueError(f"KVarN {cache_dtype_str} needs block_size {fmt.group} (one tile per block), got "
                              f"{block_size}")
-        return (num_blocks, num_kv_heads, fmt.record_bytes)
+        # A row per (block, KV head): the record, plus unused bytes where it is no whole number of bytes per token
+        # (head_dim 96 with 128-token tiles; `KVarNFormat.page_row_bytes`). forward() reads the records' part.
+        return (num_blocks, num_kv_heads, fmt.page_row_bytes)
 
     @classmethod
     def get_supported_head_sizes(cls) -> list[int]:
@@ -225,6 +227,7 @@ class KVarNAttentionImpl(AttentionImpl[KVarNMetadata]):
         pool = rt.pool(layer.layer_name, self.fmt, self.num_kv_heads, query.dtype)
         if attn_metadata is None:
             return output.zero_()
+        kv_cache = kv_cache[..., : self.fmt.record_bytes]  # the records of page rows (wider at head_dim 96)
         rt.caches[layer.layer_name] = kv_cache
         plan = attn_metadata.plan
         n = attn_metadata.num_actual_tokens

@@ -94,7 +94,7 @@ def _patch_kv_cache_spec() -> None:
             return TQFullAttentionSpec(
                 block_size=vllm_config.cache_config.block_size, num_kv_heads=self.num_kv_heads,
                 head_size=self.head_size, head_size_v=self.head_size, dtype=torch.uint8,
-                tq_slot_size=fmt.record_bytes // fmt.group,
+                tq_slot_size=fmt.slot_bytes,  # whole bytes per token: rounded up at head_dim 96 with G = 128
             )
 
         return get_kv_cache_spec
@@ -169,7 +169,7 @@ def validate_config(vllm_config: Any) -> None:
     per_request = staging_request_bytes(preset, model, vllm_config.parallel_config,
                                         _speculative_tokens(vllm_config.speculative_config)) or 0
     logger.warning(
-        "KVarN %s: %d-bit keys, %d-bit values, %d-token tiles, %.0f bytes per token per KV head (%.2fx smaller "
+        "KVarN %s: %d-bit keys, %d-bit values, %d-token tiles, %g bytes per token per KV head (%.2fx smaller "
         "than 16-bit); 16-bit: each sequence's first tile and its newest partial tile (staging slots for "
         "max_num_seqs=%d requests, %.2f GB per GPU, allocated before vLLM measures its KV budget)",
         preset, fmt.k_bits, fmt.v_bits, group, fmt.bytes_per_token_per_head, fmt.compression_vs_16bit,

@@ -47,8 +47,9 @@ def active_preset() -> str:
 
 
 class KVarNAttentionImpl034(KVarNAttentionImpl):
-    """0.34 hands each layer a [blocks, heads, G, record_bytes / G] byte view (the logical [B, H, N, C] page of
-    `customize_spec`); the kernel core reads a tile's record as one row: [blocks, heads, record_bytes]."""
+    """0.34 hands each layer a [blocks, heads, G, slot_bytes] byte view (the logical [B, H, N, C] page of
+    `customize_spec`); the kernel core reads a tile's record as one row: [blocks, heads, G·slot_bytes], whose first
+    record_bytes the base forward takes (all of it but at head_dim 96 with 128-token tiles)."""
 
     def forward(self, layer: Any, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
                 kv_cache: torch.Tensor, attn_metadata: Any, output: torch.Tensor | None = None,
@@ -98,14 +99,15 @@ class KVarNAttentionBackend034(KVarNAttentionBackend):
     @classmethod
     def customize_spec(cls, spec: Any) -> Any:
         """A KVarN page: num_kv_heads records of `record_bytes` per G-token block, stated per token
-        (record_bytes / G bytes per head and token, exact for every preset) so vLLM's per-token page arithmetic
-        (skip-layer and hybrid alignment build specs of block_size 1) holds. 16-bit specs pass through."""
+        (`KVarNFormat.slot_bytes`: record_bytes / G per head and token, rounded up where that is no whole number, i.e.
+        head_dim 96 with 128-token tiles) so vLLM's per-token page arithmetic (skip-layer and hybrid alignment build
+        specs of block_size 1) holds. 16-bit specs pass through."""
         from vllm.v1.kv_cache_interface import KVQuantMode
 
         if spec.kv_quant_mode != KVQuantMode.CUSTOM or spec.state_content_bytes is not None:
             return spec
         fmt = KVarNFormat.from_preset(active_preset(), spec.head_size)
-        return replace(spec, state_content_bytes=fmt.record_bytes // fmt.group)
+        return replace(spec, state_content_bytes=fmt.slot_bytes)
 
     @staticmethod
     def get_impl_cls() -> type[KVarNAttentionImpl034]:

@@ -238,6 +238,7 @@ def main() -> None:
     ap.add_argument("--batches", default="1,8,32,64")
     ap.add_argument("--contexts", default="1024,2048,4096,16384,65536,131072")
     ap.add_argument("--preset", default="kvarn_k4v2_g128")
+    ap.add_argument("--head-dim", type=int, default=128, help="head_dim (default 128; 96: Phi-3-mini's)")
     ap.add_argument("--tune", action="store_true", help="only sweep launch options")
     ap.add_argument("--prefill-only", action="store_true",
                     help="only time the prefill quantize kernel (writes prefill_quantize.json)")
@@ -249,7 +250,7 @@ def main() -> None:
     args = ap.parse_args()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    dtype, hq, hkv, d = torch.bfloat16, 32, 8, 128
+    dtype, hq, hkv, d = torch.bfloat16, 32, 8, args.head_dim
     setup = {
         "device": torch.cuda.get_device_name(), "torch": torch.__version__,
         "triton": __import__("triton").__version__, "python": platform.python_version(),

@@ -77,6 +77,22 @@ def test_cuda_on_a_cpu_machine_is_a_clear_error(argv, monkeypatch, capsys):
     assert "Traceback" not in err
 
 
+def test_info_shows_head_dim_96(capsys):
+    """Phi-3-mini's head_dim 96: the record is sized with D = 96 (82.5 B per token, 4.65x); vLLM's page row, which
+    counts whole bytes per token, is shown too."""
+    assert cli.main(["info", "--head-dim", "96"]) == 0
+    out = capsys.readouterr().out
+    assert "head_dim 96" in out and "10560 B" in out and "82.50 (16-bit: 384)" in out and "4.65x" in out
+    assert "vLLM page row per (tile, KV head): 10624 B (83 B per token, 4.63x)" in out
+    assert cli.main(["info", "--head-dim", "128"]) == 0
+    assert "vLLM page row" not in capsys.readouterr().out  # exact at 128
+    assert cli.main(["info", "--head-dim", "96", "--json"]) == 0
+    info = json.loads(capsys.readouterr().out)
+    assert info["record_bytes"] == 10560 and info["page_row_bytes"] == 10624
+    assert cli.main(["info", "--head-dim", "80"]) == 2
+    assert "head_dim 80 is not supported: use one of (64, 96, 128, 256)" in capsys.readouterr().err
+
+
 def test_selfcheck_explains_its_numbers(capsys):
     assert cli.main(["selfcheck", "--device", "cpu", "--head-dim", "64"]) == 0
     out = capsys.readouterr().out

@@ -7,7 +7,8 @@ import transformers
 
 import kvarn_hf  # noqa: F401  (registers attn_implementation="kvarn")
 
-# 2 layers, tiny widths; head_dim 64, 128 and 256 all appear. Gemma-3 mixes a sliding and a full layer.
+# 2 layers, tiny widths; head_dim 64, 96 (Phi-3-mini's), 128 and 256 all appear. Gemma-3 mixes a sliding and a full
+# layer.
 ARCHS = {
     "llama": (transformers.LlamaConfig, transformers.LlamaForCausalLM,
               dict(hidden_size=128, num_attention_heads=4, num_key_value_heads=2, head_dim=64)),
@@ -18,7 +19,7 @@ ARCHS = {
     "mistral": (transformers.MistralConfig, transformers.MistralForCausalLM,
                 dict(hidden_size=128, num_attention_heads=2, num_key_value_heads=1, head_dim=128, sliding_window=None)),
     "phi3": (transformers.Phi3Config, transformers.Phi3ForCausalLM,
-             dict(hidden_size=128, num_attention_heads=2, num_key_value_heads=2)),
+             dict(hidden_size=192, num_attention_heads=2, num_key_value_heads=2)),  # head_dim 96
     "gemma3": (transformers.Gemma3TextConfig, transformers.Gemma3ForCausalLM,
                dict(hidden_size=64, num_attention_heads=2, num_key_value_heads=1, head_dim=256, sliding_window=16,
                     layer_types=["sliding_attention", "full_attention"])),

@@ -17,7 +17,7 @@ def on_cuda(model):
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-@pytest.mark.parametrize("arch", ["llama", "qwen3", "gemma3"])
+@pytest.mark.parametrize("arch", ["llama", "qwen3", "phi3", "gemma3"])  # head_dim 64, 128, 96, 256
 def test_fused_triton_path_matches_the_reference(arch, dtype):
     """Logits of the fused CUDA path versus the reference tile simulation on the dense path (same device)."""
     fused, dense = on_cuda(make_model(arch, "kvarn", dtype)), on_cuda(make_model(arch, "sdpa", dtype))

@@ -68,10 +68,11 @@ def test_gemma3_sliding_layers_keep_a_16bit_window():
         assert cache.layers[1].paging.next_block == 2  # the full layer quantized two tiles
 
 
-@pytest.mark.parametrize("arch", ["llama", "gemma3"])
-def test_head_dims_64_and_256_serve_generate(arch):
+@pytest.mark.parametrize("arch", ["llama", "phi3", "gemma3"])
+def test_head_dims_64_96_and_256_serve_generate(arch):
     model = make_model(arch, "kvarn")
-    head_dim = model.config.head_dim
+    head_dim = getattr(model.config, "head_dim", None) or model.config.hidden_size // model.config.num_attention_heads
+    assert head_dim == {"llama": 64, "phi3": 96, "gemma3": 256}[arch]
     cache = KVarNCache("kvarn_k4v4_g128", config=model.config)
     model.generate(tokens(300), max_new_tokens=5, do_sample=False, past_key_values=cache)
     layer = next(x for x in cache.layers if isinstance(x, KVarNLayer))

@@ -84,7 +84,7 @@ def refused(config, match, attn="sdpa"):
 
 
 def test_models_that_cannot_be_served_are_refused_up_front():
-    refused(LlamaConfig(hidden_size=192, num_attention_heads=2, head_dim=96), "head_dim 96 is not supported")
+    refused(LlamaConfig(hidden_size=160, num_attention_heads=2, head_dim=80), "head_dim 80 is not supported")
     refused(MistralConfig(sliding_window=4096), "every layer of this model uses sliding-window attention")
     refused(Gemma2Config(), "soft-capping", attn="kvarn")
     refused(LlamaConfig(layer_types=["full_attention", "linear_attention"], num_hidden_layers=2), "linear_attention")

@@ -40,12 +40,17 @@ def _cu(lens, device):
     return torch.tensor([0, *torch.tensor(lens).cumsum(0).tolist()], dtype=torch.int32, device=device)
 
 
-@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32])
-@pytest.mark.parametrize("n_rep,splits", [(1, 1), (3, 2), (4, 3)])
-def test_decode_matches_reference(dtype, n_rep, splits, device):
+# head_dim 96 (Phi-3-mini) runs 128 wide in registers with its padded channels masked: a few of the same cases.
+DECODE_CASES = [(dtype, n_rep, splits, 64) for dtype in (torch.float16, torch.bfloat16, torch.float32)
+                for n_rep, splits in ((1, 1), (3, 2), (4, 3))] + [
+    (torch.float16, 4, 3, 96), (torch.bfloat16, 1, 1, 96), (torch.float32, 3, 2, 96)]
+
+
+@pytest.mark.parametrize("dtype,n_rep,splits,head_dim", DECODE_CASES)
+def test_decode_matches_reference(dtype, n_rep, splits, head_dim, device):
     lens = [5, 64, 64 + 3, 128, 4 * 64 + 17]  # sink only, exact tile edges, tails, several tiles
-    state = _state(lens, 2, 64, dtype, device)
-    q = torch.randn(len(lens), 2 * n_rep, 64, generator=torch.Generator().manual_seed(n_rep)).to(device, dtype)
+    state = _state(lens, 2, head_dim, dtype, device)
+    q = torch.randn(len(lens), 2 * n_rep, head_dim, generator=torch.Generator().manual_seed(n_rep)).to(device, dtype)
     expected = ref.paged_attention_ref(q, state, _cu([1] * len(lens), device))
     actual = decode_attention(q, state, num_splits=splits)
     assert actual.dtype == dtype
@@ -94,6 +99,7 @@ def test_rotated_split_outputs_are_unrotated_by_the_merge(device):
     assert not attention.merge_unrotates(6, 4, 128, 1, False)  # row groups
     assert not attention.merge_unrotates(6, 1, 64, 1, True)  # new tokens (chunk build)
     assert not attention.merge_unrotates(6, 1, 256, 1, False)
+    assert not attention.merge_unrotates(6, 1, 96, 1, False)  # the merge's un-rotation factors powers of two only
     lens = [11 * 64 + 5, 100, 3 * 64]
     state = _state(lens, 2, 64, torch.bfloat16, device)
     q = torch.randn(len(lens), 4, 64, generator=torch.Generator().manual_seed(5)).to(device, torch.bfloat16)
@@ -156,8 +162,9 @@ def test_work_units_cover_every_key_once(splits, dense_units, device):
     torch.testing.assert_close(actual, expected, atol=1e-5, rtol=1e-5)
 
 
-@pytest.mark.parametrize("n_rep,groups", [(2, 4), (3, 4), (4, 4), (4, 2), (8, 2)])
-def test_row_groups_attend_every_tile_once(n_rep, groups, device):
+@pytest.mark.parametrize("n_rep,groups,head_dim", [(2, 4, 64), (3, 4, 64), (4, 4, 64), (4, 2, 64), (8, 2, 64),
+                                                    (4, 4, 96)])
+def test_row_groups_attend_every_tile_once(n_rep, groups, head_dim, device):
     """Decode attends 4 tiles at once, one per row group (the padding rows of the 16-row dots). Runs of 10, 5 and 1
     tiles per split (full groups, a partial last group, a group with one tile), GQA 2/3/4/8 (3 pads its groups to 4
     rows), 2 groups too (not used by default), one split and several: every tile must count once, as one tile at a
@@ -165,8 +172,8 @@ def test_row_groups_attend_every_tile_once(n_rep, groups, device):
     # Groups from the first unit (16 by default).
     tuning = dataclasses.replace(attention.TUNING, group_min_units=1, max_tile_groups=groups)
     lens = [64 * 11 + 5, 64 * 6, 64 * 2 + 9]
-    state = _state(lens, 2, 64, torch.float16, device)
-    q = torch.randn(3, 2 * n_rep, 64, generator=torch.Generator().manual_seed(n_rep)).to(device, torch.float16)
+    state = _state(lens, 2, head_dim, torch.float16, device)
+    q = torch.randn(3, 2 * n_rep, head_dim, generator=torch.Generator().manual_seed(n_rep)).to(device, torch.float16)
     expected = ref.paged_attention_ref(q, state, _cu([1] * 3, device))
     grouped = {s: decode_attention(q, state, num_splits=s, tuning=tuning) for s in (1, 2)}
     one_at_a_time = decode_attention(q, state, num_splits=1, tuning=dataclasses.replace(tuning, max_tile_groups=1))
@@ -174,6 +181,20 @@ def test_row_groups_attend_every_tile_once(n_rep, groups, device):
         torch.testing.assert_close(out.float(), expected.float(), atol=TOL[torch.float16], rtol=RTOL[torch.float16])
     # Only the summation order differs from one tile at a time.
     torch.testing.assert_close(grouped[1].float(), one_at_a_time.float(), atol=2e-3, rtol=2**-10)
+
+
+def test_records_in_rows_wider_than_a_record_attend_alike(device):
+    """vLLM's page rows at head_dim 96 with 128-token tiles hold a 10560-byte record in 10624 bytes
+    (`KVarNFormat.page_row_bytes`): the kernel and the CPU backend read the records through the row stride."""
+    state = _state([3 * 128 + 5, 130], 1, 96, torch.float16, device, "kvarn_k4v2_g128")
+    fmt = state.fmt
+    rows = torch.full((*state.cache.shape[:2], fmt.page_row_bytes), 0xFF, dtype=torch.uint8, device=device)
+    rows[..., : fmt.record_bytes] = state.cache
+    wide = dataclasses.replace(state, cache=rows[..., : fmt.record_bytes])
+    q = torch.randn(2, 4, 96, generator=torch.Generator().manual_seed(8)).to(device, torch.float16)
+    cu = _cu([1, 1], device)
+    assert torch.equal(decode_attention(q, wide, num_splits=2), decode_attention(q, state, num_splits=2))
+    assert torch.equal(ref.paged_attention_ref(q, wide, cu), ref.paged_attention_ref(q, state, cu))
 
 
 def test_decode_splits_fill_one_wave_of_resident_programs():
@@ -201,6 +222,8 @@ def test_one_tile_decodes_take_the_splits_that_shorten_the_longest_walk():
     assert split_plan(1, 8, 511, 128, 4, torch.bfloat16, 132) == (32, 4)
     assert split_plan(8, 8, 127, 128, 4, torch.bfloat16, 132) == (4, 4)
     assert split_plan(1, 8, 127, 256, 4, torch.bfloat16, 132) == (16, 1)  # head_dim 256: powers of two
+    # head_dim 96 (128 wide): one wave of 2 programs per SM, powers of two (no one-tile rule measured for it).
+    assert split_plan(1, 8, 127, 96, 4, torch.bfloat16, 132) == (32, 1)
     assert split_plan(1, 8, 127, 128, 4, torch.bfloat16, 132, num_splits=64) == (64, 1)  # forced: kept
     assert split_plan(1, 8, 127, 128, 8, torch.bfloat16, 132) == (48, 1)  # GQA 8: its capped build holds 3 too
     assert split_plan(1, 8, 127, 128, 6, torch.bfloat16, 132) == (48, 1)  # GQA 6 too
@@ -271,15 +294,15 @@ def test_tile_groups_fill_the_padding_rows_only():
     assert tile_groups(16, 4, 1, 100, torch.float32) == 1
 
 
-@pytest.mark.parametrize("splits", [1, 2])
-def test_chunk_matches_reference(splits, device):
+@pytest.mark.parametrize("splits,head_dim", [(1, 64), (2, 64), (2, 96)])
+def test_chunk_matches_reference(splits, head_dim, device):
     hist = [0, 10, 64 + 7, 3 * 64]
     n_q = [5, 3, 17, 1]
     n_k = [5, 4, 17, 1]  # the second sequence re-feeds one already-seen token (prefix-hit style)
-    state = _state(hist, 2, 64, torch.float16, device)
-    q = torch.randn(sum(n_q), 6, 64, device=device).half()
-    k_new = torch.randn(sum(n_k), 2, 64, device=device).half()
-    v_new = torch.randn(sum(n_k), 2, 64, device=device).half()
+    state = _state(hist, 2, head_dim, torch.float16, device)
+    q = torch.randn(sum(n_q), 6, head_dim, device=device).half()
+    k_new = torch.randn(sum(n_k), 2, head_dim, device=device).half()
+    v_new = torch.randn(sum(n_k), 2, head_dim, device=device).half()
     cu_q, cu_k = _cu(n_q, device), _cu(n_k, device)
     expected = ref.paged_attention_ref(q, state, cu_q, k_new, v_new, cu_k)
     actual = chunk_attention(q, k_new, v_new, cu_q, cu_k, max(n_q), state, num_splits=splits)
@@ -343,8 +366,9 @@ def test_mismatched_state_is_refused(device):
         decode_attention(torch.zeros(1, 4, 64, device=device).half(), state)
 
 
-@pytest.mark.parametrize("preset", ["kvarn_k4v2_g64", "kvarn_k4v4_g128", "kvarn_k2v2_g128"])
-def test_magic_code_conversion_path_matches_reference(preset, monkeypatch, device):
+@pytest.mark.parametrize("preset,head_dim", [("kvarn_k4v2_g64", 64), ("kvarn_k4v4_g128", 64), ("kvarn_k2v2_g128", 64),
+                                             ("kvarn_k4v2_g64", 96)])
+def test_magic_code_conversion_path_matches_reference(preset, head_dim, monkeypatch, device):
     """The GPU path ORs codes into a float16's mantissa (1024 + code) and removes the offset algebraically;
     force it here with float16 dots (exact under the interpreter, unlike its bfloat16 dots)."""
     import triton.language as tl
@@ -353,11 +377,11 @@ def test_magic_code_conversion_path_matches_reference(preset, monkeypatch, devic
 
     monkeypatch.setattr(attention, "_dot_dtype", lambda dtype: tl.float16)
     tuning = dataclasses.replace(attention.TUNING, magic_dtypes=frozenset({tl.float16, tl.bfloat16}))
-    fmt = KVarNFormat.from_preset(preset, 64, torch.float16)
-    kv = [synthetic_kv(n, 2, 64, torch.float16, seed=i, device=device) for i, n in enumerate([300, 70])]
+    fmt = KVarNFormat.from_preset(preset, head_dim, torch.float16)
+    kv = [synthetic_kv(n, 2, head_dim, torch.float16, seed=i, device=device) for i, n in enumerate([300, 70])]
     gen = torch.Generator().manual_seed(0)
     state = build_paged_kv([k for k, _ in kv], [v for _, v in kv], fmt, ref.quantize_into_cache_ref, 2, gen)
-    q = torch.randn(2, 8, 64, device=device).half()
+    q = torch.randn(2, 8, head_dim, device=device).half()
     expected = ref.paged_attention_ref(q, state, _cu([1, 1], device))
     actual = decode_attention(q, state, num_splits=2, tuning=tuning)
     # Exact products under the interpreter; a GPU's tensor cores accumulate the offset operands (1024 + code)
@@ -442,10 +466,11 @@ def test_query_blocks_count_toward_occupancy():
     assert choose_num_splits(1, 2, 255, 132, q_blocks=1) == 64
 
 
-def test_self_check_passes_and_catches_a_broken_kernel(monkeypatch, device):
+@pytest.mark.parametrize("head_dim", [64, 96])
+def test_self_check_passes_and_catches_a_broken_kernel(head_dim, monkeypatch, device):
     from kvarn_kernels import ops
 
-    fmt = KVarNFormat.from_preset("kvarn_k4v2_g64", 64, torch.float32)
+    fmt = KVarNFormat.from_preset("kvarn_k4v2_g64", head_dim, torch.float32)
     monkeypatch.setattr(ops, "_CHECKED", set())
     ops.self_check(fmt, torch.float32, device)  # the kernels (interpreted on a CPU) agree with the reference
     assert len(ops._CHECKED) == 1

@@ -40,9 +40,10 @@ ATTENTION_CASES = [("float32", 64, 0, DEFAULT_PRESET),  # float32 models: plain 
                    ("bfloat16", 128, 0, DEFAULT_PRESET),  # the decode launch the benchmarks time
                    ("bfloat16", 128, 0, "kvarn_k4v4_g64"),  # 64-token tiles (16-token planes)
                    ("bfloat16", 256, 0, DEFAULT_PRESET),  # decode at the largest head_dim (its own launch options)
+                   ("bfloat16", 96, 0, DEFAULT_PRESET),  # head_dim 96: 128 wide, padded channels masked
                    ("float16", 256, 64, DEFAULT_PRESET)]  # chunk program at the largest head_dim
-MERGE_CASES = [64, 128, 256]
-DENSE_HISTORY_CASES = [("bfloat16", 64), ("bfloat16", 128), ("float16", 256), ("float32", 128)]
+MERGE_CASES = [64, 96, 128, 256]
+DENSE_HISTORY_CASES = [("bfloat16", 64), ("bfloat16", 96), ("bfloat16", 128), ("float16", 256), ("float32", 128)]
 
 
 def _attention_shared(dot, head_dim, chunk_rows, preset):
@@ -90,6 +91,14 @@ def _quantize_weighted_shared():
     from benchmarks.kernels import aot
 
     return aot.quantize_kernel(torch.bfloat16, 128, weights=True)[0].metadata.shared
+
+
+def _quantize_96_shared():
+    import torch
+
+    from benchmarks.kernels import aot
+
+    return aot.quantize_kernel(torch.float16, 96, weights=True)[0].metadata.shared  # head_dim 96: 128 wide, masked
 
 
 def _quantize_loops():
@@ -180,6 +189,7 @@ def _cases() -> dict[str, tuple]:
     cases.update({"attention-one-split": (_attention_one_split_shared, ()),
                   "attention-one-tile": (_attention_one_tile_shared, ()),
                   "quantize-weighted": (_quantize_weighted_shared, ()),
+                  "quantize-96": (_quantize_96_shared, ()),
                   "quantize-loops": (_quantize_loops, ()),
                   "merge-pdl-order": (_merge_waits_before_loading, ())})
     cases.update({f"decode-loop-spills-{n}": (_decode_loop_spills, (n,)) for n in SPILL_SPLITS})
@@ -345,9 +355,10 @@ def test_quantize_normalizes_k_and_v_in_the_same_register_layout(compiled):
     assert k_spills == v_spills == 0, loops
 
 
-@pytest.mark.parametrize("case", ["attention-one-split", "attention-one-tile", "quantize-weighted"])
+@pytest.mark.parametrize("case", ["attention-one-split", "attention-one-tile", "quantize-weighted", "quantize-96"])
 def test_other_variants_compile(compiled, case):
-    """The attention epilogue that stores the output (one split); quantize with K-frame channel weights."""
+    """The attention epilogue that stores the output (one split); quantize with K-frame channel weights (and so at
+    head_dim 96)."""
     shared = compiled[case]
     assert isinstance(shared, int), shared
     assert shared <= H100_SHARED_BYTES

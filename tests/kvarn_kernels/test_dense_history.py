@@ -41,6 +41,7 @@ def _expected(state, k_new, v_new, cu_k):
     (torch.float32, torch.float32, 64, "kvarn_k4v2_g64"),
     (torch.bfloat16, torch.bfloat16, 128, "kvarn_k4v4_g64"),
     (torch.float16, torch.float16, 64, "kvarn_k2v2_g128"),
+    (torch.float32, torch.float32, 96, "kvarn_k4v2_g64"),  # head_dim 96: 128 wide in registers, padding masked
 ])
 def test_dense_history_matches_the_reference(dtype, out_dtype, head_dim, preset, device):
     """Sink only, exact tile edges, tails, several tiles (both K frames occur in synthetic data), new tokens beyond
@@ -81,7 +82,7 @@ def test_dense_history_without_new_tokens(device):
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("head_dim", [64, 128, 256])
+@pytest.mark.parametrize("head_dim", [64, 96, 128, 256])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_large_chunks_take_the_dense_route_and_match(head_dim, dtype, monkeypatch):
     """Chunks of >= `Tuning.dense_chunk_min_queries` queries: dequantize once + varlen flash attention, against the

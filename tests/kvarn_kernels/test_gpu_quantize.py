@@ -1,7 +1,7 @@
 """The compiled quantize kernel (tensor-core rotation, fused reductions, hardware lg2) versus the reference, GPU only.
 
 The interpreter runs the float32 fallback of these paths, so only a GPU exercises them: every activation dtype
-(float32 goes through the exact three-way bfloat16 split), head_dim 64/128/256, group 64/128, every launch
+(float32 goes through the exact three-way bfloat16 split), head_dim 64/96/128/256, group 64/128, every launch
 configuration the kernel picks, plus offset-heavy tiles, outlier tiles (guard), the K-frame choice (loud RoPE'd
 channels stay unrotated, heavy tails rotate) and NaN poisoning.
 """
@@ -54,7 +54,7 @@ def _compare(k, v, fmt, n, k_weights=None, launch_overrides=None):
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
-@pytest.mark.parametrize("head_dim", [64, 128, 256])
+@pytest.mark.parametrize("head_dim", [64, 96, 128, 256])
 @pytest.mark.parametrize("preset", ["kvarn_k4v2_g128", "kvarn_k4v4_g64"])
 def test_quantize_matches_reference(dtype, head_dim, preset):
     fmt = KVarNFormat.from_preset(preset, head_dim, dtype)
@@ -63,12 +63,14 @@ def test_quantize_matches_reference(dtype, head_dim, preset):
     _compare(k, v, fmt, n)
 
 
-def test_rotation_is_exact_to_float32_summation():
-    """bf16 ±1 tensor-core products are exact: a tile of one-hot rows rotates to exact ±1/sqrt(D) rows."""
-    fmt = KVarNFormat.from_preset("kvarn_k4v4_g64", 128, torch.bfloat16)
-    k = torch.randn(64, 1, 128, device="cuda").to(torch.bfloat16)
+@pytest.mark.parametrize("head_dim", [96, 128])
+def test_rotation_is_exact_to_float32_summation(head_dim):
+    """bf16 ±1 tensor-core products are exact: a tile of one-hot rows rotates to exact ±1/sqrt(D) rows (head_dim 96:
+    H12 ⊗ H8, zero-padded to 128 in the kernel's operand)."""
+    fmt = KVarNFormat.from_preset("kvarn_k4v4_g64", head_dim, torch.bfloat16)
+    k = torch.randn(64, 1, head_dim, device="cuda").to(torch.bfloat16)
     rotated = ref.rotate(k)
-    h = hadamard_signs(128, torch.bfloat16, "cuda").float() / 128**0.5
+    h = hadamard_signs(head_dim, torch.bfloat16, "cuda")[:head_dim, :head_dim].float() / head_dim**0.5
     torch.testing.assert_close(k.float() @ h, rotated, rtol=1e-6, atol=1e-6)
     _compare(k, k, fmt, 1)
 
@@ -91,9 +93,10 @@ def test_offset_heavy_and_outlier_tiles_match():
     _compare(k.to(torch.bfloat16), v.to(torch.bfloat16), fmt, 16)
 
 
-def test_nan_poisons_only_its_tile():
-    fmt = KVarNFormat.from_preset("kvarn_k4v2_g128", 128, torch.bfloat16)
-    k, v = synthetic_kv(4 * 128, 2, 128, torch.bfloat16, device="cuda")
+@pytest.mark.parametrize("head_dim", [96, 128])
+def test_nan_poisons_only_its_tile(head_dim):
+    fmt = KVarNFormat.from_preset("kvarn_k4v2_g128", head_dim, torch.bfloat16)
+    k, v = synthetic_kv(4 * 128, 2, head_dim, torch.bfloat16, device="cuda")
     starts = torch.arange(4, dtype=torch.int32, device="cuda") * 128
     clean, dirty = fmt.allocate(4, 2, "cuda"), fmt.allocate(4, 2, "cuda")
     quantize_into_cache(k, v, starts, starts // 128, clean, fmt)
@@ -130,7 +133,7 @@ def test_k_frame_choice_matches(dtype):
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
-@pytest.mark.parametrize("head_dim", [64, 128, 256])
+@pytest.mark.parametrize("head_dim", [64, 96, 128, 256])
 def test_weighted_k_frame_matches_reference(dtype, head_dim):
     """The HAS_WEIGHTS variant (k_frame="sink-queries"): per-tile channel weights, flags as the reference's
     outside near ties, and the weights really move flags (some differ from the unweighted kernel's)."""

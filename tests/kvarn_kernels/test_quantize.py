@@ -62,6 +62,8 @@ def _quantize_both(preset, head_dim, dtype, device, n_heads=2, seed=0):
         ("kvarn_k4v4_g64", 64, torch.bfloat16),
         ("kvarn_k2v2_g128", 64, torch.float32),
         ("kvarn_k4v2_g128", 128, torch.bfloat16),
+        ("kvarn_k4v4_g64", 96, torch.bfloat16),  # head_dim 96: 128 wide in registers, padding masked
+        ("kvarn_k2v2_g128", 96, torch.float32),
     ],
 )
 def test_kernel_matches_reference(preset, head_dim, dtype, device):
@@ -98,17 +100,17 @@ def test_kernel_matches_reference(preset, head_dim, dtype, device):
         assert (hat_a[same] - hat_e[same]).norm() / true[same].norm() <= 0.5 * err_e_same
 
 
-@pytest.mark.parametrize("dtype", [torch.float16, torch.float32])
-def test_channel_weighted_k_frame_matches_reference(dtype, device):
+@pytest.mark.parametrize("dtype,head_dim", [(torch.float16, 64), (torch.float32, 64), (torch.float16, 96)])
+def test_channel_weighted_k_frame_matches_reference(dtype, head_dim, device):
     """With per-tile channel weights (the expected squared query per channel) the kernel's K-frame flags are the
     reference's `choose_k_rotation(..., channel_weights)`, outside near ties; the weights do change flags; uniform
     weights give the unweighted rule's flags."""
-    fmt = KVarNFormat.from_preset("kvarn_k4v2_g64", 64, dtype)
-    pairs = [synthetic_kv(64, 2, 64, dtype, seed=s, device=device) for s in range(8)]
+    fmt = KVarNFormat.from_preset("kvarn_k4v2_g64", head_dim, dtype)
+    pairs = [synthetic_kv(64, 2, head_dim, dtype, seed=s, device=device) for s in range(8)]
     k = torch.stack([p[0] for p in pairs]).transpose(1, 2).contiguous()  # [N, H, G, D]
     v = torch.stack([p[1] for p in pairs]).transpose(1, 2).contiguous()
     gen = torch.Generator().manual_seed(0)
-    w = (torch.rand(8, 2, 64, generator=gen) ** 4 * 10).to(device)
+    w = (torch.rand(8, 2, head_dim, generator=gen) ** 4 * 10).to(device)
     kf = k.float()
     want = ref.choose_k_rotation(kf, channel_weights=w)
     assert not torch.equal(want, ref.choose_k_rotation(kf))
@@ -155,6 +157,23 @@ def test_out_of_range_block_ids_write_nothing(device):
     assert int(buffer[3:].count_nonzero()) == 0
 
 
+def test_records_in_rows_wider_than_a_record(device):
+    """vLLM pages count whole bytes per token: at head_dim 96 with 128-token tiles a (block, head) row is 10624 bytes
+    for a 10560-byte record (`KVarNFormat.page_row_bytes`). The kernel writes the same records into such rows and
+    leaves the rest of each row alone."""
+    fmt = KVarNFormat.from_preset("kvarn_k4v2_g128", 96, torch.float16)
+    assert (fmt.record_bytes, fmt.page_row_bytes) == (10560, 10624)
+    k, v = synthetic_kv(2 * 128, 2, 96, torch.float16, seed=4, device=device)
+    starts = torch.tensor([0, 128], dtype=torch.int32, device=device)
+    blocks = torch.tensor([2, 0], dtype=torch.int32, device=device)
+    rows = torch.full((3, 2, fmt.page_row_bytes), 0xAB, dtype=torch.uint8, device=device)
+    plain = fmt.allocate(3, 2, device)
+    quantize_into_cache(k, v, starts, blocks, rows[..., : fmt.record_bytes], fmt)
+    quantize_into_cache(k, v, starts, blocks, plain, fmt)
+    assert torch.equal(rows[[0, 2], :, : fmt.record_bytes], plain[[0, 2]])
+    assert bool((rows[..., fmt.record_bytes :] == 0xAB).all()) and bool((rows[1] == 0xAB).all())
+
+
 def test_empty_tile_list_is_a_no_op(device):
     fmt = KVarNFormat.from_preset("kvarn_k4v2_g64", 64)
     cache = fmt.allocate(2, 1, device)
@@ -198,9 +217,10 @@ def test_cache_of_wrong_layout_is_refused():
         quantize_into_cache(k, k, starts, starts, torch.zeros(1, 1, 100, dtype=torch.uint8), fmt)
 
 
-def test_nan_tile_leaves_other_tiles_intact(device):
-    fmt = KVarNFormat.from_preset("kvarn_k4v2_g64", 64)
-    k, v = synthetic_kv(128, 1, 64, torch.float16, device=device)
+@pytest.mark.parametrize("head_dim", [64, 96])
+def test_nan_tile_leaves_other_tiles_intact(head_dim, device):
+    fmt = KVarNFormat.from_preset("kvarn_k4v2_g64", head_dim)
+    k, v = synthetic_kv(128, 1, head_dim, torch.float16, device=device)
     starts = torch.tensor([0, 64], dtype=torch.int32, device=device)
     blocks = torch.tensor([0, 1], dtype=torch.int32, device=device)
     clean, dirty = fmt.allocate(2, 1, device), fmt.allocate(2, 1, device)
@@ -252,7 +272,7 @@ def _forced_rotation_k_hat(k_tile, fmt):
     return ref.rotate(k_hat_rot)
 
 
-@pytest.mark.parametrize("preset,head_dim", [("kvarn_k4v2_g64", 64), ("kvarn_k4v2_g128", 128)])
+@pytest.mark.parametrize("preset,head_dim", [("kvarn_k4v2_g64", 64), ("kvarn_k4v2_g128", 96), ("kvarn_k4v2_g128", 128)])
 def test_loud_sinusoid_channels_stay_unrotated(preset, head_dim, device):
     """RoPE'd key biases: rotating spreads the loud channels' swing over every channel, so K stays in its frame,
     and the record's K error beats the always-rotated format v1."""
@@ -266,7 +286,8 @@ def test_loud_sinusoid_channels_stay_unrotated(preset, head_dim, device):
     assert not ref.choose_k_rotation(k)
     k_hat, _ = ref.dequantize_tiles(records, fmt)
     k_hat, forced = k_hat[0, 0].cpu(), _forced_rotation_k_hat(k, fmt)
-    assert (k_hat - k).norm() < 0.8 * (forced - k).norm()
+    # (head_dim 96: fewer quiet channels around the same four loud ones; 0.79 there, kernel and reference alike.)
+    assert (k_hat - k).norm() < (0.85 if head_dim == 96 else 0.8) * (forced - k).norm()
     # Above all, the quiet channels (the ones queries read) keep a fine step instead of the loud channels' one.
     assert (k_hat - k)[:, 4:].norm() < 0.25 * (forced - k)[:, 4:].norm()
     # The reference writes the same record (up to rounding-boundary codes).

@@ -5,6 +5,7 @@ from hypothesis import strategies as st
 
 from kvarn_kernels import reference as ref
 from kvarn_kernels.format import KVarNFormat
+from kvarn_kernels.hadamard import hadamard, hadamard_signs, padded_dim, paley12
 from kvarn_kernels.reference import synthetic_kv
 
 
@@ -25,16 +26,52 @@ def test_pack_is_planar_little_endian():
     assert ref.pack(codes, 4).tolist() == [[0x21, 0x43]]
 
 
-@pytest.mark.parametrize("dim", [64, 128, 256])
+@pytest.mark.parametrize("dim", [12, 64, 96, 128, 256])
 def test_hadamard_is_symmetric_orthonormal(dim):
     h = ref.hadamard(dim, dtype=torch.float64)
     assert torch.equal(h, h.T)
     assert torch.allclose(h @ h, torch.eye(dim, dtype=torch.float64), atol=1e-12)
+    # The kernels' ±1 form: a Hadamard matrix (H·Hᵀ = D·I, exactly), symmetric, zero-padded to a power of two.
+    signs = hadamard_signs(dim, torch.float32, "cpu").double()
+    p = padded_dim(dim)
+    assert signs.shape == (p, p) and int(signs[dim:].count_nonzero()) == int(signs[:, dim:].count_nonzero()) == 0
+    s = signs[:dim, :dim]
+    assert torch.equal(s.abs(), torch.ones_like(s)) and torch.equal(s, s.T)
+    assert torch.equal(s @ s.T, dim * torch.eye(dim, dtype=torch.float64))
 
 
-def test_hadamard_rejects_non_power_of_two():
-    with pytest.raises(ValueError, match="96"):
-        ref.hadamard(96)
+def test_order_96_is_paley12_kron_sylvester8():
+    """H96 = H12 ⊗ H8 with H12 the symmetric Paley II matrix (q = 5): a Kronecker product of symmetric Hadamard
+    matrices is a symmetric Hadamard matrix, so H = Hᵀ = H⁻¹ after scaling, as the kernels assume."""
+    h12 = paley12()
+    assert torch.equal(h12, h12.T) and torch.equal(h12 @ h12.T, 12 * torch.eye(12, dtype=torch.float64))
+    h8 = hadamard(8, torch.float64) * 8**0.5
+    assert torch.equal(hadamard(96, torch.float64) * 96**0.5, torch.kron(h12, h8.round()))
+
+
+@pytest.mark.parametrize("dim", [80, 36, 0])
+def test_hadamard_rejects_unsupported_orders(dim):
+    with pytest.raises(ValueError, match=rf"Hadamard size {dim} is not supported"):
+        ref.hadamard(dim)
+
+
+@pytest.mark.parametrize("bits", [2, 4])
+def test_head_dim_96_record_stores_96_channel_rows(bits):
+    """Records at D = 96: K and V codes are 96 channel rows each of G planar tokens (V's [G, D] matrix transposed),
+    row d at byte d·G·b/8 of its section, unpadded; the record round-trips through the codec."""
+    fmt = KVarNFormat.from_preset("kvarn_k4v4_g64" if bits == 4 else "kvarn_k2v2_g128", 96)
+    k, v = _tiles(torch.float32, d=96, g=fmt.group, n=1, h=1)
+    records = ref.quantize_tile_records(k, v, fmt, rotate_k=False)
+    kc, *_ = ref.quantize_matrices(k[0].transpose(1, 2), fmt.k_bits)  # K matrix [1, D, G]: rows = channels
+    vc, *_ = ref.quantize_matrices(ref.rotate(v[0]), fmt.v_bits)  # V matrix [1, G, D]: rows = tokens
+    row = fmt.group * bits // 8
+    k_rows = records[0, 0, : fmt.k_code_bytes].reshape(96, row)
+    v_rows = records[0, 0, fmt.k_code_bytes : fmt.code_bytes].reshape(96, row)
+    assert torch.equal(k_rows, ref.pack(kc[0], bits)) and torch.equal(ref.unpack(k_rows, bits), kc[0])
+    assert torch.equal(v_rows, ref.pack(vc[0].T, bits)) and torch.equal(ref.unpack(v_rows, bits), vc[0].T)
+    k_hat, v_hat = ref.dequantize_tiles(records, fmt)
+    assert (k_hat - k.float()).norm() < (0.1 if bits == 4 else 0.25) * k.float().norm()
+    assert (v_hat - v.float()).norm() < (0.15 if bits == 4 else 0.6) * v.float().norm()
 
 
 def test_normalization_lowers_imbalance_on_outlier_tiles():
