@@ -58,6 +58,8 @@ class SlotManager:
         for rid, slot in self.req_slot.items():
             if rid not in batch_ids:
                 del self.req_slot[rid]
+                # Its sink is about to be overwritten: a resume hit on its first block must not copy it from here.
+                self._forget_sink(slot)
                 return slot
         raise RuntimeError(f"KVarN: all {self.num_slots} staging slots are in use by requests of this step; "
                            "max_num_seqs must not exceed the slots allocated at start-up")

@@ -146,11 +146,16 @@ def test_aborts_mid_prefill_and_mid_decode_and_many_requests_leak_no_slot(kvarn)
             live.discard(rid)
             aborted += 1
     assert aborted >= 20 and finished + aborted == 120
+    # vLLM tells the workers about finished and aborted requests in its next step: run one more request, so that
+    # only it (finished in the last step) can still hold a slot.
+    engine.add_request("last", "One more request.", sp)
+    while engine.has_unfinished_requests():
+        engine.step()
     from kvarn_vllm.runtime import slot_state
 
     (state,) = kvarn.collective_rpc(slot_state)
-    assert state["live"] == 0
-    assert state["free"] + state["retained"] == state["num_slots"] == 8
+    assert state["live"] <= 1
+    assert state["free"] + state["retained"] + state["live"] == state["num_slots"] == 8
 
 
 def test_forced_preemption_keeps_other_requests_exact_and_the_recomputed_one_close(model_dir, kvarn):
@@ -158,7 +163,9 @@ def test_forced_preemption_keeps_other_requests_exact_and_the_recomputed_one_clo
     recomputed one re-prefills its prompt and the tokens it had generated in one pass, whose queries attend the
     16-bit keys of tiles that decode attended quantized (as with chunked prefill, docs/vllm.md), so it may part from
     the uninterrupted run where a logit margin is small: logprob-close by vLLM's rule."""
-    prompts = [TEXT * 3 + f"\n\nQuestion {i}: what did the keepers do?" for i in range(4)]
+    # Own first tiles (no prefix hits on the earlier tests' blocks, whose sinks may have been rebuilt).
+    prompts = [f"Question {i} of a test on lighthouses. " + TEXT * 3 + "\n\nWhat did the keepers do?"
+               for i in range(4)]
     expected = _greedy(kvarn, prompts, 180)
     # 14 pages of 64 tokens: the 4 prompts (~150 tokens, 3 pages each) are admitted together, then their decodes
     # need 5-6 pages each, so the scheduler preempts and recomputes.

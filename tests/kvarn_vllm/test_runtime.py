@@ -42,13 +42,18 @@ def _step(rt, batch, new=(), finished=(), cached=(), resumed=(), scheduled=None)
             i = batch.req_ids.index(r)
             batch.req_ids.pop(i)
             batch.table = torch.cat([batch.table[:i], batch.table[i + 1:], batch.table[:1] * 0])
-    for r, c in list(cached) + [(r, c) for r, c, _ in new]:
+    cached = [(c[0], c[1], c[2] if len(c) > 2 else None) for c in cached]  # (req_id, computed[, first block])
+    for r, _c, blk in cached:
+        if blk is not None:
+            batch.table[batch.req_ids.index(r), 0] = blk
+    for r, c in [(r, c) for r, c, _ in cached] + [(r, c) for r, c, _ in new]:
         batch.num_computed_tokens_cpu[batch.req_ids.index(r)] = c
     out = SimpleNamespace(
         finished_req_ids=set(finished), scheduled_new_reqs=new_reqs, num_scheduled_tokens=scheduled or {},
-        scheduled_cached_reqs=SimpleNamespace(req_ids=[r for r, _ in cached], resumed_req_ids=set(resumed),
-                                              new_block_ids=[None] * len(cached),
-                                              num_computed_tokens=[c for _, c in cached]))
+        scheduled_cached_reqs=SimpleNamespace(req_ids=[r for r, _, _ in cached], resumed_req_ids=set(resumed),
+                                              new_block_ids=[None if b is None else ([b, b + 1],)
+                                                             for _, _, b in cached],
+                                              num_computed_tokens=[c for _, c, _ in cached]))
     rt.update(batch, out)
 
 
@@ -146,3 +151,20 @@ def test_a_preempted_requests_slot_is_lent_and_given_back_on_resume():
     batch.req_ids.append("a")
     _step(rt, batch, cached=[("a", 0)], resumed=["a"])
     assert "a" in rt.slots.req_slot and rt.slots.frontier[rt.slots.req_slot["a"]] == 0
+
+
+def test_a_lent_slot_no_longer_answers_for_its_old_owners_first_block():
+    """The borrower overwrites the lent slot's sink before its own first tile is complete: a resume hit on the old
+    owner's first block must rebuild the sink from the block, not copy the borrower's tokens."""
+    rt, batch = _runtime(slots=2), _Batch()
+    pool = rt.pools["layer0"]
+    _step(rt, batch, new=[("a", 0, 5), ("c", 0, 20)], scheduled={"a": G + 3, "c": 10})
+    _step(rt, batch, cached=[("a", G + 3), ("c", 10)], scheduled={"a": 1, "c": 1})
+    batch.req_ids.remove("a")  # preempted
+    _step(rt, batch, new=[("b", 0, 9)], cached=[("c", 11)], scheduled={"b": 10, "c": 1})  # b takes a's slot
+    pool.k[rt.slots.req_slot["b"], :, :10] = 7.0  # b's first 10 tokens: no first tile yet
+    _step(rt, batch, finished=["c"], cached=[("b", 10)], scheduled={"b": 1})
+    batch.req_ids.append("a")
+    _step(rt, batch, cached=[("a", G, 5), ("b", 11)], resumed=["a"], scheduled={"a": 4, "b": 1})  # hit on block 5
+    assert rt.slots.warned_rebuild
+    assert not (pool.k[rt.slots.req_slot["a"], :, :10] == 7.0).any()
