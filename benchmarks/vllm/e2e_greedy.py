@@ -41,7 +41,8 @@ MODES = {
     "chunk256": (True, {"max_num_batched_tokens": 256, "enable_chunked_prefill": True}, False),
     "ngram": (True, {"speculative_config": {"method": "ngram", "num_speculative_tokens": 3, "prompt_lookup_max": 4,
                                             "prompt_lookup_min": 2}}, False),
-    "preempt": (True, {"num_gpu_blocks_override": 24, "max_num_seqs": 6}, False),
+    # 24 pages for 6 prompts of ~2600 tokens and their outputs: vLLM must preempt (the count is recorded).
+    "preempt": (True, {"num_gpu_blocks_override": 24, "max_num_seqs": 6, "max_model_len": 1536}, False),
 }
 
 
@@ -59,7 +60,8 @@ import json, os, time, sys
 os.environ.setdefault("VLLM_USE_FLASHINFER_SAMPLER", "0")
 from vllm import LLM, SamplingParams
 kw = dict(model={args.model!r}, dtype={args.dtype!r}, gpu_memory_utilization={args.gpu_mem}, max_model_len=8192,
-          enforce_eager={eager}, seed=0, **{extra!r})
+          enforce_eager={eager}, seed=0, disable_log_stats=False)
+kw.update({extra!r})
 if {kv!r} != "auto":
     kw["kv_cache_dtype"] = {kv!r}
 t0 = time.time()
@@ -71,7 +73,9 @@ if {twice!r}:  # the same prompts again, after the first requests finished: pref
     outs = llm.generate({prompts(args.repeats)!r}, sp)
 t2 = time.time()
 stats = llm.llm_engine.vllm_config.cache_config
-res = dict(tokens=[list(o.outputs[0].token_ids) for o in outs], text=[o.outputs[0].text for o in outs],
+preemptions = sum(m.value for m in llm.get_metrics() if m.name == "vllm:num_preemptions")
+res = dict(preemptions=preemptions, tokens=[list(o.outputs[0].token_ids) for o in outs],
+           text=[o.outputs[0].text for o in outs],
            top5=[[[int(t) for t in lp] for lp in o.outputs[0].logprobs] for o in outs],
            prompt_tokens=[len(o.prompt_token_ids) for o in outs], start_s=t1 - t0, gen_s=t2 - t1)
 print("RESULT" + json.dumps(res))
