@@ -78,10 +78,11 @@ class SlotManager:
         return slot, computed
 
     def take(self, req_id: str, batch_ids: set[str]) -> int:
-        old = self.req_slot.pop(req_id, None)
+        old = self.req_slot.get(req_id)
         if old is not None:
-            self.free.append(old)
-            self._forget_sink(old)
+            # A preempted request resuming in the slot it kept (nobody borrowed it): its sink is still there, exact;
+            # freeing and re-taking the slot would throw that away and rebuild it from the quantized copy.
+            return old
         slot = self._take(batch_ids)
         self.req_slot[req_id] = slot
         return slot

@@ -168,3 +168,18 @@ def test_a_lent_slot_no_longer_answers_for_its_old_owners_first_block():
     _step(rt, batch, cached=[("a", G, 5), ("b", 11)], resumed=["a"], scheduled={"a": 4, "b": 1})  # hit on block 5
     assert rt.slots.warned_rebuild
     assert not (pool.k[rt.slots.req_slot["a"], :, :10] == 7.0).any()
+
+
+def test_a_preempted_request_that_kept_its_slot_resumes_with_its_exact_sink():
+    rt, batch = _runtime(slots=2), _Batch()
+    pool = rt.pools["layer0"]
+    _step(rt, batch, new=[("a", 0, 5)], scheduled={"a": G + 3})
+    sa = rt.slots.req_slot["a"]
+    sink = torch.randn(H, G, D)
+    pool.k[sa, :, :G] = sink
+    _step(rt, batch, cached=[("a", G + 3)], scheduled={"a": 1})
+    batch.req_ids.remove("a")  # preempted; nobody needs its slot meanwhile
+    batch.req_ids.append("a")
+    _step(rt, batch, cached=[("a", G, 5)], resumed=["a"], scheduled={"a": 4})  # resumes with a hit on block 5
+    assert rt.slots.req_slot["a"] == sa and not rt.slots.warned_rebuild
+    assert torch.equal(pool.k[sa, :, :G], sink)
