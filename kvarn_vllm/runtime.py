@@ -38,6 +38,7 @@ class SlotManager:
         self.row_slot = torch.full((max_rows,), num_slots, dtype=torch.int32, device=device)
         self.device = torch.device(device)
         self.warned_rebuild = False
+        self.rebuilds = 0  # sinks rebuilt from a quantized tile 0 (not exact), over the worker's life
         self.sink_copies: list[tuple[int, int]] = []  # (from slot, to slot), applied by the runtime
         self.sink_rebuilds: list[tuple[int, int]] = []  # (slot, block)
         # Sinks this step writes (a first tile completed by the step): a prefix hit on such a block in the same step
@@ -215,6 +216,7 @@ class Runtime:
                 pool.k[dst, :, : s.group] = pool.k[src, :, : s.group]
                 pool.v[dst, :, : s.group] = pool.v[src, :, : s.group]
         for slot, block in s.sink_rebuilds:
+            s.rebuilds += 1
             if not s.warned_rebuild:
                 logger.warning("KVarN: a prefix-cache hit's 16-bit sink was no longer held; rebuilt from its "
                                "quantized copy (outputs may differ slightly from a run without prefix caching)")
@@ -261,10 +263,11 @@ def init_runtime(**kwargs: Any) -> Runtime:
 
 def slot_state(_worker: Any = None) -> dict[str, int]:
     """This worker's staging-slot counts, for `LLM.collective_rpc(slot_state)` (vLLM passes the worker; unused):
-    slots allocated, free, retained (a finished request's sink kept for prefix hits) and held by live requests.
-    Every slot is one of the last three; none is held once every request has finished or been aborted."""
+    slots allocated, free, retained (a finished request's sink kept for prefix hits) and held by live requests
+    (every slot is one of these three), and how many prefix hits got a sink rebuilt from its quantized copy."""
     rt = get_runtime()
     if rt is None:
-        return {"num_slots": 0, "free": 0, "retained": 0, "live": 0}
+        return {"num_slots": 0, "free": 0, "retained": 0, "live": 0, "sink_rebuilds": 0}
     s = rt.slots
-    return {"num_slots": s.num_slots, "free": len(s.free), "retained": len(s.retained), "live": len(s.req_slot)}
+    return {"num_slots": s.num_slots, "free": len(s.free), "retained": len(s.retained), "live": len(s.req_slot),
+            "sink_rebuilds": s.rebuilds}

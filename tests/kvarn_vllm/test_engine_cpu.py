@@ -36,6 +36,8 @@ if not _engine_runs_here():
 
 from vllm import LLM, SamplingParams  # noqa: E402
 
+from kvarn_vllm.runtime import slot_state  # noqa: E402
+
 PRESET = "kvarn_k4v2_g64"
 TEXT = ("The history of the lighthouse begins with fires lit on hilltops to guide ships home. Later, towers of stone "
         "carried lamps of oil, and mirrors gathered their light into beams that reached far across the water. ")
@@ -151,18 +153,17 @@ def test_aborts_mid_prefill_and_mid_decode_and_many_requests_leak_no_slot(kvarn)
     engine.add_request("last", "One more request.", sp)
     while engine.has_unfinished_requests():
         engine.step()
-    from kvarn_vllm.runtime import slot_state
-
     (state,) = kvarn.collective_rpc(slot_state)
     assert state["live"] <= 1
     assert state["free"] + state["retained"] + state["live"] == state["num_slots"] == 8
 
 
-def test_forced_preemption_keeps_other_requests_exact_and_the_recomputed_one_close(model_dir, kvarn):
-    """So few pages that a request is preempted and recomputed. The others' greedy tokens do not change. The
-    recomputed one re-prefills its prompt and the tokens it had generated in one pass, whose queries attend the
-    16-bit keys of tiles that decode attended quantized (as with chunked prefill, docs/vllm.md), so it may part from
-    the uninterrupted run where a logit margin is small: logprob-close by vLLM's rule."""
+def test_forced_preemption_keeps_outputs_logprob_close(model_dir, kvarn):
+    """So few pages that requests are preempted and recomputed. A recomputed request re-prefills its prompt and the
+    tokens it had generated in one pass, whose queries attend the 16-bit keys of tiles that decode attended
+    quantized (as with chunked prefill, docs/vllm.md), and every request's batches change, so greedy tokens may part
+    where a logit margin is small: every output must stay logprob-close (vLLM's rule for runs batched differently)
+    and no sink may be lost (a lost one is rebuilt from its quantized copy, with a warning)."""
     # Own first tiles (no prefix hits on the earlier tests' blocks, whose sinks may have been rebuilt).
     prompts = [f"Question {i} of a test on lighthouses. " + TEXT * 3 + "\n\nWhat did the keepers do?"
                for i in range(4)]
@@ -174,8 +175,9 @@ def test_forced_preemption_keeps_other_requests_exact_and_the_recomputed_one_clo
     try:
         got = _greedy(tight, prompts, 180)
         preemptions = sum(m.value for m in tight.get_metrics() if m.name == "vllm:num_preemptions")
+        (state,) = tight.collective_rpc(slot_state)
     finally:
         _close(tight)
-    assert preemptions > 0
-    diffs = [_first_difference(e, g) for e, g in zip(expected, got, strict=True)]
-    assert sum(d is None for d in diffs) >= len(prompts) - preemptions, diffs
+    assert preemptions > 0 and state["sink_rebuilds"] == 0
+    for e, g in zip(expected, got, strict=True):
+        _first_difference(e, g)
