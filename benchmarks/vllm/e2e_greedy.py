@@ -102,15 +102,18 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 dev = "cuda" if torch.cuda.is_available() else "cpu"
 kv = {kv!r}
 tok = AutoTokenizer.from_pretrained({args.model!r})
+# vLLM's ignore_eos keeps generating past EOS without suppressing it; min_new_tokens would suppress it.
 model = AutoModelForCausalLM.from_pretrained({args.model!r}, dtype=getattr(torch, {args.dtype!r}),
                                              attn_implementation="sdpa" if kv == "auto" else "kvarn").to(dev)
+model.generation_config.eos_token_id = None
+model.generation_config.pad_token_id = tok.pad_token_id if tok.pad_token_id is not None else 0
 t0 = time.time()
 tokens = []
 for p in {prompts(args.repeats)!r}:
     ids = tok(p, return_tensors="pt").input_ids.to(dev)
     cache = None if kv == "auto" else KVarNCache(kv)
     out = model.generate(ids, attention_mask=torch.ones_like(ids), past_key_values=cache, do_sample=False,
-                         max_new_tokens={args.max_tokens}, min_new_tokens={args.max_tokens})
+                         max_new_tokens={args.max_tokens})
     tokens.append(out[0, ids.shape[1]:].tolist())
 print("RESULT" + json.dumps(dict(tokens=tokens, gen_s=time.time() - t0)))
 """
