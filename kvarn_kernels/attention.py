@@ -33,7 +33,7 @@ import triton.language as tl
 from .dense_history import buffer_rows, dense_history
 from .env import check_tables, interpreted
 from .format import KVarNFormat, k_frame_flag_offset, k_frame_is_rotated, scale_offset
-from .hadamard import hadamard_signs, padded_dim, unrotate
+from .hadamard import hadamard_signs, load_channels, padded_dim, unrotate
 from .state import PagedKV
 
 MIN_TILES_PER_SPLIT = 1
@@ -186,17 +186,6 @@ def _softmax_step(s, visible, m_i, l_i):
     p = tl.exp(s - m_safe[:, None])
     alpha = tl.exp(m_i - m_safe)
     return p, alpha, m_new, l_i * alpha + tl.sum(p, axis=1)
-
-
-@triton.jit
-def _load_channels(ptrs, ch, D: tl.constexpr):
-    """tl.load(ptrs) where ch (channel indices, broadcast to ptrs' shape) runs over padded_dim(D): padded channels
-    read 0 (masked). Power-of-two D: an unmasked load, as before padding."""
-    if padded_dim(D) != D:
-        x = tl.load(ptrs, mask=ch < D, other=0.0)
-    else:
-        x = tl.load(ptrs)
-    return x
 
 
 @triton.jit
@@ -363,8 +352,8 @@ def _tile_extras(scales_ptr, G: tl.constexpr, D: tl.constexpr):
     d = tl.arange(0, padded_dim(D))
     t = tl.arange(0, W)
     vz = scales_ptr + scale_offset("v_row_zero", D, G) + t
-    return (_load_channels(scales_ptr + scale_offset("k_row_zero", D, G) + d, d, D),
-            _load_channels(scales_ptr + scale_offset("v_col_scale", D, G) + d, d, D),
+    return (load_channels(scales_ptr + scale_offset("k_row_zero", D, G) + d, d, D),
+            load_channels(scales_ptr + scale_offset("v_col_scale", D, G) + d, d, D),
             tl.load(vz), tl.load(vz + W), tl.load(vz + 2 * W), tl.load(vz + 3 * W))
 
 
@@ -389,10 +378,10 @@ def _attend_tile(q_rot, q_plain, kw_ptr, vw_ptr, scales_ptr, k_row_zero, v_col_s
     k_rotated = k_frame_is_rotated(tl.split(flag)[0])
     qk = tl.where(k_rotated[:, None], q_rot, q_plain.to(tl.float32))
     t = tl.arange(0, W)
-    qs = (qk * _load_channels(scales_ptr + scale_offset("k_row_scale", D, G) + rows0 + d[None, :], d[None, :],
+    qs = (qk * load_channels(scales_ptr + scale_offset("k_row_scale", D, G) + rows0 + d[None, :], d[None, :],
                               D).to(tl.float32)).to(DOT)
     zero_term = tl.sum(qk * k_row_zero.to(tl.float32)[None, :] - OFFSET * qs.to(tl.float32), axis=1)
-    kw = _load_channels(kw_ptr + w_offs, d[:, None], D)
+    kw = load_channels(kw_ptr + w_offs, d[:, None], D)
     s0, c0 = _tile_scores(qs, kw, scales_ptr, 0, W, D, KBITS, DOT, MAGIC, PRECISION)
     s1, c1 = _tile_scores(qs, kw, scales_ptr, 1, W, D, KBITS, DOT, MAGIC, PRECISION)
     s2, c2 = _tile_scores(qs, kw, scales_ptr, 2, W, D, KBITS, DOT, MAGIC, PRECISION)
@@ -412,7 +401,7 @@ def _attend_tile(q_rot, q_plain, kw_ptr, vw_ptr, scales_ptr, k_row_zero, v_col_s
         s2 = tl.where(row_ok[:, None] & ((key_pos0 + 2 * W + t)[None, :] <= q_pos[:, None]), s2, float("-inf"))
         s3 = tl.where(row_ok[:, None] & ((key_pos0 + 3 * W + t)[None, :] <= q_pos[:, None]), s3, float("-inf"))
     p0, p1, p2, p3, alpha, m_new, l_i = _softmax_planes(s0, s1, s2, s3, m_i, l_i)
-    vw = _load_channels(vw_ptr + w_offs, d[:, None], D)
+    vw = load_channels(vw_ptr + w_offs, d[:, None], D)
     pv = tl.zeros_like(acc)
     pv, z0 = _tile_values(pv, p0, vw, vz0, scales_ptr, 0, W, G, D, VBITS, DOT, MAGIC, OFFSET, PRECISION)
     pv, z1 = _tile_values(pv, p1, vw, vz1, scales_ptr, 1, W, G, D, VBITS, DOT, MAGIC, OFFSET, PRECISION)
@@ -457,7 +446,7 @@ def _attend_tile_group(q_rot, q_plain, bt, i, last_tile, grp, k_base, v_base, he
     flag = tl.load(sc + k_frame_flag_offset(D, G) + tl.arange(0, 2)[None, :])
     k_rotated = k_frame_is_rotated(tl.split(flag)[0])
     qk = tl.where(k_rotated[:, None], q_rot, q_plain.to(tl.float32))
-    qs = (qk * _load_channels(sc + scale_offset("k_row_scale", D, G) + d[None, :], d[None, :], D).to(tl.float32)).to(
+    qs = (qk * load_channels(sc + scale_offset("k_row_scale", D, G) + d[None, :], d[None, :], D).to(tl.float32)).to(
         DOT)
     zero_term = tl.sum(qk * k_row_zero.to(tl.float32) - OFFSET * qs.to(tl.float32), axis=1)
     s0 = tl.zeros([ROWS, W], tl.float32)
@@ -465,7 +454,7 @@ def _attend_tile_group(q_rot, q_plain, bt, i, last_tile, grp, k_base, v_base, he
     s2 = s0
     s3 = s0
     for g in tl.static_range(TG):
-        kw = _load_channels(k_base + tl.load(bt + tl.minimum(i + g, last_tile - 1)).to(tl.int64) * kw_sb + w_offs,
+        kw = load_channels(k_base + tl.load(bt + tl.minimum(i + g, last_tile - 1)).to(tl.int64) * kw_sb + w_offs,
                             d[:, None], D)
         sel = (grp == g)[:, None]
         s0 = tl.where(sel, tl.dot(qs, _plane(kw, 0, KBITS, DOT, MAGIC, False), input_precision=PRECISION), s0)
@@ -495,7 +484,7 @@ def _attend_tile_group(q_rot, q_plain, bt, i, last_tile, grp, k_base, v_base, he
            + (p3 * vz3.to(tl.float32) - OFFSET * pr3.to(tl.float32)))
     pv = tl.zeros_like(acc)
     for g in tl.static_range(TG):
-        vw = _load_channels(v_base + tl.load(bt + tl.minimum(i + g, last_tile - 1)).to(tl.int64) * vw_sb + w_offs,
+        vw = load_channels(v_base + tl.load(bt + tl.minimum(i + g, last_tile - 1)).to(tl.int64) * vw_sb + w_offs,
                             d[:, None], D)
         pg = tl.dot(pr0, tl.trans(_plane(vw, 0, VBITS, DOT, MAGIC, True)), input_precision=PRECISION)
         pg = tl.dot(pr1, tl.trans(_plane(vw, 1, VBITS, DOT, MAGIC, True)), pg, input_precision=PRECISION)

@@ -21,21 +21,11 @@ import triton.language as tl
 
 from .env import interpreted
 from .format import k_frame_flag_offset, k_frame_is_rotated, scale_offset
-from .hadamard import hadamard_signs, padded_dim, unrotate
+from .hadamard import hadamard_signs, load_channels, padded_dim, unrotate
 from .state import PagedKV
 
 # Launch option (aot.py compiles with it too): 8 warps hold a [D, G] tile pass at 255 registers with a small spill.
 NUM_WARPS = 8
-
-
-@triton.jit
-def _load_channels(ptrs, d, D: tl.constexpr):
-    """tl.load(ptrs) of one value per channel d (padded_dim(D) of them): padded channels read 0 (masked)."""
-    if padded_dim(D) != D:
-        x = tl.load(ptrs, mask=d < D, other=0.0)
-    else:
-        x = tl.load(ptrs)
-    return x
 
 
 @triton.jit
@@ -88,8 +78,8 @@ def _dense_history_kernel(
         # K [D, G]: (code · row_scale[d] + row_zero[d]) · |col_scale[t]|; col_scale[0]'s sign is the K-frame flag.
         kcs = tl.load(sc + scale_offset("k_col_scale", D, G) + t).to(tl.float32)
         k_mat = (_codes(k_words + block * kw_sb + h * kw_sh, KBITS, G, D)
-                 * _load_channels(sc + scale_offset("k_row_scale", D, G) + d, d, D).to(tl.float32)[:, None]
-                 + _load_channels(sc + scale_offset("k_row_zero", D, G) + d, d, D).to(tl.float32)[:, None]
+                 * load_channels(sc + scale_offset("k_row_scale", D, G) + d, d, D).to(tl.float32)[:, None]
+                 + load_channels(sc + scale_offset("k_row_zero", D, G) + d, d, D).to(tl.float32)[:, None]
                  ) * tl.abs(kcs)[None, :]
         rotated = k_frame_is_rotated(tl.load(sc + k_frame_flag_offset(D, G) + t * 0))  # broadcast over the tokens
         k_tok = tl.trans(k_mat)
@@ -97,7 +87,7 @@ def _dense_history_kernel(
         # V [D, G] in the rotated frame: (code · row_scale[t] + row_zero[t]) · col_scale[d], then un-rotated.
         v_mat = (_codes(v_words + block * vw_sb + h * vw_sh, VBITS, G, D)
                  * tl.load(sc + scale_offset("v_row_scale", D, G) + t).to(tl.float32)[None, :]
-                 + tl.load(sc + scale_offset("v_row_zero", D, G) + t).to(tl.float32)[None, :]) * _load_channels(
+                 + tl.load(sc + scale_offset("v_row_zero", D, G) + t).to(tl.float32)[None, :]) * load_channels(
             sc + scale_offset("v_col_scale", D, G) + d, d, D).to(tl.float32)[:, None]
         v_tok = unrotate(tl.trans(v_mat), hadamard_ptr, D, UNROTATE_F32)
         offs = (G * (1 + u) + t).to(tl.int64)[:, None] * stride_ot + d[None, :]

@@ -19,6 +19,17 @@ def padded_dim(head_dim: int) -> int:
     return triton.next_power_of_2(head_dim)
 
 
+@triton.jit
+def load_channels(ptrs, ch, D: tl.constexpr):
+    """tl.load(ptrs) where ch (channel indices, broadcast to ptrs' shape) runs over padded_dim(D): padded channels
+    read 0 (masked). Power-of-two D: an unmasked load, as before padding."""
+    if padded_dim(D) != D:
+        x = tl.load(ptrs, mask=ch < D, other=0.0)
+    else:
+        x = tl.load(ptrs)
+    return x
+
+
 def hadamard(dim: int, dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu") -> torch.Tensor:
     """A Hadamard matrix of size `dim` scaled by 1/sqrt(dim): symmetric and its own inverse. `dim` is a power of two
     (Sylvester) or 12 times one (H12 ⊗ Sylvester, H12 the symmetric Paley II matrix of q = 5).
