@@ -17,7 +17,7 @@ from kvarn_kernels import PRESETS, KVarNFormat, PagedKV, ops
 from kvarn_kernels.format import SUPPORTED_HEAD_DIMS
 
 from .runtime import get_runtime, init_runtime
-from .staging import StepPlan, plan_step
+from .staging import StepPlan, overflow_rows, plan_step, speculative_tokens
 
 try:  # vLLM is an optional dependency of the package; this module is imported only when it is there.
     from vllm.config import VllmConfig, get_current_vllm_config
@@ -178,12 +178,10 @@ class KVarNMetadataBuilder(AttentionMetadataBuilder[KVarNMetadata]):
 
 
 def runtime_for(vllm_config: VllmConfig, device: torch.device | str) -> Any:
-    spec = vllm_config.speculative_config
-    num_spec = int(getattr(spec, "num_speculative_tokens", 0) or 0) if spec is not None else 0
-    overflow = (num_spec + 7) // 8 * 8
+    num_spec = speculative_tokens(vllm_config.speculative_config)
     sched = vllm_config.scheduler_config
     return init_runtime(preset=vllm_config.cache_config.cache_dtype, num_slots=sched.max_num_seqs,
-                        overflow=overflow, num_speculative=num_spec, max_rows=sched.max_num_seqs,
+                        overflow=overflow_rows(num_spec), num_speculative=num_spec, max_rows=sched.max_num_seqs,
                         max_model_len=vllm_config.model_config.max_model_len, device=device)
 
 

@@ -26,6 +26,8 @@ import torch
 from kvarn_kernels import PRESETS, KVarNFormat
 from kvarn_kernels.format import SUPPORTED_HEAD_DIMS
 
+from .staging import speculative_tokens
+
 logger = logging.getLogger("kvarn_vllm")
 
 BACKEND_PATH = "kvarn_vllm.backend.KVarNAttentionBackend"
@@ -167,7 +169,7 @@ def validate_config(vllm_config: Any) -> None:
     fmt = KVarNFormat.from_preset(preset, head, model.dtype)
     sched = vllm_config.scheduler_config
     per_request = staging_request_bytes(preset, model, vllm_config.parallel_config,
-                                        _speculative_tokens(vllm_config.speculative_config)) or 0
+                                        speculative_tokens(vllm_config.speculative_config)) or 0
     logger.warning(
         "KVarN %s: %d-bit keys, %d-bit values, %d-token tiles, %g bytes per token per KV head (%.2fx smaller "
         "than 16-bit); 16-bit: each sequence's first tile and its newest partial tile (staging slots for "
@@ -192,7 +194,7 @@ def _patch_config_validation() -> None:
 def staging_request_bytes(preset: str, model_config: Any, parallel_config: Any, num_speculative: int) -> int | None:
     """One request's 16-bit staging (sink and tail slots, K and V, every attention layer of this rank), or None
     where the model is one `validate_config` refuses."""
-    from .staging import StagingPool
+    from .staging import StagingPool, overflow_rows
 
     try:
         fmt = KVarNFormat.from_preset(preset, model_config.get_head_size())
@@ -200,16 +202,7 @@ def staging_request_bytes(preset: str, model_config: Any, parallel_config: Any, 
         return None
     layers = model_config.get_num_layers_by_block_type(parallel_config, "attention")
     heads = model_config.get_num_kv_heads(parallel_config)
-    overflow = (num_speculative + 7) // 8 * 8
-    return layers * StagingPool.request_bytes(fmt, heads, overflow, model_config.dtype)
-
-
-def _speculative_tokens(spec: Any) -> int:
-    if spec is None:
-        return 0
-    value = spec.get("num_speculative_tokens") if isinstance(spec, dict) else getattr(spec, "num_speculative_tokens",
-                                                                                      0)
-    return int(value or 0)
+    return layers * StagingPool.request_bytes(fmt, heads, overflow_rows(num_speculative), model_config.dtype)
 
 
 def adjust_max_num_seqs(engine_args: Any, model_config: Any, parallel_config: Any, vllm_default: int) -> None:
@@ -221,7 +214,7 @@ def adjust_max_num_seqs(engine_args: Any, model_config: Any, parallel_config: An
 
     preset = engine_args.kv_cache_dtype
     per_request = staging_request_bytes(preset, model_config, parallel_config,
-                                        _speculative_tokens(engine_args.speculative_config))
+                                        speculative_tokens(engine_args.speculative_config))
     if per_request is None:
         return
     try:

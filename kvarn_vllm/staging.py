@@ -21,6 +21,7 @@ no speculation) commits before attention, so the decode kernel reads the new tok
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
@@ -48,6 +49,20 @@ class StepPlan:
     has_chunks: bool  # rows long enough to hold a whole tile of new tokens
     has_write2: bool  # rows of several tokens: the frontier may move past some of them
     commit_first: bool  # pure decode: commit before attention, attend without k_new
+
+
+def speculative_tokens(spec: Any) -> int:
+    """num_speculative_tokens of a speculative config (vLLM's object, or the dict EngineArgs holds), 0 without."""
+    if spec is None:
+        return 0
+    value = spec.get("num_speculative_tokens") if isinstance(spec, dict) else getattr(spec, "num_speculative_tokens",
+                                                                                      0)
+    return int(value or 0)
+
+
+def overflow_rows(num_speculative: int) -> int:
+    """X: rows past a tile that a tail slot keeps for tokens still speculative (rounded up to 8)."""
+    return (num_speculative + 7) // 8 * 8
 
 
 class StagingPool:
