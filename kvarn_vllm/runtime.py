@@ -204,17 +204,14 @@ class Runtime:
     def copy_step_sinks(self, pool: StagingPool) -> None:
         """This step's same-step prefix hits, for one layer: called once the step's tokens are in their slots and
         before attention."""
-        g = self.slots.group
         for src, dst in self.slots.step_copies:
-            pool.k[dst, :, :g] = pool.k[src, :, :g]
-            pool.v[dst, :, :g] = pool.v[src, :, :g]
+            pool.copy_sink(src, dst)
 
     def _restore_sinks(self) -> None:
         s = self.slots
         for src, dst in s.sink_copies:
             for pool in self.pools.values():
-                pool.k[dst, :, : s.group] = pool.k[src, :, : s.group]
-                pool.v[dst, :, : s.group] = pool.v[src, :, : s.group]
+                pool.copy_sink(src, dst)
         for slot, block in s.sink_rebuilds:
             s.rebuilds += 1
             if not s.warned_rebuild:

@@ -86,6 +86,12 @@ class StagingPool:
         item = torch.tensor([], dtype=dtype).element_size()
         return 2 * 2 * num_kv_heads * (fmt.group + overflow) * fmt.head_dim * item
 
+    def copy_sink(self, src: int, dst: int) -> None:
+        """Slot dst's sink (tokens [0, G)) becomes a copy of slot src's."""
+        g = self.fmt.group
+        self.k[dst, :, :g] = self.k[src, :, :g]
+        self.v[dst, :, :g] = self.v[src, :, :g]
+
     def source_view(self) -> tuple[torch.Tensor, torch.Tensor]:
         """The pool seen as [T, H, D] token rows, so that pool row r's tile is tile_start r * H * (G + X): the
         quantize kernel takes a strided source and reads a tile at tile_start * stride_t + h * stride_h."""
