@@ -810,7 +810,9 @@ def _main_vllm(args: Any, argv: Sequence[str], opts: dict[str, Any]) -> int:
         s["bits_per_element"] = 8 * per_head / (2 * d) if per_head else float("nan")
     import vllm
 
-    env = {"device": "cuda", "device_name": torch.cuda.get_device_name() if torch.cuda.is_available() else "?",
+    on_gpu = torch.cuda.is_available()
+    env = {"device": "cuda" if on_gpu else "cpu",
+           "device_name": torch.cuda.get_device_name() if on_gpu else f"{platform.machine()} CPU (vLLM's CPU build)",
            "dtype": "auto", "torch": torch.__version__, "vllm": vllm.__version__, "git_commit": _git_commit(),
            "date": _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")}
     import transformers

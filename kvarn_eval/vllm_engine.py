@@ -1,4 +1,5 @@
-"""`kvarn eval --engine vllm`: the same tasks and scoring through vLLM, one engine per KV-cache dtype (GPU only).
+"""`kvarn eval --engine vllm`: the same tasks and scoring through vLLM, one engine per KV-cache dtype (a GPU; vLLM's CPU
+build runs it too, slowly: the KVarN backend then takes the kernels' PyTorch reference).
 
 Each method is a vLLM ``kv_cache_dtype``: ``16-bit`` is ``auto``; ``fp8``, ``turboquant_4bit_nc`` and the KVarN
 presets (``kvarn_k4v2_g128``, ...; registered by the kvarn_vllm plugin, which vLLM loads itself) pass through.

