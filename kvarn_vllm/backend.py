@@ -233,6 +233,10 @@ class KVarNAttentionImpl(AttentionImpl[KVarNMetadata]):
         q = query[:t].view(t, self.num_heads, self.head_size)
         k = key[:t].view(t, self.num_kv_heads, self.head_size)
         v = value[:t].view(t, self.num_kv_heads, self.head_size)
+        if k.stride() != v.stride():
+            # Compiled models hand over K as a fresh tensor (RoPE out of place) and V as a view of the fused QKV
+            # output; the kernels take one stride pair for both.
+            k, v = k.contiguous(), v.contiguous()
         b = plan.hist.shape[0]
         state = PagedKV(fmt=self.fmt, cache=kv_cache, block_table=attn_metadata.block_table, seq_lens=plan.hist,
                         sink_k=pool.k, sink_v=pool.v, tail_k=pool.k, tail_v=pool.v,

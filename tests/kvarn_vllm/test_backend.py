@@ -85,9 +85,10 @@ class _Harness:
         q0 = torch.zeros(1, HQ * head_dim, dtype=dtype, device=device)
         self.impl.forward(self.layer, q0, q0[:, : HKV * head_dim], q0[:, : HKV * head_dim], self.kv_cache, None)
 
-    def step(self, rows, qs, check=True):
+    def step(self, rows, qs, check=True, fused_v=False):
         """One step: rows[j] gets qs[j] new tokens. Returns (output, reference or None unless check,
-        query_start_loc)."""
+        query_start_loc). fused_v: V is handed over as a view of a fused QKV output and K as a tensor of its own, as
+        a compiled model does (different strides)."""
         done, dev, fmt = self.done, self.device, self.fmt
         b = len(rows)
         self.rt.slots.row_slot[:b] = torch.tensor([self.rt.slots.req_slot[f"r{i}"] for i in rows], dtype=torch.int32)
@@ -104,8 +105,10 @@ class _Harness:
         k = torch.cat([self.true_k[i][done[i]:done[i] + q] for i, q in zip(rows, qs, strict=True)]).to(dev)
         v = torch.cat([self.true_v[i][done[i]:done[i] + q] for i, q in zip(rows, qs, strict=True)]).to(dev)
         q = torch.randn(n_tok, HQ, self.head_dim, generator=self.gen).to(self.dtype).to(dev)
-        out = self.impl.forward(self.layer, q.view(n_tok, -1), k.view(n_tok, -1), v.view(n_tok, -1), self.kv_cache,
-                                meta)
+        v_in = v.view(n_tok, -1)
+        if fused_v:
+            v_in = torch.cat([q.view(n_tok, -1), k.view(n_tok, -1), v_in], 1)[:, -v_in.shape[1]:]
+        out = self.impl.forward(self.layer, q.view(n_tok, -1), k.view(n_tok, -1), v_in, self.kv_cache, meta)
         out = out.view(n_tok, HQ, self.head_dim).float().cpu()
         if not check:
             for i, qn in zip(rows, qs, strict=True):
@@ -156,6 +159,39 @@ def test_backend_steps_attend_like_the_reference(tmp_path, device, preset, head_
         tol = 2e-2 if device == "cuda" else 1e-3
         torch.testing.assert_close(out, expected, atol=tol, rtol=tol)
     assert all(d == n for d, n in zip(h.done, h.lengths, strict=True))
+
+
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)])
+def test_k_and_v_with_different_strides(tmp_path, device, monkeypatch):
+    """A compiled vLLM model (CUDA graphs on) hands the backend K as its own tensor and V as a view of the fused QKV
+    output; the GPU kernels take one stride pair for both and refused such a step. Every kernel call must see equal
+    strides, and the outputs must match the reference."""
+    if device == "cuda" and not torch.cuda.is_available():
+        pytest.skip("needs a GPU")
+    from kvarn_kernels import ops
+
+    seen = []
+    for name in ("paged_attention", "quantize_into_cache"):
+        real = getattr(ops, name)
+
+        def spy(*args, _real=real, _name=name, **kw):
+            tensors = [a for a in args if isinstance(a, torch.Tensor) and a.dim() == 3 and a.shape[-1] == 64]
+            if _name == "quantize_into_cache":
+                tensors = tensors[:2]
+            else:
+                tensors = tensors[1:3]  # k_new, v_new after q
+            if len(tensors) == 2:
+                seen.append(tensors[0].stride() == tensors[1].stride())
+            return _real(*args, **kw)
+
+        monkeypatch.setattr(ops, name, spy)
+    g = 64
+    h = _Harness(tmp_path, device, "kvarn_k4v2_g64", 64, torch.bfloat16, [2 * g + 10, g + 3])
+    tol = 2e-2 if device == "cuda" else 1e-3
+    for rows, qs in (([0, 1], [g + 40, g + 3]), ([0], [g - 31]), ([0], [1])):
+        out, expected, _ = h.step(rows, qs, fused_v=True)
+        torch.testing.assert_close(out, expected, atol=tol, rtol=tol)
+    assert seen and all(seen)
 
 
 @pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)])
