@@ -41,6 +41,9 @@ MODES = {
     "chunk256": (True, {"max_num_batched_tokens": 256, "enable_chunked_prefill": True}, False),
     "ngram": (True, {"speculative_config": {"method": "ngram", "num_speculative_tokens": 3, "prompt_lookup_max": 4,
                                             "prompt_lookup_min": 2}}, False),
+    # Tensor parallelism (size: --tp): each rank quantizes its own KV heads. vLLM's CPU build needs
+    # VLLM_CPU_OMP_THREADS_BIND (e.g. "0|1|0") where there are fewer NUMA nodes than ranks.
+    "tp": (True, {"enable_prefix_caching": False, "distributed_executor_backend": "mp"}, False),
     # 24 pages for 6 prompts of ~2600 tokens and their outputs: vLLM must preempt (the count is recorded).
     "preempt": (True, {"num_gpu_blocks_override": 24, "max_num_seqs": 6, "max_model_len": 1536}, False),
 }
@@ -222,6 +225,7 @@ def main() -> None:
     ap.add_argument("--repeats", default="1,3,6,12", help="paragraph repeats per prompt (~110 tokens each)")
     ap.add_argument("--max-tokens", type=int, default=64)
     ap.add_argument("--gpu-mem", type=float, default=0.3)
+    ap.add_argument("--tp", type=int, default=2, help="tensor_parallel_size of the tp mode (its heads must divide)")
     ap.add_argument("--timeout", type=int, default=400)
     ap.add_argument("--modes", default="eager,graphs,serve",
                     help=f"any of {', '.join(MODES)}, serve (vllm serve + openai), hf (the transformers front-end)")
@@ -246,6 +250,8 @@ def main() -> None:
                     r["vs_hf_16bit"] = agreement(hf16["tokens"], r["tokens"])
             else:
                 eager, extra, twice = MODES[mode]
+                if mode == "tp":
+                    extra = {**extra, "tensor_parallel_size": args.tp}
                 r = run_engine(args, preset, eager, extra, twice)
             key = f"{preset}/{mode}"
             if "tokens" in r and "tokens" in base:
