@@ -18,6 +18,8 @@ import sys
 import time
 from pathlib import Path
 
+from failure_log import failure_excerpt  # beside this script
+
 LLAMA_8B = {
     "architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": 4096, "intermediate_size": 14336,
     "num_attention_heads": 32, "num_key_value_heads": 8, "head_dim": 128, "num_hidden_layers": 32,
@@ -97,9 +99,9 @@ def main() -> None:
             text = p.stdout + p.stderr
             lines = [ln for ln in p.stdout.splitlines() if ln.startswith("RESULT")]
             rec = json.loads(lines[-1][6:]) if lines else {"kv": kv, "error": f"rc={p.returncode}",
-                                                           "log_tail": text[-5000:]}
+                                                           "log_tail": failure_excerpt(text)}
         except subprocess.TimeoutExpired as e:
-            rec = {"kv": kv, "error": "timeout", "log_tail": str(e.stdout)[-3000:] if e.stdout else ""}
+            rec = {"kv": kv, "error": "timeout", "log_tail": failure_excerpt(str(e.stdout or ""))}
         rec.update(wall_s=time.time() - t, command=" ".join(sys.argv), device=_device())
         with open(args.out, "a") as f:
             f.write(json.dumps(rec) + "\n")

@@ -14,6 +14,8 @@ import sys
 import time
 from pathlib import Path
 
+from failure_log import failure_excerpt  # beside this script
+
 PARAGRAPH = (
     "The history of the lighthouse begins with fires lit on hilltops to guide ships home. Later, towers of stone "
     "carried lamps of oil, and mirrors gathered their light into beams that reached far across the water. Keepers "
@@ -87,8 +89,8 @@ print("RESULT" + json.dumps(res))
     p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=args.timeout)
     lines = [ln for ln in p.stdout.splitlines() if ln.startswith("RESULT")]
     if p.returncode or not lines:
-        tail = (p.stdout + p.stderr)[-6000:]
-        return {"error": f"rc={p.returncode}", "log_tail": tail, "wall_s": time.time() - t}
+        return {"error": f"rc={p.returncode}", "log_tail": failure_excerpt(p.stdout + p.stderr),
+                "wall_s": time.time() - t}
     res = json.loads(lines[-1][6:])
     res["wall_s"] = time.time() - t
     return res
@@ -124,7 +126,8 @@ print("RESULT" + json.dumps(dict(tokens=tokens, gen_s=time.time() - t0)))
     p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=args.timeout)
     lines = [ln for ln in p.stdout.splitlines() if ln.startswith("RESULT")]
     if p.returncode or not lines:
-        return {"error": f"rc={p.returncode}", "log_tail": (p.stdout + p.stderr)[-6000:], "wall_s": time.time() - t}
+        return {"error": f"rc={p.returncode}", "log_tail": failure_excerpt(p.stdout + p.stderr),
+                "wall_s": time.time() - t}
     res = json.loads(lines[-1][6:])
     res["wall_s"] = time.time() - t
     return res
@@ -173,7 +176,7 @@ def run_server(args: argparse.Namespace, kv: str) -> dict:
             except Exception:
                 time.sleep(2)
         if proc.poll() is not None:
-            return {"error": "server exited", "log_tail": Path("/tmp/vllm_serve.log").read_text()[-6000:]}
+            return {"error": "server exited", "log_tail": failure_excerpt(Path("/tmp/vllm_serve.log").read_text())}
         from openai import OpenAI
 
         client = OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="none")
