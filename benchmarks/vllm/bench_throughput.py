@@ -101,7 +101,9 @@ def main() -> None:
             rec = json.loads(lines[-1][6:]) if lines else {"kv": kv, "error": f"rc={p.returncode}",
                                                            "log_tail": failure_excerpt(text)}
         except subprocess.TimeoutExpired as e:
-            rec = {"kv": kv, "error": "timeout", "log_tail": failure_excerpt(str(e.stdout or ""))}
+            # A timeout's output is bytes even with text=True.
+            out = e.stdout.decode(errors="replace") if isinstance(e.stdout, bytes) else (e.stdout or "")
+            rec = {"kv": kv, "error": "timeout", "log_tail": failure_excerpt(out)}
         rec.update(wall_s=time.time() - t, command=" ".join(sys.argv), device=_device())
         with open(args.out, "a") as f:
             f.write(json.dumps(rec) + "\n")
